@@ -1,0 +1,30 @@
+"""Shared test setup.
+
+Triton picks between compiling for a GPU and its CPU interpreter when a kernel is *defined*, so
+TRITON_INTERPRET must be set before anything imports `kernels`. Without a GPU we always interpret.
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The project's modules live at the repository root, next to tests/.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where none is present")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
