@@ -1,0 +1,629 @@
+"""
+Rollouts for GRPO/SRPO: a KV-cached sampler with continuous batching, small enough to read in one go.
+
+    cache = KVCache.for_model(model, max_len=max_prompt_len + max_new_tokens)   # once per run
+    rollouts = generate(model, prompts, n=G, max_new_tokens=..., temperature=1.0, cache=cache)
+    # -> [Rollout(prompt_idx, tokens, logprobs, finish)], ordered by (prompt_idx, sample index)
+
+How it works, in the order the code runs:
+  1. The KV cache is preallocated once: per layer, (slots, n_kv_heads, max_len, head_dim) for keys and
+     values. The number of slots comes from a memory budget (a fraction of free GPU memory), not a
+     constant. A slot holds one sequence; rows never move during decoding, so nothing is gathered.
+  2. Admission (prefill). Pending requests are (prompt, sample) pairs. The G samples of a prompt share
+     one prefill: the prompt runs through the model once and its keys/values are written into all the
+     slots its samples got. Prompts of different lengths are right-padded; padding sits *after* the
+     real tokens, so causal attention never lets a real token see it.
+  3. Decoding. One step feeds every slot's last token at its own position, writes its k/v there and
+     attends to slots 0..position of its row. Sampling (temperature, top-k, top-p) happens on the
+     device, and every step has the same shapes, so on a GPU the step is compiled (torch.compile, to
+     fuse the many small ops) and recorded once as a CUDA graph: a step is then one graph replay,
+     with no per-op Python or launch overhead. On a CPU the same step runs eagerly.
+  4. Stopping. The device marks a slot done on an EOS id or at max_new_tokens; the host looks only
+     every `sync_every` steps (a device->host copy is a sync that would stall the GPU each step).
+     Stop strings are checked on the host at the same moments. A finished slot is refilled with the
+     next pending request (continuous batching): RL responses have long-tailed lengths, and this
+     keeps the batch full instead of waiting for the longest sequence.
+
+What you get back, per rollout: the response token ids (including the EOS token or the token that
+completed a stop string), the log-prob of each token *under the distribution it was sampled from*
+(after temperature, top-k and top-p; 0.0 for greedy decoding, which is a point mass), and the finish
+reason: "stop" (EOS id or stop string) or "length" (max_new_tokens). For the usual RL setting
+(temperature 1, no top-k/top-p) these are the policy's own log-probs, i.e. `logp_old`.
+
+Reproducibility. Randomness is not drawn from a stateful generator. The uniform number that picks
+token t of request r is a hash of (seed, r, t), and sampling is by inverse CDF with that number. So a
+seeded run is reproducible, CUDA graphs need no RNG bookkeeping, and a request's tokens do not depend
+on which slot it got or when it was admitted: continuous batching gives the same rollouts as running
+requests one at a time (up to float rounding across batch sizes).
+
+Attention. Decoding uses flash-attn's KV-cache kernel (`flash_attn_with_kvcache`) when it is
+importable and the model is fp16/bf16 on a GPU. Otherwise a torch fallback: the query heads that
+share a KV head are folded into the query-length axis, (B, n_heads, 1, D) -> (B, n_kv, G, D), so
+scaled_dot_product_attention runs on the KV heads directly with a mask and never repeats K/V (torch's
+fused kernels do not take grouped-query attention together with a mask; the fallback would copy
+the whole cache n_heads/n_kv times per step). The fallback attends over the first S_b cache columns,
+S_b = the largest live position rounded up to a bucket, so a cache sized for 4k-token responses does
+not make every step read 4k positions. One CUDA graph is recorded per (batch, S_b bucket).
+The decode step below re-runs the model's own modules (norms, projections, MLP, rotary) layer by
+layer with this attention, instead of calling model.py's generic kv_cache path: that path passes
+SDPA a mask together with grouped-query heads, which on a GPU falls to torch's slow math kernel.
+The self-check (and the tests) hold this step to the model's plain forward.
+
+Weights after a training step. The sampler reads the model's parameters as they are; call it right
+after optimizer.step() in the same process. CUDA graphs hold pointers to the weights, so they stay
+valid while the weights are updated in place, and are re-recorded automatically when the parameters
+are new tensors. With FSDP2 (`fully_shard`), each rank holds only shards (DTensors). Generation needs
+whole weights, so use `inference_copy(model)`: it builds a plain, unsharded, no-grad copy of the
+model (bf16 by default) and fills it by all-gathering one parameter at a time with
+`DTensor.full_tensor()`; `inference_copy(model, into=copy)` refreshes it in place after each step
+(every rank must call it: it is a collective). Generate with the copy; the training model and its
+shards are untouched. Keeping the copy between steps costs one full set of bf16 weights per rank and
+lets the recorded CUDA graphs be reused; to release it, `del copy` and `cache.graphs.clear()`.
+We prefer this to `FSDPModule.unshard()`: unsharded FSDP parameters are freed again by FSDP's own
+hooks on the next forward, which would leave recorded graphs pointing at freed memory.
+
+Run `python rollout.py` for the self-check: the fast path against a naive one that recomputes the
+whole sequence with model.py's plain forward at every step.
+"""
+import heapq
+import math
+import warnings
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import Transformer, apply_rotary
+
+# flash-attn is optional (a CUDA-only extra); without it decoding uses torch's attention.
+try:
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:
+    flash_attn_with_kvcache = None
+
+MAX_EOS_IDS = 8  # EOS ids live in a fixed-size device tensor, so recorded graphs can be reused
+
+
+@dataclass
+class Rollout:
+    prompt_idx: int        # index into the `prompts` list given to generate()
+    tokens: list           # response token ids (prompt not included)
+    logprobs: list         # log-prob of each token under the sampling distribution
+    finish: str            # "stop" (EOS id or stop string) or "length" (max_new_tokens)
+
+
+@dataclass
+class GenStats:
+    """What the last generate() call did; for benchmarks and curiosity, not needed for training."""
+    decode_steps: int = 0  # decode steps over the batch (graph replays on a GPU)
+    prefills: int = 0      # prefill forward calls (each covers a group of admitted prompts)
+    admitted: int = 0      # requests admitted into slots
+    batch: int = 0         # slots decoded per step
+
+
+# -----------------------------------------------------------------------------
+# The KV cache: preallocated buffers plus the per-slot decode state that lives on the device
+
+
+class KVCache:
+    def __init__(self, cfg, n_slots: int, max_len: int, dtype=torch.bfloat16, device="cpu",
+                 compile: bool | None = None):
+        dev = torch.device(device)
+        N, S = n_slots, max_len
+        self.n_slots, self.max_len, self.dtype, self.device = N, S, dtype, dev
+        # One tensor per layer rather than one (L, ...) block: each is then a plain input to the
+        # compiled step, written in place (a view of a bigger input would be copied back whole).
+        shape = (N, cfg.n_kv_heads, S, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(cfg.n_layers)]
+
+        # Per-slot decode state, on the device so a step never waits for the host.
+        z = lambda dt: torch.zeros(N, dtype=dt, device=dev)
+        self.tok = z(torch.long)       # last sampled token: the next step's input
+        self.pos = z(torch.long)       # where that token's k/v go = its position in the sequence
+        self.n_gen = z(torch.long)     # response tokens so far
+        self.req = z(torch.long)       # request id (prompt_idx * n + sample index): seeds the hash
+        self.done = torch.ones(N, dtype=torch.bool, device=dev)  # finished or empty slot
+        self.rows = torch.arange(N, device=dev)
+        # Response tokens and log-probs, written at column n_gen. One spare column takes the
+        # (ignored) writes of finished slots, which keep stepping until the host looks.
+        self.out_tok = torch.zeros(N, S + 1, dtype=torch.long, device=dev)
+        self.out_logp = torch.zeros(N, S + 1, dtype=torch.float32, device=dev)
+        # Sampling knobs as device tensors, so one recorded graph serves any value.
+        self.temperature = torch.ones((), device=dev)
+        self.top_p = torch.ones((), device=dev)
+        self.max_new = torch.zeros((), dtype=torch.long, device=dev)
+        self.seed = torch.zeros((), dtype=torch.long, device=dev)
+        self.eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=dev)
+
+        self.use_graphs = dev.type == "cuda"
+        # flash-attn's decode kernel when it is installed and applies; set False to use the torch path.
+        self.use_flash = (flash_attn_with_kvcache is not None and dev.type == "cuda"
+                          and dtype in (torch.float16, torch.bfloat16))
+        self.compile = dev.type == "cuda" if compile is None else compile
+        self.graphs = {}        # (batch, S_b, sampling mode) -> torch.cuda.CUDAGraph
+        self.weights_key = None  # which parameter tensors the graphs were recorded with
+        self.core = None        # the decode step's model+sampling part, compiled or not
+        self.stats = GenStats()
+        if self.use_graphs:
+            self.pool = torch.cuda.graph_pool_handle()  # graphs share memory: they never overlap
+            self.stream = torch.cuda.Stream(device=dev)
+
+    @staticmethod
+    def for_model(model, max_len: int, max_slots: int = 256, mem_fraction: float = 0.5,
+                  mem_bytes: int | None = None, dtype=None, device=None, compile=None) -> "KVCache":
+        """As many slots (up to max_slots) as fit in mem_bytes, by default mem_fraction of the free
+        GPU memory (on a CPU, give mem_bytes or get max_slots). Each slot costs its keys/values for
+        max_len positions plus the sampler's (vocab,)-sized fp32 work buffers."""
+        p = next(model.parameters())
+        dtype, device = dtype or p.dtype, torch.device(device or p.device)
+        cfg = model.config
+        kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * max_len * torch.finfo(dtype).bits // 8
+        sampler = 6 * 4 * cfg.vocab_size            # logits, probs, cdf, sorted values + int64 ids
+        per_slot = kv + sampler + 12 * (max_len + 1)  # + out_tok, out_logp
+        if mem_bytes is None and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            mem_bytes = int(mem_fraction * free)
+        n = max_slots if mem_bytes is None else min(max_slots, mem_bytes // per_slot)
+        if n < 1:
+            raise MemoryError(f"the KV cache budget ({mem_bytes / 2**20:.0f} MiB) does not fit one slot "
+                              f"of {per_slot / 2**20:.1f} MiB (max_len {max_len}); lower max_len or raise it")
+        return KVCache(cfg, n, max_len, dtype, device, compile)
+
+
+# -----------------------------------------------------------------------------
+# The model, run layer by layer with a pluggable attention
+
+
+def run_layers(model: Transformer, x, positions, attend):
+    """model.py's Transformer.forward up to the final norm, with the attention core replaced by
+    attend(layer, q, k, v) -> y, where q (B, nh, T, D), k and v (B, nkv, T, D), y (B, nh, T, D).
+    Everything else (norms, projections, rotary, MLP) is the model's own modules."""
+    B, T, _ = x.shape
+    cos, sin = model.rotary(positions, x.dtype)                          # (B, 1, T, D) each
+    for i, block in enumerate(model.layers):
+        a = block.self_attn
+        h = block.input_layernorm(x)
+        q = a.q_proj(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)     # (B, nh, T, D)
+        k = a.k_proj(h).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, D)
+        v = a.v_proj(h).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = attend(i, q, k, v)                                           # (B, nh, T, D)
+        x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    return model.norm(x)                                                 # (B, T, H)
+
+
+def prefill(model, cache: KVCache, prompts: list, dst_slots: list, src: list):
+    """Run the prompts once; write prompt src[j]'s keys/values into cache slot dst_slots[j] (a prompt
+    appears in several slots when several of its samples were admitted together). Returns the
+    next-token logits after each prompt, (P, V) fp32."""
+    dev = cache.device
+    P, T = len(prompts), max(len(p) for p in prompts)
+    idx = torch.zeros(P, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        idx[i, :len(p)] = torch.tensor(p)        # right padding: real tokens sit at 0..len-1
+    idx = idx.to(dev)
+    positions = torch.arange(T, device=dev).expand(P, T)                 # (P, T)
+    dst = torch.tensor(dst_slots, device=dev)
+    src = torch.tensor(src, device=dev)
+
+    def attend(i, q, k, v):
+        # Copy this prompt's k/v into each of its slots. Padding positions get junk k/v; decoding
+        # overwrites position len first, and a query never sees positions beyond its own.
+        cache.k[i][dst, :, :T] = k[src].to(cache.dtype)                  # (n_dst, nkv, T, D)
+        cache.v[i][dst, :, :T] = v[src].to(cache.dtype)
+        # Plain causal attention within the prompt: no mask tensor, so torch can pick its flash
+        # kernel, which does grouped-query attention natively.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+    h = run_layers(model, model.embed_tokens(idx), positions, attend)    # (P, T, H)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+    h = h[torch.arange(P, device=dev), last]                             # (P, H): last real token
+    # Only the last position's logits: the (P, T, V) tensor would be huge for a 150k vocabulary.
+    return F.linear(h, model.lm_head_weight).float()                     # (P, V)
+
+
+def decode_core(model, ks: list, vs: list, tok, pos, n_gen, req, seed, temperature, top_p,
+                attn_len: int, greedy: bool, top_k: int, use_top_p: bool, use_flash: bool):
+    """One decode step for the first B slots: feed tok at pos, write its k/v, attend, sample.
+    Returns the next token (B,) and its log-prob (B,). Pure apart from the cache writes, so it can be
+    compiled; the state update is advance() below."""
+    B = tok.shape[0]
+    rows = torch.arange(B, device=tok.device)
+    # Key column s is visible to the query at position p iff s <= p: the columns a row has written.
+    mask = (torch.arange(attn_len, device=tok.device) <= pos[:, None])[:, None, None, :]  # (B,1,1,S_b)
+
+    def attend(i, q, k, v):
+        kc, vc = ks[i], vs[i]                                            # (N, nkv, S, D)
+        if use_flash:
+            # flash-attn writes k/v at column pos itself and reads only columns 0..pos of each row.
+            y = flash_attn_with_kvcache(q.transpose(1, 2), kc[:B].transpose(1, 2), vc[:B].transpose(1, 2),
+                                        k=k.transpose(1, 2), v=v.transpose(1, 2),
+                                        cache_seqlens=pos.to(torch.int32), causal=True)
+            return y.transpose(1, 2)                                     # (B, nh, 1, D)
+        kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)                       # (B, nkv, D) at [b, :, pos_b]
+        vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
+        nh, nkv, D = q.shape[1], k.shape[1], q.shape[-1]
+        # Grouped-query attention without repeating K/V: the nh/nkv query heads of one KV head
+        # become that head's nh/nkv "query positions". They share the row's mask, so it broadcasts.
+        qg = q.reshape(B, nkv, nh // nkv, D)                             # (B, nkv, G, D)
+        y = F.scaled_dot_product_attention(qg, kc[:B, :, :attn_len], vc[:B, :, :attn_len], attn_mask=mask)
+        return y.reshape(B, nh, 1, D)
+
+    h = run_layers(model, model.embed_tokens(tok)[:, None], pos[:, None], attend)[:, 0]  # (B, H)
+    logits = F.linear(h, model.lm_head_weight).float()                   # (B, V)
+    u = uniform(seed, req, n_gen)                                        # (B,)
+    return sample(logits, u, temperature, top_p, greedy, top_k, use_top_p)
+
+
+def advance(cache: KVCache, B: int, new, logp):
+    """Record the sampled tokens and move every live slot one position on (device only, no sync)."""
+    rows, n_gen, pos, tok, done = cache.rows[:B], cache.n_gen[:B], cache.pos[:B], cache.tok[:B], cache.done[:B]
+    live = ~done
+    cache.out_tok[rows, n_gen] = new       # a finished slot writes its spare column: ignored
+    cache.out_logp[rows, n_gen] = logp
+    n_gen.add_(live)                       # finished slots stay frozen: same position, same count
+    pos.add_(live)
+    tok.copy_(torch.where(live, new, tok))
+    is_eos = (new[:, None] == cache.eos).any(-1)   # a plain compare: torch.isin may sort, which graphs dislike
+    done.logical_or_(live & (is_eos | (n_gen >= cache.max_new)))
+
+
+# -----------------------------------------------------------------------------
+# Sampling on the device: counter-based uniforms and inverse-CDF sampling
+
+M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    # (x * c) mod 2^32 for 32-bit x held in int64, in 16-bit halves so no product overflows int64.
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & M32
+
+
+def _hash32(x):
+    # "lowbias32" (Chris Wellons' integer hash search): a bijection on 32 bits that mixes well.
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform(seed, req, t):
+    """A uniform number in [0, 1) for token t of request req, a pure function of (seed, req, t).
+    23 bits, so u <= 1 - 2^-23 and u * total stays strictly below total in fp32."""
+    h = _hash32(_hash32(_hash32(seed & M32) ^ (req & M32)) ^ (t & M32))
+    return (h >> 9).float() * 2.0 ** -23
+
+
+def sample(logits, u, temperature, top_p, greedy: bool, top_k: int, use_top_p: bool):
+    """Draw one token per row of logits (B, V) with the uniforms u (B,). Temperature, then top-k,
+    then top-p on the renormalised top-k (transformers' order). Returns tokens (B,) and their
+    log-probs (B,) under the truncated, renormalised distribution actually sampled from."""
+    if greedy:
+        return logits.argmax(-1), torch.zeros_like(logits[:, 0])
+    x = logits / temperature                                             # (B, V)
+    ids = None                                                           # vocab id of each column
+    if top_k > 0:
+        x, ids = torch.topk(x, min(top_k, x.shape[-1]), dim=-1)          # (B, k), descending
+    elif use_top_p:
+        x, ids = torch.sort(x, dim=-1, descending=True)                  # (B, V)
+    probs = torch.softmax(x, dim=-1)
+    if use_top_p:
+        # The nucleus: the smallest set of top tokens with mass >= top_p. A token is in it iff the
+        # mass ranked above it is still < top_p (so the top token always is).
+        above = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(above >= top_p, 0.0)
+    cdf = probs.cumsum(-1)                                               # unnormalised after top-p
+    total = cdf[:, -1:]                                                  # (B, 1)
+    # Inverse CDF: the first column whose cdf exceeds u * total. One uniform per row, so no
+    # (B, V) random tensor is ever made.
+    j = torch.searchsorted(cdf, u[:, None] * total, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+    p = probs.gather(-1, j)
+    # A zero-probability pick can only come from float rounding in the cumsum; take the mode then.
+    j = torch.where(p > 0, j, probs.argmax(-1, keepdim=True))
+    logp = (probs.gather(-1, j) / total).log()[:, 0]
+    tok = j[:, 0] if ids is None else ids.gather(-1, j)[:, 0]
+    return tok, logp
+
+
+# -----------------------------------------------------------------------------
+# One decode step, recorded as a CUDA graph on a GPU
+
+
+def attn_bucket(n: int) -> int:
+    """Round the attended length up, in steps of ~1/8 of its size (at least 64): few distinct
+    shapes (few CUDA graphs), at most ~1/4 wasted columns."""
+    step = max(64, 1 << max(0, (n - 1).bit_length() - 3))
+    return -(-n // step) * step
+
+
+def _step(model, cache: KVCache, B: int, attn_len: int, mode: tuple):
+    new, logp = cache.core(model, cache.k, cache.v, cache.tok[:B], cache.pos[:B], cache.n_gen[:B],
+                           cache.req[:B], cache.seed, cache.temperature, cache.top_p, attn_len, *mode)
+    advance(cache, B, new, logp)
+
+
+def _eager_step(model, cache, B, attn_len, mode):
+    """A real step, run eagerly; the first one also compiles. If compiling fails we warn and fall
+    back to the uncompiled step rather than stopping a training run. (A failure midway through the
+    layers only rewrote cache columns that the retry rewrites with the same values.)"""
+    try:
+        _step(model, cache, B, attn_len, mode)
+    except Exception as e:
+        if cache.core is decode_core:
+            raise
+        warnings.warn(f"compiled decode step failed ({type(e).__name__}: {e}); running it uncompiled")
+        cache.core = decode_core
+        _step(model, cache, B, attn_len, mode)
+
+
+def run_step(model, cache: KVCache, B: int, attn_len: int, mode: tuple):
+    if not cache.use_graphs:
+        return _eager_step(model, cache, B, attn_len, mode)
+    key = (B, attn_len) + mode
+    graph = cache.graphs.get(key)
+    if graph is not None:
+        graph.replay()
+        return
+    # First step at this shape: run it for real on the capture stream (this also warms up cuBLAS
+    # and compiles), then record the same step for the next replays. Recording executes nothing.
+    cache.stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(cache.stream):
+        _eager_step(model, cache, B, attn_len, mode)
+    torch.cuda.current_stream().wait_stream(cache.stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=cache.pool, stream=cache.stream):
+        _step(model, cache, B, attn_len, mode)
+    cache.graphs[key] = graph
+
+
+# -----------------------------------------------------------------------------
+# generate(): admission, decoding, reaping
+
+
+@torch.no_grad()
+def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_ids=None, stop_strings=(), tokenizer=None,
+             seed: int | None = None, cache: KVCache | None = None, max_slots: int = 256,
+             sync_every: int = 16) -> list:
+    """Sample n responses for each prompt (lists of token ids). temperature 0 = greedy. eos_ids
+    defaults to the tokenizer's EOS (none without a tokenizer); stop_strings need the tokenizer.
+    seed None draws one from torch's global RNG. Returns len(prompts) * n Rollouts ordered by
+    (prompt index, sample index). See the module docstring for what the log-probs are."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("generate() needs at least one prompt, and no empty prompt")
+    if eos_ids is None:
+        eos_ids = () if tokenizer is None or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    eos_ids = tuple(int(e) for e in eos_ids)
+    if len(eos_ids) > MAX_EOS_IDS:
+        raise ValueError(f"at most {MAX_EOS_IDS} EOS ids, got {len(eos_ids)}")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the generated tokens")
+    M = int(max_new_tokens)
+    need = max(len(p) for p in prompts) + M
+    if cache is None:
+        cache = KVCache.for_model(model, max_len=need, max_slots=max_slots)
+    if need > cache.max_len:
+        raise ValueError(f"longest prompt + max_new_tokens = {need} exceeds the cache's max_len {cache.max_len}")
+    if M < 1:
+        return [Rollout(r // n, [], [], "length") for r in range(len(prompts) * n)]
+
+    # Recorded graphs point at the weight tensors: keep them only while those are the same tensors.
+    weights_key = (id(model),) + tuple(p.data_ptr() for p in model.parameters())
+    if weights_key != cache.weights_key:
+        cache.graphs.clear()
+        cache.weights_key = weights_key
+    if cache.core is None:
+        cache.core = torch.compile(decode_core, dynamic=True) if cache.compile else decode_core
+
+    greedy = temperature == 0
+    mode = (greedy, int(top_k), top_p < 1.0, cache.use_flash)  # what a recorded graph bakes in
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+    cache.temperature.fill_(1.0 if greedy else temperature)
+    cache.top_p.fill_(top_p)
+    cache.max_new.fill_(M)
+    cache.seed.fill_(seed)
+    cache.eos.fill_(-1)
+    cache.eos[:len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
+
+    R = len(prompts) * n                  # requests; request r is sample r % n of prompt r // n
+    B = min(cache.n_slots, R)             # slots decoded per step; fixed, so shapes are static
+    cache.done[:B] = True
+    cache.stats = stats = GenStats(batch=B)
+    results = [None] * R
+    pending = deque(range(R))
+    free = list(range(B))                 # a heap: refill the lowest slots first
+    active = {}                           # slot -> (request, prompt length, step admitted)
+    checked = {}                          # slot -> tokens already scanned for stop strings
+    # Refill in batches: each prefill is a separate (uncaptured) forward, so refilling one slot at
+    # a time would cost more than the idle slots do. (A prompt whose samples land in two admission
+    # batches is prefilled twice; that is the only waste.)
+    admit_min = max(1, B // 8)
+    window = max((len(s) for s in stop_strings), default=0) + 8  # tokens that can hold a stop string
+    step = 0
+
+    while pending or active:
+        # ---- admission: prefill each newly admitted prompt once, copy it into its samples' slots
+        if pending and free and (len(free) >= admit_min or not active):
+            reqs = [pending.popleft() for _ in range(min(len(free), len(pending)))]
+            slots = [heapq.heappop(free) for _ in reqs]
+            _admit(model, cache, prompts, n, reqs, slots, mode, stats)
+            for r, s in zip(reqs, slots):
+                active[s] = (r, len(prompts[r // n]), step)
+                checked[s] = 0
+
+        # ---- decode until the next look: sync_every steps, or sooner if a slot hits max_new_tokens
+        # (its deadline is known on the host: token 0 comes from the prefill, one more per step).
+        k = min([sync_every] + [t0 + M - 1 - step for _, _, t0 in active.values()])
+        if k > 0:
+            longest = max(L + min(step + k - t0, M) for _, L, t0 in active.values())
+            attn_len = min(attn_bucket(longest), cache.max_len)
+            for _ in range(k):
+                run_step(model, cache, B, attn_len, mode)
+            step += k
+            stats.decode_steps += k
+
+        # ---- reap: one device->host copy says which slots finished, and how far each got
+        state = torch.stack([cache.done[:B].long(), cache.n_gen[:B]]).cpu()  # (2, B)
+        finished = {s: int(state[1, s]) for s in active if state[0, s]}
+        stop_hits = set()
+        if stop_strings:
+            n_max = int(state[1].max())
+            toks = cache.out_tok[:B, :n_max].cpu()
+            for s in active:
+                m = _find_stop(tokenizer, toks[s, :int(state[1, s])].tolist(), checked[s], stop_strings, window)
+                if m is not None:
+                    finished[s] = m       # keep tokens up to the one that completed the stop string
+                    stop_hits.add(s)
+                checked[s] = int(state[1, s])
+        if not finished:
+            continue
+        slots = sorted(finished)
+        idx = torch.tensor(slots, device=cache.device)
+        width = max(finished.values())
+        toks, logps = cache.out_tok[idx, :width].cpu(), cache.out_logp[idx, :width].cpu()
+        cache.done[idx] = True            # stop-string hits were still live on the device
+        for i, s in enumerate(slots):
+            r, _, _ = active.pop(s)
+            m = finished[s]
+            tokens = toks[i, :m].tolist()
+            # The device stops a slot at an EOS id or at M tokens; a stop string is the host's call.
+            stopped = s in stop_hits or tokens[-1] in eos_ids
+            if results[r] is not None:
+                raise RuntimeError(f"request {r} finished twice: slot bookkeeping is broken")
+            results[r] = Rollout(r // n, tokens, logps[i, :m].tolist(), "stop" if stopped else "length")
+            heapq.heappush(free, s)
+    missing = [r for r, x in enumerate(results) if x is None]
+    if missing:
+        raise RuntimeError(f"requests {missing[:8]} never finished: slot bookkeeping is broken")
+    return results
+
+
+def _admit(model, cache: KVCache, prompts, n, reqs, slots, mode, stats):
+    """Prefill the distinct prompts among the admitted requests (chunked to bound activation
+    memory), sample each request's first token, and set up its slot's decode state."""
+    dev = cache.device
+    uniq = sorted({r // n for r in reqs}, key=lambda i: len(prompts[i]))  # similar lengths together
+    logits = {}
+    chunk, budget = [], 16384             # prompt tokens (padded) per prefill forward
+    for i in uniq + [None]:
+        if i is not None and (not chunk or (len(chunk) + 1) * len(prompts[i]) <= budget):
+            chunk.append(i)
+            continue
+        at = {p: j for j, p in enumerate(chunk)}
+        mine = [(r, s) for r, s in zip(reqs, slots) if r // n in at]
+        out = prefill(model, cache, [prompts[p] for p in chunk], [s for _, s in mine],
+                      [at[r // n] for r, _ in mine])                     # (P, V)
+        for p, j in at.items():
+            logits[p] = out[j]
+        stats.prefills += 1
+        chunk = [i] if i is not None else []
+    req = torch.tensor(reqs, device=dev)
+    s = torch.tensor(slots, device=dev)
+    first_logits = torch.stack([logits[r // n] for r in reqs])          # (A, V)
+    u = uniform(cache.seed, req, torch.zeros_like(req))                 # token 0 of each request
+    tok, logp = sample(first_logits, u, cache.temperature, cache.top_p, *mode[:3])
+    cache.tok[s] = tok
+    cache.pos[s] = torch.tensor([len(prompts[r // n]) for r in reqs], device=dev)
+    cache.n_gen[s] = 1
+    cache.req[s] = req
+    cache.out_tok[s, 0] = tok
+    cache.out_logp[s, 0] = logp
+    cache.done[s] = (tok[:, None] == cache.eos).any(-1) | (cache.max_new <= 1)
+    stats.admitted += len(reqs)
+
+
+def _find_stop(tokenizer, tokens, start, stop_strings, window):
+    """The smallest m > start such that the text of tokens[:m] contains a stop string, or None.
+    Only the last `window` tokens before each candidate are decoded: a cheap test first, then the
+    exact position."""
+    if len(tokens) <= start:
+        return None
+    lo = max(0, start - window)
+    if not any(s in tokenizer.decode(tokens[lo:]) for s in stop_strings):
+        return None
+    for m in range(start + 1, len(tokens) + 1):
+        if any(s in tokenizer.decode(tokens[lo:m]) for s in stop_strings):
+            return m
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Whole weights for generation (FSDP2) and the self-check
+
+
+@torch.no_grad()
+def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16, device=None) -> Transformer:
+    """A plain, unsharded, no-grad copy of `model` for generation, or `into` refreshed in place.
+    `model` may be a plain Transformer or one wrapped by FSDP2's fully_shard, whose parameters are
+    DTensor shards: each is all-gathered with full_tensor(), one at a time (so at most one whole
+    parameter is in flight), and copied into the copy. Under FSDP every rank must call this."""
+    if into is None:
+        p = next(model.parameters())
+        device = device or (p.device_mesh.device_type if hasattr(p, "device_mesh") else p.device)
+        into = Transformer(model.hf_config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    ours = into.state_dict()
+    for name, t in model.state_dict().items():
+        if hasattr(t, "full_tensor"):   # a DTensor: gather the shards
+            t = t.full_tensor()
+        ours[name].copy_(t)
+    return into
+
+
+@torch.no_grad()
+def naive_generate(model, prompt: list, req: int, max_new_tokens: int, temperature=1.0, top_p=1.0,
+                   top_k=0, eos_ids=(), seed=0):
+    """The slow reference: recompute the whole sequence with the model's plain forward for every new
+    token, and sample with the same sample() and the same per-(seed, request, t) uniforms."""
+    dev = next(model.parameters()).device
+    seq, tokens, logprobs = list(prompt), [], []
+    t_ = torch.tensor(float(temperature or 1.0), device=dev)
+    p_ = torch.tensor(float(top_p), device=dev)
+    for t in range(max_new_tokens):
+        logits = model(torch.tensor([seq], device=dev))[:, -1]          # (1, V)
+        u = uniform(torch.tensor(seed, device=dev), torch.tensor([req], device=dev),
+                    torch.tensor([t], device=dev))
+        tok, logp = sample(logits, u, t_, p_, temperature == 0, top_k, top_p < 1.0)
+        tokens.append(int(tok))
+        logprobs.append(float(logp))
+        seq.append(int(tok))
+        if tokens[-1] in eos_ids:
+            return Rollout(0, tokens, logprobs, "stop")
+    return Rollout(0, tokens, logprobs, "length")
+
+
+def self_check(verbose=True):
+    """Fast path (KV cache, continuous batching with fewer slots than requests) against the naive
+    path, on a tiny random Llama, greedy and sampled. Raises AssertionError on a mismatch."""
+    from transformers import LlamaConfig
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.norm.weight.mul_(8.0)      # sharper next-token distributions than a random init gives
+    prompts = [[5, 7, 11], [3] * 9, [42], [8, 9, 10, 11, 12, 13]]
+    eos = (17, 23)
+    for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9), dict(temperature=1.0)):
+        cache = KVCache.for_model(model, max_len=40, max_slots=3)     # 3 slots < 8 requests: refills
+        fast = generate(model, prompts, n=2, max_new_tokens=24, eos_ids=eos, seed=1234, cache=cache,
+                        sync_every=4, **kw)
+        for r, ro in enumerate(fast):
+            ref = naive_generate(model, prompts[r // 2], r, 24, eos_ids=eos, seed=1234, **kw)
+            assert ro.tokens == ref.tokens, f"{kw} request {r}: fast {ro.tokens} != naive {ref.tokens}"
+            assert ro.finish == ref.finish, f"{kw} request {r}: finish {ro.finish} != {ref.finish}"
+            err = max(abs(a - b) for a, b in zip(ro.logprobs, ref.logprobs))
+            assert err < 1e-4, f"{kw} request {r}: log-probs differ by {err:.2e}"
+        if verbose:
+            lens = [len(ro.tokens) for ro in fast]
+            print(f"ok  {kw}: 8 rollouts match the naive path (lengths {lens}, "
+                  f"{cache.stats.prefills} prefills, {cache.stats.decode_steps} steps)")
+
+
+if __name__ == "__main__":
+    self_check()
