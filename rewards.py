@@ -91,6 +91,20 @@ _INSTRUCTIONS = {
 }
 
 
+# One worked example per domain, which the trainer shows as an earlier chat turn (srpo.py
+# --one_shot). Small instruct models do not pick up the <think>/<answer> template from
+# instructions alone: SmolLM2-135M scored 0 of 96 samples on the easiest problems with the bare
+# instructions, and about half with this example in front (see README, "the demo"). The reward
+# stays as strict as ever; only the prompt shows what a well-formed answer looks like.
+EXAMPLES = {
+    "math": ("What is 4 + 4?",
+             "<think> 4 + 4 = 8 </think> <answer> The answer is \\boxed{8}. </answer>"),
+    "code": ("Write a function `double(x)` that returns twice x.",
+             "<think> Multiply x by 2. </think> <answer> ```python\ndef double(x):\n    return 2 * x\n``` </answer>"),
+}
+EXAMPLE_REFERENCES = {"math": "8", "code": "assert double(3) == 6\nassert double(-1) == -2"}
+
+
 def _check_domain(domain, what="domain"):
     if domain not in DOMAINS:
         raise ValueError(f"{what} must be one of {DOMAINS}, got {domain!r}")

@@ -1,0 +1,55 @@
+"""One policy update of the tiny model, run as one process or under torchrun with FSDP2 (gloo on
+CPU). Each rank takes its share of the same global batch; the result (loss, gradients, updated
+weights) must not depend on the number of processes. tests/test_srpo.py runs and compares it.
+
+    python tests/dist_update_check.py MODEL_DIR OUT.pt
+    torchrun --nproc_per_node 2 tests/dist_update_check.py MODEL_DIR OUT.pt
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import srpo  # noqa: E402
+from model import Transformer  # noqa: E402
+
+
+def global_batch(vocab: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(8):  # uneven lengths, so ranks get different token counts and micro-batches
+        n_prompt = 3 + i % 4
+        n_resp = 2 + (i * 5) % 7
+        tokens = torch.randint(0, vocab, (n_prompt + n_resp,), generator=g).tolist()
+        # logp_old away from the current policy's, so some ratios leave [1-eps, 1+eps] and clip
+        logp_old = (-torch.rand(n_resp, generator=g) * 6).tolist()
+        adv = float(torch.randn((), generator=g))
+        samples.append(srpo.Sample(tokens, n_prompt, logp_old, adv))
+    return samples
+
+
+def main():
+    model_dir, out = sys.argv[1], sys.argv[2]
+    rank, world, device = srpo.setup_dist()
+    torch.manual_seed(0)
+    model = Transformer.from_pretrained(model_dir)
+    cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.5)
+    if world > 1:
+        srpo.shard_model(model, param_dtype=torch.float32)
+    # SGD: the weights after one step are then a linear function of the gradient, so they compare
+    # as tightly as the gradients do (Adam's first step is ~lr * sign(grad), noise included).
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    samples = global_batch(model.config.vocab_size)
+    stats = srpo.policy_update(model, opt, samples[rank::world], cfg, device, world=world)
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    grads = {n: full(p.grad).detach().clone() for n, p in model.named_parameters()}
+    weights = {n: full(p).detach().clone() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save({"stats": stats, "grads": grads, "weights": weights}, out)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

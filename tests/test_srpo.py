@@ -1,0 +1,269 @@
+"""srpo.py: the algorithm's pieces against their definitions, then whole runs of the tiny world."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harness
+import rewards
+import srpo
+from model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return harness.make_world(str(tmp_path_factory.mktemp("world")))
+
+
+def run(world, out, **over):
+    """srpo.main in this process, with the fork-it reward of the harness."""
+    real = srpo.score_responses
+    srpo.score_responses = harness.contains_reference
+    try:
+        srpo.main(harness.world_args(world, str(out), **over))
+    finally:
+        srpo.score_responses = real
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+# -----------------------------------------------------------------------------
+# The pieces
+
+
+def test_history_resampling_drops_all_correct_keeps_mixed_and_all_wrong():
+    h = srpo.History()
+    h.record("easy", [True, True, True, True])
+    h.record("mixed", [True, False, False, True])
+    h.record("hard", [False] * 4)
+    h.record("split", [True, True])      # two steps' worth of outcomes for one prompt
+    h.record("split", [False, True])
+    kept, stats = h.resample(["easy", "mixed", "hard", "split", "unseen"])
+    assert kept == ["mixed", "hard", "split", "unseen"], f"HR kept {kept}"
+    assert stats == {"dropped": 1, "kept_mixed": 2, "kept_all_wrong": 1, "kept_unseen": 1}, stats
+    assert h.dropped == {"easy"} and h.outcomes == {}, "the buffer must reset for the next epoch"
+
+
+def test_group_advantages_follow_the_formula_and_zero_groups():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.3, 0.1, 0.9, 0.5]])
+    adv, zero = srpo.group_advantages(r, eps=1e-4)
+    expect = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
+    assert zero.tolist() == [False, True, True, False], "all-equal groups must be flagged"
+    assert torch.allclose(adv[[0, 3]], expect[[0, 3]]), "advantage != (R - mean) / (std + eps)"
+    assert torch.equal(adv[[1, 2]], torch.zeros(2, 4)), "a zero-advantage group must give exactly 0"
+
+
+def test_micro_batches_hold_every_response_token_once():
+    samples = [srpo.Sample(list(range(10 + i)), 4 + i % 3, [-0.1 * j for j in range(6 + i - i % 3)], float(i))
+               for i in range(7)]
+    groups = srpo.pack_micro_batches(samples, budget=25)
+    assert sorted(i for g in groups for i in g) == list(range(7)), "a sample was lost or repeated"
+    for g in groups:
+        assert len(g) == 1 or sum(len(samples[i].tokens) - 1 for i in g) <= 25, "budget exceeded"
+        mb = srpo.make_micro_batch(samples, g, "cpu")
+        T = mb.ids.shape[1]
+        assert mb.cu[-1] == T and mb.targets.shape == (T,)
+        for k, i in enumerate(g):
+            s, a, b = samples[i], int(mb.cu[k]), int(mb.cu[k + 1])
+            assert mb.ids[0, a:b].tolist() == s.tokens[:-1] and mb.targets[a:b].tolist() == s.tokens[1:]
+            resp = mb.mask[a:b].bool()
+            assert resp.sum() == len(s.tokens) - s.n_prompt, "mask must cover exactly the response"
+            assert mb.targets[a:b][resp].tolist() == s.tokens[s.n_prompt:], "mask on the wrong tokens"
+            assert torch.allclose(mb.logp_old[a:b][resp], torch.tensor(s.logp_old)), "logp_old misaligned"
+            assert (mb.adv[a:b] == s.adv).all()
+
+
+def naive_loss(model, samples, eps_low, eps_high):
+    """The SRPO objective written directly from SRPO.md: full logits, per-token ratio, clipped
+    surrogate, one mean over all response tokens of the batch."""
+    num, den = 0.0, 0
+    for s in samples:
+        ids = torch.tensor(s.tokens)
+        logp = F.log_softmax(model(ids[None])[0, :-1], -1).gather(1, ids[1:, None])[:, 0]
+        logp = logp[s.n_prompt - 1:]
+        ratio = torch.exp(logp - torch.tensor(s.logp_old))
+        surr = torch.minimum(ratio * s.adv, ratio.clamp(1 - eps_low, 1 + eps_high) * s.adv)
+        num = num - surr.sum()
+        den += len(s.logp_old)
+    return num / den
+
+
+def test_update_equals_the_naive_objective_across_micro_batches(world):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from dist_update_check import global_batch
+    cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.0, eps_low=0.2, eps_high=0.28)
+    a = Transformer.from_pretrained(f"{world}/model")
+    b = Transformer.from_pretrained(f"{world}/model")
+    samples = global_batch(a.config.vocab_size)
+    assert len(srpo.pack_micro_batches(samples, cfg.micro_tokens)) > 2, "test needs several micro-batches"
+    # SGD, not Adam: Adam turns float-noise-sized gradients into lr-sized steps, hiding the comparison.
+    opt_a = torch.optim.SGD(a.parameters(), lr=cfg.lr)
+    stats = srpo.policy_update(a, opt_a, samples, cfg, "cpu")
+    opt_b = torch.optim.SGD(b.parameters(), lr=cfg.lr)
+    loss = naive_loss(b, samples, cfg.eps_low, cfg.eps_high)
+    loss.backward()
+    assert abs(stats["loss"] - loss.item()) < 1e-5, f"loss {stats['loss']} vs naive {loss.item()}"
+    assert stats["clip_frac"] > 0, "the test batch should clip some tokens"
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-4), f"gradient of {n} differs from naive"
+    opt_b.step()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), f"updated {n} differs"
+
+
+def test_two_fsdp_processes_equal_one(world, tmp_path):
+    """One step on 2 CPU processes (FSDP2 over gloo) equals one process on the same global batch."""
+    script = os.path.join(ROOT, "tests", "dist_update_check.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    subprocess.run([sys.executable, script, f"{world}/model", str(one)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                    script, f"{world}/model", str(two)], check=True, env=env, timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    r1, r2 = torch.load(one), torch.load(two)
+    assert abs(r1["stats"]["loss"] - r2["stats"]["loss"]) < 1e-6, (r1["stats"], r2["stats"])
+    assert abs(r1["stats"]["grad_norm"] - r2["stats"]["grad_norm"]) < 1e-5
+    for n in r1["weights"]:
+        assert torch.allclose(r1["grads"][n], r2["grads"][n], atol=1e-6, rtol=1e-4), f"gradient of {n}"
+        assert torch.allclose(r1["weights"][n], r2["weights"][n], atol=1e-6), f"updated weight {n}"
+    moved = max((r1["weights"][n] - w).abs().max().item()
+                for n, w in Transformer.from_pretrained(f"{world}/model").named_parameters())
+    assert moved > 1e-4, "the update did not change the weights: the comparison would be vacuous"
+
+# -----------------------------------------------------------------------------
+# Whole runs
+
+
+def test_run_stages_history_resampling_and_export(world, tmp_path):
+    out = tmp_path / "run"
+    # 8 math prompts, 2 per step -> an epoch every 4 steps; stage 2 from step 6.
+    recs = run(world, out, total_steps=8, stage1_steps=6, eval_every=4)
+    steps = [r for r in recs if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert [r["stage"] for r in steps] == [1] * 6 + [2] * 2, "stage switch at the configured step"
+    assert all(r["n_code"] == 0 for r in steps[:6]), "stage 1 must be math only"
+    epochs = [r for r in recs if r["type"] == "epoch"]
+    assert epochs and epochs[0]["step"] == 4, f"expected HR at the end of epoch 1 (step 4): {epochs}"
+    e = epochs[0]
+    assert e["dropped"] + e["kept_mixed"] + e["kept_all_wrong"] + e["kept_unseen"] == 8
+    assert e["prompts"] == 8 - e["dropped"]
+    assert any(r["type"] == "stage" and r["step"] == 6 for r in recs)
+    assert [r["tag"] for r in recs if r["type"] == "eval"] == ["before", "periodic", "after"]
+    assert 0 < sum(r["zero_adv"] for r in steps) / len(steps) < 1, "the tiny world should give some signal"
+    for r in steps:
+        for k in ("reward", "acc_math", "zero_adv", "resp_len", "clip_frac", "entropy", "t_gen", "tok_s"):
+            assert k in r and r[k] == r[k], f"metric {k} missing or NaN in {r}"
+    # The exported policy loads in transformers and equals the trained weights.
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(out / "policy", dtype=torch.float32)
+    ours = Transformer.from_pretrained(str(out / "policy"))
+    start = Transformer.from_pretrained(f"{world}/model")
+    ids = torch.randint(0, 13, (1, 9))
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids).logits, ours(ids), atol=1e-4), "export does not load in transformers"
+        assert not torch.allclose(ours(ids), start(ids)), "the exported policy is the untrained one"
+
+
+def test_hr_off_is_plain_grpo(world, tmp_path):
+    recs = run(world, tmp_path / "grpo", hr=False, total_steps=6, stage1_steps=10)
+    epochs = [r for r in recs if r["type"] == "epoch"]
+    assert epochs and all(r["prompts"] == 8 for r in epochs), "without HR every epoch has all prompts"
+    assert all("dropped" not in r for r in epochs)
+
+
+def test_loss_variants_run_kl_clip_higher_and_extra_passes(world, tmp_path):
+    """The options a fork reaches for first: a KL term to the initial policy, DAPO's clip-higher,
+    several update passes (logp_old recomputed by the trainer) and top-p sampling."""
+    recs = run(world, tmp_path / "v", total_steps=3, kl_coef=0.1, eps_high=0.28, update_epochs=2, top_p=0.9)
+    steps = [r for r in recs if r["type"] == "step"]
+    assert len(steps) == 3 and all(r["loss"] == r["loss"] for r in steps)
+    assert any(r["kl"] != 0 for r in steps[1:]), "with a second pass and a moved policy, KL must be nonzero"
+    assert any(r["ratio"] != 1.0 for r in steps), "the second pass must see ratios away from 1"
+
+
+def test_resume_after_sigkill_continues_the_same_run(world, tmp_path):
+    script = os.path.join(ROOT, "tests", "harness.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    common = ["--total_steps", "5", "--stage1_steps", "3", "--save_every", "2", "--eval_every", "0"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run([sys.executable, script, world, str(whole)] + common, check=True, env=env, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen([sys.executable, script, world, str(cut), "--pause_after_save", "2"] + common,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in p.stdout:
+            if line.startswith("PAUSED"):
+                break
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait(timeout=60)
+    assert p.returncode == -signal.SIGKILL, "the first run should have been killed mid-way"
+    assert not os.path.exists(cut / "policy"), "a killed run must not have finished"
+    subprocess.run([sys.executable, script, world, str(cut)] + common, check=True, env=env, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    timing = {"t_gen", "t_score", "t_update", "tok_s"}
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in timing} for r in recs]
+    a = strip(json.loads(line) for line in open(whole / "metrics.jsonl"))
+    b = strip(json.loads(line) for line in open(cut / "metrics.jsonl"))
+    assert [r["step"] for r in b if r["type"] == "step"] == [1, 2, 3, 4, 5]
+    assert a == b, "the resumed run's metrics differ from the uninterrupted run's"
+    wa = torch.load(whole / "checkpoint.pt")["model"]
+    wb = torch.load(cut / "checkpoint.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ after resume"
+
+# -----------------------------------------------------------------------------
+# Faults and bad input
+
+
+def test_bad_data_and_config_stop_with_clear_errors(world, tmp_path):
+    with pytest.raises(FileNotFoundError, match="math data file .*nope.jsonl.* does not exist"):
+        run(world, tmp_path / "a", math_train=str(tmp_path / "nope.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        run(world, tmp_path / "b", math_train=str(tmp_path / "empty.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "1", "question": "q", "answer": "1"}\n{"id": "2", "question": "q"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'answer'"):
+        run(world, tmp_path / "c", math_train=str(bad))
+    bad.write_text('{"id": "1", "question": "q", "answer": "1"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        run(world, tmp_path / "d", math_train=str(bad))
+    with pytest.raises(ValueError, match="G=1"):
+        run(world, tmp_path / "e", G=1)
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
+    # A model whose vocabulary is smaller than its tokenizer's.
+    w = harness.make_world(str(tmp_path / "w"), vocab_extra=-3)
+    with pytest.raises(ValueError, match="tokenizer has 13 tokens but the model's vocabulary is 10"):
+        run(w, tmp_path / "out")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    run(world, out, total_steps=2, save_every=1)
+    ck = out / "checkpoint.pt"
+    before = ck.read_bytes()
+    real = srpo.fused_grpo_loss
+    monkeypatch.setattr(srpo, "fused_grpo_loss", lambda *a, **k: (lambda l, s: (l * float("nan"), s))(*real(*a, **k)))
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        run(world, out, total_steps=4, save_every=1)
+    assert ck.read_bytes() == before, "the last good checkpoint was overwritten after a NaN"
+    assert not (out / "checkpoint.pt.tmp").exists()
+
+
+def test_reward_worker_crash_scores_zero_and_training_goes_on(tmp_path):
+    # Real rewards (no harness reward): one math answer is the hook that kills its worker.
+    w = harness.make_world(str(tmp_path / "w"), math_answers=["1", rewards.CRASH_FOR_TESTS])
+    out = tmp_path / "out"
+    srpo.main(harness.world_args(w, str(out), total_steps=2, prompts_per_step=2, eval_prompts=1))
+    steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"step"' in line]
+    steps = [r for r in steps if r["type"] == "step"]
+    assert len(steps) == 2, "training must continue after a reward worker dies"
+    assert sum(r["reward_errors"] for r in steps) >= 4, "each crashed rollout must be counted"

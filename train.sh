@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# SRPO launches. Run from the repository root.
+#
+#   bash train.sh                        # the demo on the embedded SmolLM2-135M-Instruct (CPU or GPUs)
+#   bash train.sh qwen /path/to/Qwen2.5-7B   # a paper-like run on one 8-GPU node
+#   bash train.sh grpo                   # the demo with history resampling off: the GRPO baseline
+#
+# Anything after those arguments goes to srpo.py unchanged, e.g. `bash train.sh demo --seed 2`.
+# Every option is listed by `python srpo.py --help`.
+set -euo pipefail
+cd "$(dirname "$0")"
+what=${1:-demo}
+shift || true
+
+# How many GPUs torchrun should use: all visible ones; none means one CPU process.
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+
+if [ "$what" = "demo" ] || [ "$what" = "grpo" ]; then
+    hr=$([ "$what" = "grpo" ] && echo --no_hr || echo --hr)
+    if [ "$ngpu" -eq 0 ]; then
+        # One CPU process, a configuration small enough for 2 cores and about ten minutes: a few
+        # prompts a step, short answers, a larger learning rate than the paper's (which is tuned
+        # for 32B models and thousands of steps). Evaluation runs before and after.
+        python3 srpo.py $hr --out_dir runs/demo-$what-cpu \
+            --prompts_per_step 4 --G 4 --max_new_tokens 48 --total_steps 8 --stage1_steps 5 \
+            --lr 2e-5 --eval_prompts 12 --eval_k 1 --eval_every 0 --save_every 4 \
+            --max_prompts 64 --micro_tokens 4096 "$@"
+    else
+        # All visible GPUs, one process each. History resampling needs several epochs to act, so
+        # the prompt set is capped to make epochs short.
+        torchrun --standalone --nproc_per_node="$ngpu" srpo.py $hr --out_dir runs/demo-$what \
+            --prompts_per_step 32 --G 8 --max_new_tokens 256 --total_steps 120 --stage1_steps 60 \
+            --lr 5e-6 --eval_prompts 200 --eval_k 4 --eval_every 20 --save_every 20 \
+            --max_prompts 512 "$@"
+    fi
+elif [ "$what" = "qwen" ]; then
+    # A paper-like configuration (SRPO.md): G = 32 rollouts, constant lr 1e-6, AdamW (0.9, 0.95),
+    # no KL, token-level loss, history resampling, stage 1 math then stage 2 math + code.
+    # The paper used 256 prompts a step on a 32B model; 64 fits a 7B model on one 8-GPU node.
+    model=${1:?usage: bash train.sh qwen /path/to/Qwen2.5-checkpoint [options]}
+    shift
+    torchrun --standalone --nproc_per_node="$ngpu" srpo.py --model "$model" --out_dir runs/qwen \
+        --prompts_per_step 64 --G 32 --max_new_tokens 4096 --lr 1e-6 --kl_coef 0 \
+        --stage1_steps 500 --total_steps 1000 --eval_every 50 --save_every 50 \
+        --micro_tokens 16384 "$@"
+    # Several nodes: the same torchrun command on each, with --nnodes N --node_rank I
+    # --rdzv_backend c10d --rdzv_endpoint HOST:PORT in place of --standalone.
+else
+    echo "unknown launch '$what': use demo, grpo or qwen (see the top of train.sh)" >&2
+    exit 2
+fi
