@@ -64,6 +64,7 @@ class Config:
     adv_eps: float = field(default=1e-4, metadata={"help": "eps in (R - mean) / (std + eps)"})
     kl_coef: float = field(default=0.0, metadata={"help": "KL penalty to the initial policy (k3 estimator); 0 = off, as in SRPO"})
     format_coef: float = field(default=0.0, metadata={"help": "reward += format_coef * format reward (<think>/<answer> template); correctness alone decides HR"})
+    language_penalty: float = field(default=0.0, metadata={"help": "subtract this from the reward of mixed-language responses (the report's penalty); 0 = off"})
     one_shot: bool = field(default=True, metadata={"help": "show one worked example (rewards.EXAMPLES) as an earlier chat turn; small models need it to find the template"})
     # optimisation
     lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate (paper: constant 1e-6)"})
@@ -72,6 +73,7 @@ class Config:
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
     update_epochs: int = field(default=1, metadata={"help": "update passes over each step's rollouts; > 1 recomputes logp_old with the trainer"})
     micro_tokens: int = field(default=16384, metadata={"help": "token budget of one packed micro-batch (gradient accumulation over them)"})
+    grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing per transformer block: less memory, ~1/3 more compute"})
     reference_loss: bool = field(default=False, metadata={"help": "plain-torch loss instead of the Triton kernels, for debugging (CPU tensors use it anyway)"})
     # SRPO
     hr: bool = field(default=True, metadata={"help": "history resampling at each epoch end; --no_hr = plain GRPO"})
@@ -354,16 +356,22 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, device, ref_mo
             # with several passes the ratio must start from the trainer's own numbers.
             mb.logp_old = trainer_logp(model, mb, cfg)
 
+    # bf16 compute with fp32 master weights: FSDP2's mixed-precision policy does it when sharded;
+    # a single GPU process gets the same from autocast.
+    amp = torch.device(device).type == "cuda" and not dist.is_initialized()
     stats = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "approx_kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     for _ in range(cfg.update_epochs):
         opt.zero_grad(set_to_none=True)
         totals = torch.zeros(5, dtype=torch.float64, device=device)
         for mb in mbs:
             weight = mb.mask.sum() / max(n_tokens, 1.0) * world  # this micro-batch's share of the mean
-            loss, st = model(mb.ids, cu_seqlens=mb.cu, head=lambda h, W: fused_grpo_loss(
-                h[0], W.to(h.dtype), mb.targets, mb.logp_old, mb.adv, mb.mask, eps_low=cfg.eps_low,
-                eps_high=cfg.eps_high, temperature=cfg.temperature, kl_coef=cfg.kl_coef,
-                logp_ref=mb.logp_ref, reference=cfg.reference_loss))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                # Under autocast the final norm hands back fp32 h; the kernels' matmuls run in the
+                # dtype they are given, so give them bf16 (the tensor-core rate) explicitly.
+                loss, st = model(mb.ids, cu_seqlens=mb.cu, head=lambda h, W: fused_grpo_loss(
+                    h[0].to(torch.bfloat16) if amp else h[0], W.to(torch.bfloat16) if amp else W.to(h.dtype), mb.targets, mb.logp_old, mb.adv, mb.mask, eps_low=cfg.eps_low,
+                    eps_high=cfg.eps_high, temperature=cfg.temperature, kl_coef=cfg.kl_coef,
+                    logp_ref=mb.logp_ref, reference=cfg.reference_loss))
             (loss * weight).backward()
             ntok = mb.mask.sum()
             totals += torch.stack([loss.detach() * ntok, st.clip_frac * ntok, st.ratio_mean * ntok,
@@ -423,7 +431,7 @@ def score_responses(tok, problems: list[Problem], rolls: list, cfg: Config) -> l
     texts = [tok.decode(r.tokens, skip_special_tokens=True) for r in rolls]
     probs = [problems[r.prompt_idx] for r in rolls]
     return rewards.score_batch(texts, [p.domain for p in probs], [p.reference for p in probs],
-                               workers=cfg.reward_workers or os.cpu_count())
+                               workers=cfg.reward_workers or os.cpu_count(), language_penalty=cfg.language_penalty)
 
 
 def eos_ids(tok) -> list[int]:
@@ -524,6 +532,7 @@ def main(argv=None):
     path = resolve_model_path(cfg.model)
     tok = load_tokenizer(path)
     model = Transformer.from_pretrained(path, dtype=torch.float32, device=device)  # fp32 master weights
+    model.grad_ckpt = cfg.grad_ckpt
     if len(tok) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocabulary is "
                          f"{model.config.vocab_size}: they do not belong together")
@@ -622,9 +631,10 @@ def main(argv=None):
         probs = [mine[r.prompt_idx] for r in rolls]
         t2 = time.time()
         # --- 3. group-normalised advantages
+        # Correctness (acc) decides history resampling; the reward R_i adds the optional format
+        # bonus and language penalty (Score.reward is accuracy less that penalty).
         acc = torch.tensor([s.accuracy for s in scores]).view(-1, cfg.G)             # (P, G)
-        fmt = torch.tensor([s.format for s in scores]).view(-1, cfg.G)               # (P, G)
-        reward = acc + cfg.format_coef * fmt                                         # (P, G)
+        reward = torch.tensor([s.reward + cfg.format_coef * s.format for s in scores]).view(-1, cfg.G)
         adv, zero = group_advantages(reward, cfg.adv_eps)                            # (P, G), (P,)
         samples = [Sample(prompt_ids[probs[i].id] + r.tokens, len(prompt_ids[probs[i].id]), r.logprobs,
                           float(adv.view(-1)[i])) for i, r in enumerate(rolls)]
@@ -676,6 +686,8 @@ def main(argv=None):
     run_eval("after")
     save_checkpoint(ckpt, model, opt, sched, st, rank)
     export_policy(model, infer, tok, os.path.join(cfg.out_dir, "policy"), rank)
+    if rank == 0:
+        plot_run(metrics_path, os.path.join(cfg.out_dir, "run.png"))
     print0(f"done: {st.step} steps; metrics in {metrics_path}; policy in {os.path.join(cfg.out_dir, 'policy')}")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -698,6 +710,50 @@ def export_policy(model, infer, tok, out: str, rank: int):
         dist.barrier()
     else:
         model.save_pretrained(out, tokenizer=tok)
+
+
+def plot_run(metrics_path: str, png_path: str):
+    """Four panels from the metrics JSONL: reward and held-out pass@1, accuracy per domain, response
+    length, and what history resampling did at each epoch end. matplotlib is only needed here."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    recs = [json.loads(line) for line in open(metrics_path)]
+    steps = [r for r in recs if r["type"] == "step"]
+    x = [r["step"] for r in steps]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    ax[0, 0].plot(x, [r["reward"] for r in steps], label="train reward")
+    ax[0, 0].plot(x, [r["zero_adv"] for r in steps], label="zero-advantage groups", alpha=0.7)
+    for dom in ("math", "code"):
+        ev = [r for r in recs if r["type"] == "eval"]
+        ax[0, 0].plot([r["step"] for r in ev], [r[f"pass1_{dom}"] for r in ev], "o-", label=f"held-out pass@1 {dom}")
+        pts = [(r["step"], r[f"acc_{dom}"]) for r in steps if dom == "math" or r["n_code"]]
+        if pts:
+            ax[0, 1].plot(*zip(*pts), label=f"train accuracy {dom}")
+    ax[1, 0].plot(x, [r["resp_len"] for r in steps])
+    hr = [r for r in recs if r["type"] == "epoch" and "dropped" in r]
+    if hr:
+        ax[1, 1].bar([r["step"] for r in hr], [r["dropped"] for r in hr], label="dropped (all correct)")
+        ax[1, 1].bar([r["step"] for r in hr], [r["kept_all_wrong"] for r in hr], bottom=[r["dropped"] for r in hr],
+                     label="kept, all wrong")
+    for r in recs:
+        if r["type"] == "stage":
+            for a in ax.flat:
+                a.axvline(r["step"], color="gray", ls="--", lw=0.8)
+    titles = ["reward, zero-advantage fraction, held-out pass@1", "training accuracy per domain",
+              "mean response length (tokens)", "history resampling at epoch ends (prompts)"]
+    for a, t in zip(ax.flat, titles):
+        a.set_title(t, fontsize=10)
+        a.set_xlabel("step")
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
 
 
 def _truncate_metrics(path: str, step: int):

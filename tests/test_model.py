@@ -213,3 +213,15 @@ def test_default_model_answers_2_plus_3():
     text = tok.decode(ids[0])
     answer = text.split("assistant")[-1]
     assert "5" in answer, f"default model's greedy answer to 'What is 2+3?' has no 5: {answer!r}"
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    a = ours_from(tiny_hf("qwen2"))
+    b = ours_from(tiny_hf("qwen2"))
+    b.grad_ckpt = True
+    ids = torch.randint(0, 97, (1, 12))
+    cu = torch.tensor([0, 5, 12])
+    for m in (a, b):
+        m(ids, cu_seqlens=cu).logsumexp(-1).sum().backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6), f"checkpointing changed the gradient of {n}"

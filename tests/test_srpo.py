@@ -159,6 +159,7 @@ def test_run_stages_history_resampling_and_export(world, tmp_path):
     for r in steps:
         for k in ("reward", "acc_math", "zero_adv", "resp_len", "clip_frac", "entropy", "t_gen", "tok_s"):
             assert k in r and r[k] == r[k], f"metric {k} missing or NaN in {r}"
+    assert (out / "run.png").stat().st_size > 10_000, "the run's plot was not written"
     # The exported policy loads in transformers and equals the trained weights.
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(out / "policy", dtype=torch.float32)
