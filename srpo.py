@@ -50,6 +50,7 @@ class Config:
     math_test: str = field(default="data/math_test.jsonl", metadata={"help": "held-out math prompts for evaluation"})
     code_test: str = field(default="data/code_test.jsonl", metadata={"help": "held-out code prompts for evaluation"})
     max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts of each train file (0 = all)"})
+    max_level: int = field(default=0, metadata={"help": "use only rows whose 'level' is <= N, train and test (rows without one always); 0 = all"})
     out_dir: str = field(default="runs/srpo", metadata={"help": "metrics, checkpoints and the exported policy go here"})
     seed: int = field(default=1234, metadata={"help": "every random choice derives from (seed, step, rank)"})
     # GRPO
@@ -108,6 +109,8 @@ def parse_config(argv=None) -> Config:
         raise ValueError(f"G={cfg.G}: a group needs at least 2 rollouts to have a mean and a spread")
     if cfg.prompts_per_step < 1 or cfg.total_steps < 1:
         raise ValueError("prompts_per_step and total_steps must be >= 1")
+    if cfg.dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"--dtype {cfg.dtype!r}: choose auto, bf16 or fp32")
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -169,7 +172,7 @@ class Problem:
 REQUIRED = {"math": ("id", "question", "answer"), "code": ("id", "question", "tests")}
 
 
-def load_problems(path: str, domain: str, limit: int = 0) -> list[Problem]:
+def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0) -> list[Problem]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{domain} data file {path!r} does not exist (make it with: python data/make_data.py)")
     problems, seen = [], set()
@@ -191,12 +194,14 @@ def load_problems(path: str, domain: str, limit: int = 0) -> list[Problem]:
             if row["id"] in seen:
                 raise ValueError(f"{path}:{lineno}: field 'id' {row['id']!r} repeats an earlier row")
             seen.add(row["id"])
+            if max_level and row.get("level", 0) > max_level:
+                continue
             ref = row["answer"] if domain == "math" else row["tests"]
             problems.append(Problem(row["id"], domain, row["question"], ref))
             if limit and len(problems) == limit:
                 break
     if not problems:
-        raise ValueError(f"{domain} data file {path!r} is empty")
+        raise ValueError(f"{domain} data file {path!r} is empty" + (f" at levels <= {max_level}" if max_level else ""))
     return problems
 
 
@@ -343,10 +348,15 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, device, ref_mo
     """Update passes over one step's rollouts (this rank's share). The loss is the token-level mean
     over *every* response token of the global batch, so each micro-batch's mean is re-weighted by
     its token count over the global count (and by `world`, because FSDP averages over ranks)."""
-    local = pack_micro_batches(samples, cfg.micro_tokens)
-    n_tokens = all_sum([sum(len(s.tokens) - s.n_prompt for s in samples)], device)[0]  # global
+    # A zero advantage makes every term of a rollout's surrogate zero: it adds nothing to the
+    # gradient, so its forward and backward are skipped (unless a KL term gives it a gradient).
+    # Its tokens still count in n_tokens: the loss is a mean over *all* response tokens.
+    trained = [s for s in samples if s.adv != 0.0 or cfg.kl_coef > 0]
+    n_tokens, n_trained = all_sum([sum(len(s.tokens) - s.n_prompt for s in samples),
+                                   sum(len(s.tokens) - s.n_prompt for s in trained)], device)  # global
+    local = pack_micro_batches(trained, cfg.micro_tokens)
     n_micro = _all_max(len(local), device)
-    mbs = [make_micro_batch(samples, g, device) for g in local]
+    mbs = [make_micro_batch(trained, g, device) for g in local]
     mbs += [empty_micro_batch(device) for _ in range(n_micro - len(mbs))]
     for mb in mbs:
         if cfg.kl_coef > 0:
@@ -359,19 +369,25 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, device, ref_mo
     # bf16 compute with fp32 master weights: FSDP2's mixed-precision policy does it when sharded;
     # a single GPU process gets the same from autocast.
     amp = torch.device(device).type == "cuda" and not dist.is_initialized()
-    stats = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "approx_kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+
+    def head(mb):
+        def loss_fn(h, W):  # runs inside model.forward, where FSDP2 has the lm_head weight whole
+            # Under autocast the final norm hands back fp32 h; the kernels' matmuls run in the
+            # dtype they are given, so hand them bf16 (the tensor-core rate) explicitly.
+            dt = torch.bfloat16 if amp else h.dtype
+            return fused_grpo_loss(h[0].to(dt), W.to(dt), mb.targets, mb.logp_old, mb.adv, mb.mask,
+                                   eps_low=cfg.eps_low, eps_high=cfg.eps_high, temperature=cfg.temperature,
+                                   kl_coef=cfg.kl_coef, logp_ref=mb.logp_ref, reference=cfg.reference_loss)
+        return loss_fn
+
+    stats = {"loss": 0.0, "clip_frac": 0.0, "ratio_mean": 1.0, "approx_kl": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     for _ in range(cfg.update_epochs):
         opt.zero_grad(set_to_none=True)
         totals = torch.zeros(5, dtype=torch.float64, device=device)
         for mb in mbs:
             weight = mb.mask.sum() / max(n_tokens, 1.0) * world  # this micro-batch's share of the mean
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                # Under autocast the final norm hands back fp32 h; the kernels' matmuls run in the
-                # dtype they are given, so give them bf16 (the tensor-core rate) explicitly.
-                loss, st = model(mb.ids, cu_seqlens=mb.cu, head=lambda h, W: fused_grpo_loss(
-                    h[0].to(torch.bfloat16) if amp else h[0], W.to(torch.bfloat16) if amp else W.to(h.dtype), mb.targets, mb.logp_old, mb.adv, mb.mask, eps_low=cfg.eps_low,
-                    eps_high=cfg.eps_high, temperature=cfg.temperature, kl_coef=cfg.kl_coef,
-                    logp_ref=mb.logp_ref, reference=cfg.reference_loss))
+                loss, st = model(mb.ids, cu_seqlens=mb.cu, head=head(mb))
             (loss * weight).backward()
             ntok = mb.mask.sum()
             totals += torch.stack([loss.detach() * ntok, st.clip_frac * ntok, st.ratio_mean * ntok,
@@ -385,10 +401,12 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, device, ref_mo
             raise FloatingPointError(f"non-finite loss ({loss_val}) or gradient norm ({grad_norm}); "
                                      f"stopping without applying this update")
         opt.step()
-        for k, v in zip(("loss", "clip_frac", "ratio_mean", "approx_kl", "entropy"), totals):
-            stats[k] = v / max(n_tokens, 1.0)
+        stats["loss"] = loss_val
+        if n_trained:  # the diagnostics describe the tokens that were trained on
+            for k, v in zip(("clip_frac", "ratio_mean", "approx_kl", "entropy"), totals[1:]):
+                stats[k] = v / n_trained
         stats["grad_norm"] = grad_norm
-    stats["tokens"] = n_tokens
+    stats["tokens"], stats["tokens_trained"] = n_tokens, n_trained
     return stats
 
 
@@ -470,7 +488,12 @@ class TrainState:
     history: History = field(default_factory=History)
 
 
-def save_checkpoint(path: str, model, opt, sched, state: TrainState, rank: int):
+# Options that may change between a run and its resumption; any other change makes it another run.
+RESUMABLE = {"total_steps", "max_steps_this_run", "eval_every", "eval_prompts", "eval_k", "save_every",
+             "resume", "reward_workers", "gen_slots", "gen_mem", "out_dir"}
+
+
+def save_checkpoint(path: str, model, opt, sched, state: TrainState, rank: int, cfg: Config):
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
         model_sd, opt_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -480,7 +503,7 @@ def save_checkpoint(path: str, model, opt, sched, state: TrainState, rank: int):
         model_sd, opt_sd, rng = model.state_dict(), opt.state_dict(), [_rng_state()]
     if rank == 0:
         tmp = path + ".tmp"
-        torch.save({"model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(),
+        torch.save({"model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(), "config": dataclasses.asdict(cfg),
                     "state": dataclasses.asdict(state) | {"history": {"outcomes": state.history.outcomes,
                                                                       "dropped": sorted(state.history.dropped)}},
                     "rng": rng}, tmp)
@@ -491,8 +514,13 @@ def save_checkpoint(path: str, model, opt, sched, state: TrainState, rank: int):
         dist.barrier()
 
 
-def load_checkpoint(path: str, model, opt, sched, rank: int) -> TrainState:
+def load_checkpoint(path: str, model, opt, sched, rank: int, cfg: Config) -> TrainState:
     ck = torch.load(path, map_location="cpu", weights_only=False)
+    changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
+               if k not in RESUMABLE and getattr(cfg, k, None) != v}
+    if changed:
+        raise ValueError(f"{path} belongs to a run with other options ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}); "
+                         f"continue it with its options, or start afresh with --no_resume or another --out_dir")
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(model, opt, model_state_dict=ck["model"], optim_state_dict=ck["optimizer"],
@@ -536,9 +564,10 @@ def main(argv=None):
     if len(tok) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocabulary is "
                          f"{model.config.vocab_size}: they do not belong together")
-    stage_problems = {1: load_problems(cfg.math_train, "math", cfg.max_prompts)}
-    stage_problems[2] = stage_problems[1] + load_problems(cfg.code_train, "code", cfg.max_prompts)
-    tests = {d: load_problems(p, d, cfg.eval_prompts) for d, p in (("math", cfg.math_test), ("code", cfg.code_test))}
+    stage_problems = {1: load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)}
+    stage_problems[2] = stage_problems[1] + load_problems(cfg.code_train, "code", cfg.max_prompts, cfg.max_level)
+    tests = {d: load_problems(p, d, cfg.eval_prompts, cfg.max_level)
+             for d, p in (("math", cfg.math_test), ("code", cfg.code_test))}
     by_id = {p.id: p for p in stage_problems[2]}
     prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in stage_problems[2] + tests["math"] + tests["code"]}
 
@@ -563,7 +592,7 @@ def main(argv=None):
     ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if cfg.resume and os.path.exists(ckpt):
-        st = load_checkpoint(ckpt, model, opt, sched, rank)
+        st = load_checkpoint(ckpt, model, opt, sched, rank, cfg)
         print0(f"resumed from {ckpt} at step {st.step} (stage {st.stage}, epoch {st.epoch})")
         if rank == 0:  # forget metrics logged after that checkpoint: those steps run again
             _truncate_metrics(metrics_path, st.step)
@@ -677,14 +706,14 @@ def main(argv=None):
         if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < cfg.total_steps:
             run_eval("periodic")
         if stop_early or (cfg.save_every and st.step % cfg.save_every == 0 and st.step < cfg.total_steps):
-            save_checkpoint(ckpt, model, opt, sched, st, rank)
+            save_checkpoint(ckpt, model, opt, sched, st, rank, cfg)
         if stop_early:
             print0(f"stopping after {steps_this_run} steps of this run (checkpoint saved at step {st.step})")
             bar.close()
             return
     bar.close()
     run_eval("after")
-    save_checkpoint(ckpt, model, opt, sched, st, rank)
+    save_checkpoint(ckpt, model, opt, sched, st, rank, cfg)
     export_policy(model, infer, tok, os.path.join(cfg.out_dir, "policy"), rank)
     if rank == 0:
         plot_run(metrics_path, os.path.join(cfg.out_dir, "run.png"))

@@ -18,13 +18,16 @@ ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$what" = "demo" ] || [ "$what" = "grpo" ]; then
     hr=$([ "$what" = "grpo" ] && echo --no_hr || echo --hr)
     if [ "$ngpu" -eq 0 ]; then
-        # One CPU process, a configuration small enough for 2 cores and about ten minutes: a few
-        # prompts a step, short answers, a larger learning rate than the paper's (which is tuned
-        # for 32B models and thousands of steps). Evaluation runs before and after.
+        # One CPU process, a configuration small enough for 2 cores and about ten minutes: the
+        # easiest problems (levels 1-2, which the model solves about half the time: mixed groups),
+        # 12 prompts per domain so an epoch is 3 steps and history resampling acts several times,
+        # short answers, and a larger learning rate than the paper's (tuned for 32B models and
+        # thousands of steps). Evaluation runs before and after, on held-out problems.
         python3 srpo.py $hr --out_dir runs/demo-$what-cpu \
-            --prompts_per_step 4 --G 4 --max_new_tokens 48 --total_steps 8 --stage1_steps 5 \
-            --lr 2e-5 --eval_prompts 12 --eval_k 1 --eval_every 0 --save_every 4 \
-            --max_prompts 64 --micro_tokens 4096 "$@"
+            --max_level 2 --max_prompts 12 --prompts_per_step 4 --G 4 --max_new_tokens 48 \
+            --total_steps 15 --stage1_steps 9 --lr 2e-5 --temperature 0.7 \
+            --eval_prompts 24 --eval_k 2 --eval_every 0 --save_every 5 \
+            --micro_tokens 1024 --gen_slots 16 "$@"
     else
         # All visible GPUs, one process each. History resampling needs several epochs to act, so
         # the prompt set is capped to make epochs short.

@@ -96,8 +96,8 @@ if __name__ == "__main__":
         del argv[i:i + 2]
         real_save = srpo.save_checkpoint
 
-        def save_then_pause(path, model, opt, sched, state, rank):
-            real_save(path, model, opt, sched, state, rank)
+        def save_then_pause(path, model, opt, sched, state, rank, cfg):
+            real_save(path, model, opt, sched, state, rank, cfg)
             if state.step == pause_step:
                 print(f"PAUSED after checkpoint at step {pause_step}", flush=True)
                 time.sleep(600)

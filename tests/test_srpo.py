@@ -101,6 +101,7 @@ def test_update_equals_the_naive_objective_across_micro_batches(world):
     a = Transformer.from_pretrained(f"{world}/model")
     b = Transformer.from_pretrained(f"{world}/model")
     samples = global_batch(a.config.vocab_size)
+    samples[1].adv = samples[4].adv = 0.0  # a zero-advantage group: skipped, but in the mean's denominator
     assert len(srpo.pack_micro_batches(samples, cfg.micro_tokens)) > 2, "test needs several micro-batches"
     # SGD, not Adam: Adam turns float-noise-sized gradients into lr-sized steps, hiding the comparison.
     opt_a = torch.optim.SGD(a.parameters(), lr=cfg.lr)
@@ -239,6 +240,15 @@ def test_bad_data_and_config_stop_with_clear_errors(world, tmp_path):
         run(world, tmp_path / "e", G=1)
 
 
+def test_resuming_with_other_options_is_refused(world, tmp_path):
+    out = tmp_path / "r"
+    run(world, out, total_steps=2)
+    with pytest.raises(ValueError, match=r"other options \(prompts_per_step: 2 then, 3 now\).*--no_resume"):
+        run(world, out, total_steps=4, prompts_per_step=3)
+    recs = run(world, out, total_steps=3)  # more steps is the same run, continued
+    assert [r["step"] for r in recs if r["type"] == "step"] == [1, 2, 3]
+
+
 def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
     # A model whose vocabulary is smaller than its tokenizer's.
     w = harness.make_world(str(tmp_path / "w"), vocab_extra=-3)
@@ -249,13 +259,17 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     run(world, out, total_steps=2, save_every=1)
-    ck = out / "checkpoint.pt"
-    before = ck.read_bytes()
     real = srpo.fused_grpo_loss
     monkeypatch.setattr(srpo, "fused_grpo_loss", lambda *a, **k: (lambda l, s: (l * float("nan"), s))(*real(*a, **k)))
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        run(world, out, total_steps=4, save_every=1)
-    assert ck.read_bytes() == before, "the last good checkpoint was overwritten after a NaN"
+        run(world, out, total_steps=6, save_every=1)
+    ck = torch.load(out / "checkpoint.pt")
+    steps = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    done = max(r["step"] for r in steps if r["type"] == "step")
+    assert done < 6, "the run should have stopped at the NaN"
+    # (a step whose groups all have zero advantage trains nothing, so it may finish cleanly)
+    assert ck["state"]["step"] == done, "the checkpoint must be the last step that completed"
+    assert all(torch.isfinite(v).all() for v in ck["model"].values()), "NaN reached the saved weights"
     assert not (out / "checkpoint.pt.tmp").exists()
 
 
