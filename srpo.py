@@ -769,6 +769,8 @@ def plot_run(metrics_path: str, png_path: str):
         ax[1, 1].bar([r["step"] for r in hr], [r["dropped"] for r in hr], label="dropped (all correct)")
         ax[1, 1].bar([r["step"] for r in hr], [r["kept_all_wrong"] for r in hr], bottom=[r["dropped"] for r in hr],
                      label="kept, all wrong")
+        ax[1, 1].bar([r["step"] for r in hr], [r["kept_mixed"] for r in hr],
+                     bottom=[r["dropped"] + r["kept_all_wrong"] for r in hr], label="kept, mixed")
     for r in recs:
         if r["type"] == "stage":
             for a in ax.flat:
