@@ -93,8 +93,9 @@ _INSTRUCTIONS = {
 
 # One worked example per domain, which the trainer shows as an earlier chat turn (srpo.py
 # --one_shot). Small instruct models do not pick up the <think>/<answer> template from
-# instructions alone: SmolLM2-135M scored 0 of 96 samples on the easiest problems with the bare
-# instructions, and about half with this example in front (see README, "the demo"). The reward
+# instructions alone: SmolLM2-135M earned a reward on 2 of 96 samples (levels 1-3, temperature
+# 0.7) with the bare instructions, and on 25 of 48 level-1 samples with this example in front
+# (README, "The demo"). The reward
 # stays as strict as ever; only the prompt shows what a well-formed answer looks like.
 EXAMPLES = {
     "math": ("What is 4 + 4?",
