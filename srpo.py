@@ -86,6 +86,7 @@ class Config:
     eval_prompts: int = field(default=100, metadata={"help": "held-out prompts per domain to evaluate on"})
     eval_k: int = field(default=4, metadata={"help": "samples per eval prompt: pass@1 is their mean accuracy"})
     eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature during evaluation"})
+    wandb_project: str = field(default="", metadata={"help": "also log every record to this Weights & Biases project (needs `pip install wandb`); empty = off"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end"})
     resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there"})
     reward_workers: int = field(default=0, metadata={"help": "reward worker processes, 0 = number of CPU cores"})
@@ -601,10 +602,21 @@ def main(argv=None):
         if rank == 0 and os.path.exists(metrics_path):
             os.remove(metrics_path)
 
+    wandb = None
+    if cfg.wandb_project and rank == 0:
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("--wandb_project needs the wandb package: pip install wandb") from None
+        wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), name=os.path.basename(cfg.out_dir))
+
     def log(record: dict):
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if wandb:
+                wandb.log({f"{record['type']}/{k}": v for k, v in record.items() if k not in ("type", "step")},
+                          step=record["step"])
 
     def run_eval(tag):
         sampler = sampler_weights(model, infer)

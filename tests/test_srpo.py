@@ -249,6 +249,12 @@ def test_resuming_with_other_options_is_refused(world, tmp_path):
     assert [r["step"] for r in recs if r["type"] == "step"] == [1, 2, 3]
 
 
+def test_wandb_flag_without_wandb_says_how_to_install(world, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
+    with pytest.raises(ImportError, match="pip install wandb"):
+        run(world, tmp_path / "w", wandb_project="srpo-test")
+
+
 def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
     # A model whose vocabulary is smaller than its tokenizer's.
     w = harness.make_world(str(tmp_path / "w"), vocab_extra=-3)
