@@ -66,7 +66,6 @@ Run `python rollout.py` for the self-check: the fast path against a naive one th
 whole sequence with model.py's plain forward at every step.
 """
 import heapq
-import math
 import warnings
 from collections import deque
 from dataclasses import dataclass

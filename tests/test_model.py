@@ -1,6 +1,5 @@
 """model.py against transformers' own Llama and Qwen2 implementations (tiny random configs, fp32)."""
 import json
-import os
 import types
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           AutoModelForCausalLM)
 
-from model import Transformer, load_hf_config, resolve_model_path
+from model import Transformer, resolve_model_path
 
 RTOL = 1e-4
 
