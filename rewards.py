@@ -324,7 +324,8 @@ def _overlays(run_dir: str) -> list:
     in a folder other users cannot enter (here /root), that folder covered too, with only the
     interpreter's own tree bound back, so the sandbox user can import the standard library."""
     mounts = {}
-    for prefix in sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)}):
+    prefixes = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)})
+    for prefix in prefixes:
         hide = _hidden_ancestor(prefix)
         if hide:
             mounts.setdefault(hide, ["755", []])[1].append(prefix)
@@ -332,8 +333,11 @@ def _overlays(run_dir: str) -> list:
         if os.path.isdir(tmp) and not os.path.islink(tmp):
             entry = mounts.setdefault(tmp, ["1777", []])
             entry[0] = "1777"
-            if os.path.realpath(run_dir).startswith(tmp + os.sep):
-                entry[1].append(os.path.realpath(run_dir))
+            # Bound back: the program's own folder, and the interpreter when it lives here (a
+            # virtualenv made in /tmp), or the sandbox could not even import the standard library.
+            for keep in [os.path.realpath(run_dir)] + prefixes:
+                if keep.startswith(tmp + os.sep) and keep not in entry[1]:
+                    entry[1].append(keep)
     # Parents before children, so that a later tmpfs does not hide an earlier one.
     return [(hide, keep, mode) for hide, (mode, keep) in sorted(mounts.items())]
 
