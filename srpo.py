@@ -705,7 +705,8 @@ def main(argv=None):
         m = {"type": "step", "step": st.step, "stage": st.stage, "epoch": st.epoch,
              "reward": sums[0] / n, "acc_math": sums[5] / max(sums[6], 1), "acc_code": sums[7] / max(sums[8], 1),
              "n_code": sums[8], "zero_adv": sums[2] / max(sums[3], 1), "resp_len": sums[4] / n,
-             "reward_errors": sums[9], "gen_tokens": sums[4], "loss": up["loss"], "clip_frac": up["clip_frac"],
+             "reward_errors": sums[9], "gen_tokens": sums[4], "tokens": up["tokens"],
+             "tokens_trained": up["tokens_trained"], "loss": up["loss"], "clip_frac": up["clip_frac"],
              "ratio": up["ratio_mean"], "kl": up["approx_kl"], "entropy": up["entropy"], "grad_norm": up["grad_norm"],
              "lr": sched.get_last_lr()[0], "t_gen": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2,
              "tok_s": sums[4] / max(t3 - t0, 1e-9)}
