@@ -123,9 +123,9 @@ def test_two_fsdp_processes_equal_one(world, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     subprocess.run([sys.executable, script, f"{world}/model", str(one)], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                    script, f"{world}/model", str(two)], check=True, env=env, timeout=300,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                        script, f"{world}/model", str(two)], env=env, timeout=300, capture_output=True, text=True)
+    assert p.returncode == 0, f"the 2-process run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     r1, r2 = torch.load(one), torch.load(two)
     assert abs(r1["stats"]["loss"] - r2["stats"]["loss"]) < 1e-6, (r1["stats"], r2["stats"])
     assert abs(r1["stats"]["grad_norm"] - r2["stats"]["grad_norm"]) < 1e-5
