@@ -146,6 +146,24 @@ def shard_model(model, param_dtype):
     return model
 
 
+def close_dist():
+    """Wait for every rank (rank 0 may still be writing), then tear the process group down."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def exit_torchrun():
+    """Call last, under torchrun. After all work is done and saved, torch's gloo backend sometimes
+    aborts in its C++ destructors at interpreter exit ("terminate called without an active
+    exception", about 1 run in 30 on torch 2.13 CPU, after the last line of the script had run),
+    which torchrun reports as a failed run. Leave without running them."""
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def print0(*args, **kwargs):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
@@ -732,9 +750,7 @@ def main(argv=None):
     if rank == 0:
         plot_run(metrics_path, os.path.join(cfg.out_dir, "run.png"))
     print0(f"done: {st.step} steps; metrics in {metrics_path}; policy in {os.path.join(cfg.out_dir, 'policy')}")
-    if dist.is_initialized():
-        dist.barrier()  # no rank tears the process group down while another still uses it
-        dist.destroy_process_group()
+    close_dist()
 
 
 def status_line(m: dict) -> str:
@@ -816,10 +832,4 @@ def _truncate_metrics(path: str, step: int):
 
 if __name__ == "__main__":
     main()
-    if "RANK" in os.environ:
-        # Under torchrun, torch's gloo backend sometimes aborts in its C++ destructors at interpreter
-        # exit, after every rank has finished and saved (tests/dist_update_check.py has the details).
-        # Everything is written by now: leave without running them.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_torchrun()

@@ -47,19 +47,9 @@ def main():
     weights = {n: full(p).detach().clone() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save({"stats": stats, "grads": grads, "weights": weights}, out)
-    if world > 1:
-        # Everyone waits for rank 0's save: a rank tearing gloo down while another still uses
-        # it aborts ("terminate called without an active exception").
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    srpo.close_dist()
 
 
 if __name__ == "__main__":
     main()
-    if "RANK" in os.environ:
-        # After all work is done and saved, torch's gloo backend sometimes aborts in its C++
-        # destructors at interpreter exit ("terminate called without an active exception", about
-        # 1 run in 30 on torch 2.13 CPU, seen after the last line of main had run). Leave without them.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    srpo.exit_torchrun()
