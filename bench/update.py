@@ -216,12 +216,11 @@ def _short(dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-def attention_path(model, cuda: bool, sdpa_causal: bool) -> str:
+def attention_path(cuda: bool, sdpa_causal: bool) -> str:
     if sdpa_causal:
         return "SDPA causal (no doc mask)"
-    if not cuda:
-        return "SDPA + dense doc mask (CPU)"
-    return "flash-attn varlen" if model_mod.flash_attn_varlen_func is not None else "flex_attention + doc mask"
+    return {"flash": "flash-attn varlen", "flex": "flex_attention + doc mask",
+            "sdpa": "SDPA + dense doc mask"}[model_mod._packed_attention(cuda)]
 
 
 def use_sdpa_causal(model, on: bool):
@@ -311,7 +310,7 @@ def main():
             attn = model_mod._flex_attention = AttnProbe()
             name = {"kernels": "srpo kernels", "ckpt": "kernels + act. ckpt", "reference": "reference loss",
                     "sdpa": "srpo kernels"}[variant]
-            cells = f"| {budget} ({n_micro} mb) | {name} | {attention_path(model, cuda, variant == 'sdpa')} |"
+            cells = f"| {budget} ({n_micro} mb) | {name} | {attention_path(cuda, variant == 'sdpa')} |"
             # q/k/v dtypes are known only for flex_attention; SDPA casts its inputs under autocast.
             qkv = lambda: attn.seen or ("bf16 (SDPA autocast)" if cuda else "fp32")
             try:

@@ -1,5 +1,6 @@
 """model.py against transformers' own Llama and Qwen2 implementations (tiny random configs, fp32)."""
 import json
+import shutil
 import types
 
 import pytest
@@ -91,6 +92,30 @@ def test_packed_documents_do_not_see_each_other():
         out1 = ours(torch.cat([a, b])[None], cu_seqlens=cu)[0, :6]
         out2 = ours(torch.cat([a, b2])[None], cu_seqlens=cu)[0, :6]
     assert torch.equal(out1, out2), "changing document 2 changed document 1's logits: attention leaks"
+
+
+needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                                    reason="torch.compile on a CPU needs a C++ compiler")
+
+
+@needs_compiler
+def test_flex_attention_document_mask_matches_dense(monkeypatch):
+    """The GPU's packed path (flex_attention with a block-sparse document mask) against the dense
+    mask, forward only: on a CPU flex_attention has no backward. Lengths straddle its 128 blocks."""
+    ours = ours_from(tiny_hf("qwen2", seed=4))
+    cu = torch.tensor([0, 1, 130, 131, 200])
+    idx = torch.randint(0, 97, (1, 200))
+    with torch.no_grad():
+        dense = ours(idx, cu_seqlens=cu)
+        monkeypatch.setattr("model.PACKED_ATTENTION", "flex")
+        flex = ours(idx, cu_seqlens=cu)
+    assert_close(flex, dense, "flex_attention vs dense mask")
+    monkeypatch.setattr("model.PACKED_ATTENTION", "flash")
+    with pytest.raises(RuntimeError, match="needs flash-attn"):
+        ours(idx, cu_seqlens=cu)
+    monkeypatch.setattr("model.PACKED_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="'fast': use auto, flash, flex or sdpa"):
+        ours(idx, cu_seqlens=cu)
 
 
 def test_hidden_states_and_head_give_the_logits():

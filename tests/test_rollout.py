@@ -1,6 +1,8 @@
 """rollout.py: greedy parity with transformers' generate(), the sampling distribution, continuous
 batching, stopping, and cache sizing. Tiny random models in fp32 on the CPU."""
 import math
+import shutil
+import warnings
 from collections import Counter
 
 import pytest
@@ -275,6 +277,23 @@ def test_inference_copy_gives_the_same_rollouts():
 
 def test_self_check_fast_vs_naive():
     rollout.self_check(verbose=False)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_step_matches_eager():
+    """The GPU's compiled decode step (torch.compile, dynamic shapes), here compiled for the CPU:
+    it must trace without falling back and give the eager step's tokens, sampled and greedy."""
+    _, ours = tiny_pair("qwen2", seed=7, sharpen=4.0)
+    for kw in (dict(temperature=1.0, top_p=0.9), dict(temperature=0.0)):
+        kw.update(n=3, max_new_tokens=30, eos_ids=(3, 50), seed=5)
+        compiled = KVCache.for_model(ours, max_len=50, max_slots=8, compile=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="compiled decode step failed")
+            fast = generate(ours, PROMPTS, cache=compiled, **kw)
+        slow = generate(ours, PROMPTS, cache=KVCache.for_model(ours, max_len=50, max_slots=8), **kw)
+        for r, (a, b) in enumerate(zip(fast, slow)):
+            assert (a.tokens, a.finish) == (b.tokens, b.finish), f"{kw} request {r}: compiled {a.tokens} != eager {b.tokens}"
 
 
 @pytest.mark.gpu

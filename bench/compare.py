@@ -1,0 +1,197 @@
+"""Runs against runs, from their metrics.jsonl: SRPO (history resampling on) against GRPO (off).
+
+    python bench/compare.py SRPO=runs/srpo-s1,runs/srpo-s2 GRPO=runs/grpo-s1,runs/grpo-s2 \
+        --png bench/img/compare.png
+
+Each argument is LABEL=DIR[,DIR...]: one label per method, one directory per seed. The first label
+is the reference of the ratios. Printed, as a markdown table per label:
+  - held-out pass@1 before and after (the mean over seeds, and the spread: min..max);
+  - the steps and the generated tokens each run needed to first reach a target accuracy on an
+    evaluation (--target; by default the best accuracy that every run reached, so that it is
+    defined for all of them), and the ratio of tokens needed to the first label's;
+  - the mean fraction of zero-advantage groups, the mean response length, the tokens generated
+    in all, and the prompts history resampling dropped.
+The plot has accuracy against steps and against generated tokens (what a step costs differs when
+HR shrinks an epoch), the zero-advantage fraction and the response length: one colour per label,
+one line style per seed.
+
+Evaluations are what the comparison rests on, so runs need several (srpo.py --eval_every N). The
+accuracy is `--metric`: pass1_math, pass1_code, or pass1_mean (their mean, the default).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class Run:
+    path: str
+    evals: list[tuple[int, int, float]]   # (step, generated tokens by then, accuracy)
+    steps: list[dict]                     # the step records, in order
+    dropped: int                          # prompts history resampling dropped, in all
+
+    @property
+    def tokens(self) -> int:
+        return sum(r["gen_tokens"] for r in self.steps)
+
+
+def accuracy(record: dict, metric: str) -> float:
+    if metric == "pass1_mean":
+        vals = [v for k, v in record.items() if k.startswith("pass1_")]
+        if not vals:
+            raise ValueError(f"evaluation record at step {record['step']} has no pass1_* field")
+        return sum(vals) / len(vals)
+    if metric not in record:
+        raise ValueError(f"evaluation record at step {record['step']} has no field {metric!r} "
+                         f"(it has {sorted(k for k in record if k.startswith('pass1_'))})")
+    return record[metric]
+
+
+def load_run(path: str, metric: str = "pass1_mean") -> Run:
+    """One run's metrics. A resumed run's file holds each step once (srpo.py truncates on resume)."""
+    f = os.path.join(path, "metrics.jsonl")
+    if not os.path.exists(f):
+        raise FileNotFoundError(f"{f} does not exist: is {path} the out_dir of an srpo.py run?")
+    records = []
+    with open(f) as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}:{n}: not JSON ({e})") from None
+    steps = [r for r in records if r["type"] == "step"]
+    tokens_at, total = {0: 0}, 0
+    for r in steps:
+        total += r["gen_tokens"]
+        tokens_at[r["step"]] = total
+    evals = [(r["step"], tokens_at[r["step"]], accuracy(r, metric)) for r in records if r["type"] == "eval"]
+    if len(evals) < 2:
+        raise ValueError(f"{f} has {len(evals)} evaluation(s): a comparison needs the one before training "
+                         f"and at least one after (run srpo.py with --eval_every N)")
+    dropped = sum(r.get("dropped", 0) for r in records if r["type"] == "epoch")
+    return Run(path, evals, steps, dropped)
+
+
+def first_reach(run: Run, target: float) -> tuple[int, int] | None:
+    """(step, generated tokens) of the first evaluation at or above target; None if none is."""
+    for step, tokens, acc in run.evals:
+        if acc >= target - 1e-12:
+            return step, tokens
+    return None
+
+
+def default_target(runs: list[Run]) -> float:
+    """The best accuracy every run reached at some evaluation after the first."""
+    return min(max(acc for _, _, acc in r.evals[1:]) for r in runs)
+
+
+def _spread(xs: list[float], fmt: str) -> str:
+    if len(xs) == 1:
+        return format(xs[0], fmt)
+    return f"{format(statistics.mean(xs), fmt)} ({format(min(xs), fmt)}..{format(max(xs), fmt)})"
+
+
+def summarize(groups: dict[str, list[Run]], target: float) -> list[dict]:
+    """One row per label; the cells are strings, ready for the table."""
+    rows, ref_tokens = [], None
+    for label, runs in groups.items():
+        reach = [first_reach(r, target) for r in runs]
+        reached = [x for x in reach if x is not None]
+        mean_tokens = statistics.mean(t for _, t in reached) if len(reached) == len(runs) else None
+        if ref_tokens is None:
+            ref_tokens = mean_tokens
+        ratio = "n/a" if mean_tokens is None or not ref_tokens else f"{mean_tokens / ref_tokens:.2f}"
+        rows.append({
+            "label": label,
+            "seeds": str(len(runs)),
+            "pass@1 before": _spread([r.evals[0][2] for r in runs], ".3f"),
+            "pass@1 after": _spread([r.evals[-1][2] for r in runs], ".3f"),
+            "best pass@1": _spread([max(a for _, _, a in r.evals) for r in runs], ".3f"),
+            f"steps to {target:.3f}": ", ".join(str(x[0]) if x else "not reached" for x in reach),
+            f"tokens to {target:.3f}": ", ".join(f"{x[1]:,}" if x else "not reached" for x in reach),
+            "tokens vs first": ratio,
+            "zero-adv groups": _spread([statistics.mean(s["zero_adv"] for s in r.steps) for r in runs], ".2f"),
+            "response length": _spread([statistics.mean(s["resp_len"] for s in r.steps) for r in runs], ".1f"),
+            "tokens generated": _spread([r.tokens for r in runs], ",.0f"),
+            "prompts dropped by HR": ", ".join(str(r.dropped) for r in runs),
+        })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """Transposed (one column per label): the cells are long and the labels are few."""
+    keys = list(rows[0])
+    lines = ["| | " + " | ".join(r["label"] for r in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    lines += [f"| {k} | " + " | ".join(r[k] for r in rows) + " |" for k in keys[1:]]
+    return "\n".join(lines)
+
+
+def plot(groups: dict[str, list[Run]], target: float, metric: str, png: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for c, (label, runs) in enumerate(groups.items()):
+        for s, r in enumerate(runs):
+            kw = dict(color=colors[c % len(colors)], ls=styles[s % len(styles)],
+                      label=f"{label} {os.path.basename(os.path.normpath(r.path))}")
+            ax[0, 0].plot([e[0] for e in r.evals], [e[2] for e in r.evals], marker="o", **kw)
+            ax[0, 1].plot([e[1] for e in r.evals], [e[2] for e in r.evals], marker="o", **kw)
+            x = [st["step"] for st in r.steps]
+            ax[1, 0].plot(x, [st["zero_adv"] for st in r.steps], **kw)
+            ax[1, 1].plot(x, [st["resp_len"] for st in r.steps], **kw)
+    for a in ax[0]:
+        a.axhline(target, color="gray", lw=0.8, ls="--")
+    titles = [(f"held-out {metric} (dashed: target)", "step"), (f"held-out {metric}", "generated tokens"),
+              ("zero-advantage groups (fraction)", "step"), ("mean response length (tokens)", "step")]
+    for a, (t, xl) in zip(ax.flat, titles):
+        a.set_title(t, fontsize=10)
+        a.set_xlabel(xl)
+    ax[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def parse_groups(specs: list[str], metric: str) -> dict[str, list[Run]]:
+    groups = {}
+    for spec in specs:
+        label, sep, dirs = spec.partition("=")
+        if not sep or not label or not dirs:
+            raise ValueError(f"{spec!r}: expected LABEL=DIR[,DIR...], e.g. SRPO=runs/srpo-s1,runs/srpo-s2")
+        if label in groups:
+            raise ValueError(f"label {label!r} is given twice")
+        groups[label] = [load_run(d, metric) for d in dirs.split(",") if d]
+    return groups
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("groups", nargs="+", help="LABEL=DIR[,DIR...]: the runs (one per seed) of one method")
+    ap.add_argument("--metric", default="pass1_mean", help="pass1_math, pass1_code or pass1_mean")
+    ap.add_argument("--target", type=float, default=None, help="accuracy to reach (default: the best all runs reach)")
+    ap.add_argument("--png", default=None, help="write the plot here")
+    args = ap.parse_args(argv)
+    groups = parse_groups(args.groups, args.metric)
+    runs = [r for rs in groups.values() for r in rs]
+    target = default_target(runs) if args.target is None else args.target
+    how = "given" if args.target is not None else "the best accuracy every run reached"
+    text = (f"{args.metric}, target {target:.3f} ({how}); a cell 'mean (min..max)' is over seeds, "
+            f"a list has one entry per seed\n\n" + markdown(summarize(groups, target)))
+    print(text)
+    if args.png:
+        plot(groups, target, args.metric, args.png)
+        print(f"\nplot: {args.png}")
+    return text
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"compare.py: {e}")

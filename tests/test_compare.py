@@ -1,0 +1,74 @@
+"""bench/compare.py: steps and tokens to a target accuracy, spread over seeds, bad input."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import compare  # noqa: E402
+
+
+def write_run(path, tokens_per_step, evals, zero_adv=0.5, dropped=()):
+    """A metrics.jsonl as srpo.py writes it: evals is {step: (pass1_math, pass1_code)}."""
+    os.makedirs(path)
+    last = max(evals)
+    recs = [{"type": "eval", "step": 0, "tag": "before", "pass1_math": evals[0][0], "pass1_code": evals[0][1]}]
+    for s in range(1, last + 1):
+        recs.append({"type": "step", "step": s, "gen_tokens": tokens_per_step, "zero_adv": zero_adv,
+                     "resp_len": tokens_per_step / 8})
+        if s in dropped:
+            recs.append({"type": "epoch", "step": s, "prompts": 5, "dropped": dropped[s]})
+        if s in evals:
+            recs.append({"type": "eval", "step": s, "tag": "periodic", "pass1_math": evals[s][0],
+                         "pass1_code": evals[s][1]})
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    return str(path)
+
+
+def test_steps_and_tokens_to_target_and_their_ratio(tmp_path, capsys):
+    # pass1_mean per eval: a1 0.2 -> 0.5 (step 2) -> 0.6; a2 0.2 -> 0.4 -> 0.7; b 0.2 -> 0.3 -> 0.5.
+    a1 = write_run(tmp_path / "a1", 100, {0: (0.3, 0.1), 2: (0.6, 0.4), 4: (0.7, 0.5)}, dropped={2: 3})
+    a2 = write_run(tmp_path / "a2", 100, {0: (0.3, 0.1), 2: (0.5, 0.3), 4: (0.8, 0.6)}, dropped={2: 1, 4: 2})
+    b = write_run(tmp_path / "b", 150, {0: (0.3, 0.1), 2: (0.4, 0.2), 4: (0.6, 0.4)}, zero_adv=0.75)
+    text = compare.main([f"SRPO={a1},{a2}", f"GRPO={b}", "--png", str(tmp_path / "c.png")])
+    assert "target 0.500" in text, "default target: the best accuracy that every run reached (b's 0.5)"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+            if line.startswith("| ")}
+    assert rows["steps to 0.500"] == ["2, 4", "4"]
+    assert rows["tokens to 0.500"] == ["200, 400", "600"]
+    assert rows["tokens vs first"] == ["1.00", "2.00"], "GRPO needs 600 tokens to SRPO's mean 300"
+    assert rows["pass@1 after"] == ["0.650 (0.600..0.700)", "0.500"]
+    assert rows["zero-adv groups"] == ["0.50 (0.50..0.50)", "0.75"]
+    assert rows["prompts dropped by HR"] == ["3, 3", "0"]
+    assert rows["tokens generated"] == ["400 (400..400)", "600"]
+    assert (tmp_path / "c.png").stat().st_size > 10_000, "the plot was not written"
+
+
+def test_a_target_nobody_reaches_and_one_metric(tmp_path):
+    a = write_run(tmp_path / "a", 10, {0: (0.1, 0.0), 3: (0.4, 0.0)})
+    b = write_run(tmp_path / "b", 10, {0: (0.1, 0.0), 3: (0.2, 0.9)})
+    text = compare.main([f"A={a}", f"B={b}", "--metric", "pass1_math", "--target", "0.3"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+            if line.startswith("| ")}
+    assert rows["steps to 0.300"] == ["3", "not reached"]
+    assert rows["tokens vs first"] == ["1.00", "n/a"]
+
+
+def test_bad_input_is_named(tmp_path):
+    one_eval = tmp_path / "one"
+    os.makedirs(one_eval)
+    (one_eval / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": 0, "pass1_math": 0.1}) + "\n")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        compare.main([f"A={tmp_path / 'nowhere'}"])
+    with pytest.raises(ValueError, match="1 evaluation.*--eval_every"):
+        compare.main([f"A={one_eval}"])
+    with pytest.raises(ValueError, match="LABEL=DIR"):
+        compare.main([str(one_eval)])
+    ok = write_run(tmp_path / "ok", 10, {0: (0.1, 0.0), 3: (0.4, 0.0)})
+    with pytest.raises(ValueError, match="no field 'pass1_chess'"):
+        compare.main([f"A={ok}", "--metric", "pass1_chess"])
+    (tmp_path / "ok" / "metrics.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="metrics.jsonl:1: not JSON"):
+        compare.main([f"A={ok}"])
