@@ -68,14 +68,14 @@ def naive_step(torch):
     return step
 
 
-def liger_step(torch):
+def liger_step(torch, compiled=True):
     """None with a reason when liger-kernel is missing; imported only here."""
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     except Exception as e:  # ImportError, or a liger/triton version mismatch at import time
         return None, f"not installed ({type(e).__name__})"
     try:
-        fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo",
+        fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo", compiled=compiled,
                                       epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, temperature=1.0)
     except TypeError:  # older liger: fewer knobs (its default clip is 0.2 / 0.2 as well)
         fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False)
@@ -91,7 +91,7 @@ def liger_step(torch):
 
 
 def measure(torch, step, x, warmup, iters, cuda):
-    """Median fwd+bwd ms and peak extra GiB (None on CPU)."""
+    """Median fwd+bwd ms, peak extra GiB (None on CPU) and the loss: every method must agree on it."""
     h = x["h"].detach().requires_grad_()
     W = x["W"].detach().requires_grad_()
     for _ in range(warmup):
@@ -107,17 +107,17 @@ def measure(torch, step, x, warmup, iters, cuda):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            step(x, h, W)
+            loss = step(x, h, W)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            step(x, h, W)
+            loss = step(x, h, W)
             times.append(1e3 * (time.perf_counter() - t0))
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if cuda else None
     h.grad = W.grad = None
-    return statistics.median(times), peak
+    return statistics.median(times), peak, float(loss.detach())
 
 
 def matmul_ms(torch, x, iters, cuda):
@@ -229,36 +229,33 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
 
     methods = [("srpo kernels", srpo_step(torch, kernels), ""), ("naive torch", naive_step(torch), "")]
-    if cuda:
-        step, why = liger_step(torch)
-        methods.append(("liger FusedLinearGRPOLoss", step, why))
-    else:
-        methods.append(("liger FusedLinearGRPOLoss", None, "needs CUDA"))
+    step, why = liger_step(torch, compiled=cuda)   # on a CPU uncompiled: the smoke checks the call
+    methods.append(("liger FusedLinearGRPOLoss", step, why))
     key = {"srpo kernels": "srpo", "naive torch": "naive", "liger FusedLinearGRPOLoss": "liger"}
 
     dev_name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
     print(f"# GRPO loss from hidden states: forward + backward, N = {N} tokens\n")
     print(f"{datetime.date.today()} | {dev_name} | torch {torch.__version__} | triton {triton.__version__}\n")
-    print("| H | V | method | fwd+bwd ms | x floor | peak extra GiB |")
-    print("|---|---|---|---|---|---|")
+    print("| H | V | method | fwd+bwd ms | x floor | peak extra GiB | loss |")
+    print("|---|---|---|---|---|---|---|")
     for H, V in shapes:
         x = make_inputs(torch, kernels, N, H, V, T, dtype, device)
         mm = matmul_ms(torch, x, 5 if cuda else 1, cuda)
         floor = 3 * mm
         tflops = 2 * N * H * V / (mm * 1e-3) / 1e12
-        print(f"| {H} | {V} | matmul floor (3 x N*H*V at {tflops:.0f} TFLOP/s) | {floor:.1f} | 1.00 | - |")
+        print(f"| {H} | {V} | matmul floor (3 x N*H*V at {tflops:.0f} TFLOP/s) | {floor:.1f} | 1.00 | - | - |")
         for name, step, why in methods:
             if key[name] in skip:
                 why = why or "skipped"
             if step is None or key[name] in skip:
-                print(f"| {H} | {V} | {name} | {why} | - | - |")
+                print(f"| {H} | {V} | {name} | {why} | - | - | - |")
                 continue
             try:
-                ms, peak = measure(torch, step, x, warmup, iters, cuda)
+                ms, peak, loss = measure(torch, step, x, warmup, iters, cuda)
                 mem = f"{peak:.2f}" if peak is not None else "n/a"
-                print(f"| {H} | {V} | {name} | {ms:.1f} | {ms / floor:.2f} | {mem} |")
+                print(f"| {H} | {V} | {name} | {ms:.1f} | {ms / floor:.2f} | {mem} | {loss:.6f} |")
             except torch.cuda.OutOfMemoryError:
-                print(f"| {H} | {V} | {name} | OOM | - | - |")
+                print(f"| {H} | {V} | {name} | OOM | - | - | - |")
             if cuda:
                 torch.cuda.empty_cache()
         del x

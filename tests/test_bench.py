@@ -1,0 +1,45 @@
+"""The GPU benchmarks' CPU smoke modes: every code path a GPU run takes, on tiny shapes, so that
+the benchmarks still run (and still compare like with like) when a GPU session gets to them."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke(name: str) -> str:
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), "--cpu-smoke"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, f"bench/{name} --cpu-smoke failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def test_loss_benchmark_methods_compute_the_same_loss():
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in smoke("loss.py").splitlines()
+            if re.match(r"\| \d+ \| \d+ \|", line)]
+    by_shape = {}
+    for H, V, method, ms, *_, loss in rows:
+        if "floor" not in method and re.fullmatch(r"-?\d+\.\d+", loss):
+            by_shape.setdefault((H, V), {})[method] = float(loss)
+    assert len(by_shape) == 2, f"expected two shapes with timed methods: {rows}"
+    for shape, losses in by_shape.items():
+        assert {"srpo kernels", "naive torch"} <= set(losses), f"{shape}: a method did not run: {losses}"
+        assert max(losses.values()) - min(losses.values()) < 1e-5, f"{shape}: the methods disagree: {losses}"
+
+
+def test_update_benchmark_runs_every_variant():
+    out = smoke("update.py")
+    rows = [line for line in out.splitlines() if re.match(r"\| \d+ \(\d+ mb\) \|", line)]
+    assert len(rows) == 8, f"expected 2 budgets x 4 variants:\n{out}"
+    assert not any("FAILED" in r or "OOM" in r for r in rows), "\n".join(rows)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_sampler_benchmark_compiled_equals_eager():
+    out = smoke("sampler.py")
+    assert out.count("compiled step == eager step") == 2, out
