@@ -5,7 +5,8 @@
 
 Each argument is LABEL=DIR[,DIR...]: one label per method, one directory per seed. The first label
 is the reference of the ratios. Printed, as a markdown table per label:
-  - held-out pass@1 before and after (the mean over seeds, and the spread: min..max);
+  - held-out pass@1 before and after, and each domain's after (the mean over seeds, and the
+    spread: min..max);
   - the steps and the generated tokens each run needed to first reach a target accuracy on an
     evaluation (--target; by default the best accuracy that every run reached, so that it is
     defined for all of them), and the ratio of tokens needed to the first label's;
@@ -32,6 +33,7 @@ class Run:
     evals: list[tuple[int, int, float]]   # (step, generated tokens by then, accuracy)
     steps: list[dict]                     # the step records, in order
     dropped: int                          # prompts history resampling dropped, in all
+    final: dict                           # the last evaluation's pass1_* fields
 
     @property
     def tokens(self) -> int:
@@ -72,7 +74,8 @@ def load_run(path: str, metric: str = "pass1_mean") -> Run:
         raise ValueError(f"{f} has {len(evals)} evaluation(s): a comparison needs the one before training "
                          f"and at least one after (run srpo.py with --eval_every N)")
     dropped = sum(r.get("dropped", 0) for r in records if r["type"] == "epoch")
-    return Run(path, evals, steps, dropped)
+    final = {k: v for k, v in [r for r in records if r["type"] == "eval"][-1].items() if k.startswith("pass1_")}
+    return Run(path, evals, steps, dropped, final)
 
 
 def first_reach(run: Run, target: float) -> tuple[int, int] | None:
@@ -97,6 +100,7 @@ def _spread(xs: list[float], fmt: str) -> str:
 def summarize(groups: dict[str, list[Run]], target: float) -> list[dict]:
     """One row per label; the cells are strings, ready for the table."""
     rows, ref_tokens = [], None
+    fields = sorted({k for runs in groups.values() for r in runs for k in r.final})   # pass1_code, pass1_math
     for label, runs in groups.items():
         reach = [first_reach(r, target) for r in runs]
         reached = [x for x in reach if x is not None]
@@ -110,6 +114,8 @@ def summarize(groups: dict[str, list[Run]], target: float) -> list[dict]:
             "pass@1 before": _spread([r.evals[0][2] for r in runs], ".3f"),
             "pass@1 after": _spread([r.evals[-1][2] for r in runs], ".3f"),
             "best pass@1": _spread([max(a for _, _, a in r.evals) for r in runs], ".3f"),
+            **{f"{k} after": _spread([r.final.get(k, float("nan")) for r in runs], ".3f")
+               for k in fields},
             f"steps to {target:.3f}": ", ".join(str(x[0]) if x else "not reached" for x in reach),
             f"tokens to {target:.3f}": ", ".join(f"{x[1]:,}" if x else "not reached" for x in reach),
             "tokens vs first": ratio,

@@ -40,6 +40,7 @@ def test_steps_and_tokens_to_target_and_their_ratio(tmp_path, capsys):
     assert rows["tokens to 0.500"] == ["200, 400", "600"]
     assert rows["tokens vs first"] == ["1.00", "2.00"], "GRPO needs 600 tokens to SRPO's mean 300"
     assert rows["pass@1 after"] == ["0.650 (0.600..0.700)", "0.500"]
+    assert rows["pass1_math after"] == ["0.750 (0.700..0.800)", "0.600"]
     assert rows["zero-adv groups"] == ["0.50 (0.50..0.50)", "0.75"]
     assert rows["prompts dropped by HR"] == ["3, 3", "0"]
     assert rows["tokens generated"] == ["400 (400..400)", "600"]
