@@ -17,6 +17,16 @@ sys.path.insert(0, ROOT)
 import rewards  # noqa: E402
 import srpo  # noqa: E402
 
+def bench_module(name: str):
+    """A script of bench/ as a module. Not through sys.path: bench/rewards.py would shadow rewards.py."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 VOCAB = ["<unk>", "<eos>"] + list("0123456789 ")  # everything else in a prompt reads as <unk>
 
 

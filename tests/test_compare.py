@@ -1,12 +1,12 @@
 """bench/compare.py: steps and tokens to a target accuracy, spread over seeds, bad input."""
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import compare  # noqa: E402
+import harness
+
+compare = harness.bench_module("compare")
 
 
 def write_run(path, tokens_per_step, evals, zero_adv=0.5, dropped=()):
