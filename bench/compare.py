@@ -10,8 +10,9 @@ is the reference of the ratios. Printed, as a markdown table per label:
   - the steps and the generated tokens each run needed to first reach a target accuracy on an
     evaluation (--target; by default the best accuracy that every run reached, so that it is
     defined for all of them), and the ratio of tokens needed to the first label's;
-  - the mean fraction of zero-advantage groups, the mean response length, the tokens generated
-    in all, and the prompts history resampling dropped.
+  - the fraction of all groups that had zero advantage (weighted by rollouts: with HR a step may
+    hold fewer prompts), the share of generated tokens that carried a gradient, the mean
+    response length, the tokens generated in all, and the prompts history resampling dropped.
 The plot has accuracy against steps and against generated tokens (what a step costs differs when
 HR shrinks an epoch), the zero-advantage fraction and the response length: one colour per label,
 one line style per seed.
@@ -38,6 +39,16 @@ class Run:
     @property
     def tokens(self) -> int:
         return sum(r["gen_tokens"] for r in self.steps)
+
+    def zero_adv(self) -> float:
+        # Rollouts per step = generated tokens / mean length; G is fixed within a run.
+        n = [s["gen_tokens"] / s["resp_len"] if s["resp_len"] else 0.0 for s in self.steps]
+        return sum(s["zero_adv"] * k for s, k in zip(self.steps, n)) / max(sum(n), 1e-9)
+
+    def trained_share(self) -> float:
+        if any("tokens_trained" not in s for s in self.steps):
+            return float("nan")  # logs from before srpo.py recorded it
+        return sum(s["tokens_trained"] for s in self.steps) / max(self.tokens, 1)
 
 
 def accuracy(record: dict, metric: str) -> float:
@@ -119,7 +130,8 @@ def summarize(groups: dict[str, list[Run]], target: float) -> list[dict]:
             f"steps to {target:.3f}": ", ".join(str(x[0]) if x else "not reached" for x in reach),
             f"tokens to {target:.3f}": ", ".join(f"{x[1]:,}" if x else "not reached" for x in reach),
             "tokens vs first": ratio,
-            "zero-adv groups": _spread([statistics.mean(s["zero_adv"] for s in r.steps) for r in runs], ".2f"),
+            "zero-adv groups": _spread([r.zero_adv() for r in runs], ".2f"),
+            "tokens with a gradient": _spread([r.trained_share() for r in runs], ".2f"),
             "response length": _spread([statistics.mean(s["resp_len"] for s in r.steps) for r in runs], ".1f"),
             "tokens generated": _spread([r.tokens for r in runs], ",.0f"),
             "prompts dropped by HR": ", ".join(str(r.dropped) for r in runs),

@@ -9,14 +9,18 @@ import harness
 compare = harness.bench_module("compare")
 
 
-def write_run(path, tokens_per_step, evals, zero_adv=0.5, dropped=()):
-    """A metrics.jsonl as srpo.py writes it: evals is {step: (pass1_math, pass1_code)}."""
+def write_run(path, tokens_per_step, evals, zero_adv=0.5, dropped=(), rollouts=8):
+    """A metrics.jsonl as srpo.py writes it: evals is {step: (pass1_math, pass1_code)}; a
+    rollouts callable gives each step's number of rollouts."""
     os.makedirs(path)
     last = max(evals)
     recs = [{"type": "eval", "step": 0, "tag": "before", "pass1_math": evals[0][0], "pass1_code": evals[0][1]}]
     for s in range(1, last + 1):
-        recs.append({"type": "step", "step": s, "gen_tokens": tokens_per_step, "zero_adv": zero_adv,
-                     "resp_len": tokens_per_step / 8})
+        n = rollouts(s) if callable(rollouts) else rollouts
+        za = zero_adv(s) if callable(zero_adv) else zero_adv
+        recs.append({"type": "step", "step": s, "gen_tokens": tokens_per_step, "zero_adv": za,
+                     "resp_len": tokens_per_step / n, "tokens": tokens_per_step,
+                     "tokens_trained": round(tokens_per_step * (1 - za))})
         if s in dropped:
             recs.append({"type": "epoch", "step": s, "prompts": 5, "dropped": dropped[s]})
         if s in evals:
@@ -42,6 +46,7 @@ def test_steps_and_tokens_to_target_and_their_ratio(tmp_path, capsys):
     assert rows["pass@1 after"] == ["0.650 (0.600..0.700)", "0.500"]
     assert rows["pass1_math after"] == ["0.750 (0.700..0.800)", "0.600"]
     assert rows["zero-adv groups"] == ["0.50 (0.50..0.50)", "0.75"]
+    assert rows["tokens with a gradient"] == ["0.50 (0.50..0.50)", "0.25"]
     assert rows["prompts dropped by HR"] == ["3, 3", "0"]
     assert rows["tokens generated"] == ["400 (400..400)", "600"]
     assert (tmp_path / "c.png").stat().st_size > 10_000, "the plot was not written"
@@ -73,3 +78,13 @@ def test_bad_input_is_named(tmp_path):
     (tmp_path / "ok" / "metrics.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="metrics.jsonl:1: not JSON"):
         compare.main([f"A={ok}"])
+
+
+def test_zero_advantage_fraction_counts_groups_not_steps(tmp_path):
+    # Step 1: 8 rollouts, all in zero-advantage groups; steps 2-4: 2 rollouts each, none. Per step
+    # that averages 0.25; per group 8 of 14 rollouts, 0.571.
+    a = write_run(tmp_path / "a", 100, {0: (0.1, 0.0), 4: (0.4, 0.0)},
+                  zero_adv=lambda s: 1.0 if s == 1 else 0.0, rollouts=lambda s: 8 if s == 1 else 2)
+    run = compare.load_run(a)
+    assert abs(run.zero_adv() - 8 / 14) < 1e-9, run.zero_adv()
+    assert abs(run.trained_share() - 0.75) < 1e-9, "3 of 4 steps' tokens had a gradient"
