@@ -79,6 +79,7 @@ class Config:
     reference_loss: bool = field(default=False, metadata={"help": "plain-torch loss instead of the Triton kernels, for debugging (CPU tensors use it anyway)"})
     # SRPO
     hr: bool = field(default=True, metadata={"help": "history resampling at each epoch end; --no_hr = plain GRPO"})
+    hr_return_after: int = field(default=0, metadata={"help": "a dropped prompt rejoins after this many epochs (0 = never, as in the report)"})
     stage1_steps: int = field(default=100, metadata={"help": "steps of stage 1 (math) before code joins"})
     stage1_epochs: int = field(default=0, metadata={"help": "if > 0, switch to stage 2 after this many stage-1 epochs instead"})
     total_steps: int = field(default=200, metadata={"help": "steps in all (both stages)"})
@@ -246,24 +247,32 @@ def encode_prompt(tok, p: Problem, one_shot: bool) -> list[int]:
 @dataclass
 class History:
     outcomes: dict = field(default_factory=dict)  # prompt id -> [correct?] of every rollout this epoch
-    dropped: set = field(default_factory=set)     # prompt ids removed for the rest of the stage
+    dropped: dict = field(default_factory=dict)   # prompt id -> the first epoch without it
 
     def record(self, pid: str, correct: list[bool]):
         self.outcomes.setdefault(pid, []).extend(correct)
 
-    def resample(self, epoch_ids: list[str]) -> tuple[list[str], dict]:
+    def resample(self, epoch_ids: list[str], next_epoch: int = 0, return_after: int = 0) -> tuple[list[str], dict]:
         """The next epoch's prompts: drop all-correct ones, keep mixed and all-wrong ones.
-        Prompts without outcomes this epoch (never reached) are kept, as nothing is known of them."""
-        kept, stats = [], {"dropped": 0, "kept_mixed": 0, "kept_all_wrong": 0, "kept_unseen": 0}
+        Prompts without outcomes this epoch (never reached) are kept, as nothing is known of them.
+        Dropped prompts stay out for the rest of the stage, or, with return_after = N > 0, rejoin
+        after N epochs: the policy may have forgotten them (an extension; the report never returns them)."""
+        kept, stats = [], {"dropped": 0, "kept_mixed": 0, "kept_all_wrong": 0, "kept_unseen": 0, "returned": 0}
         for pid in epoch_ids:
             seen = self.outcomes.get(pid)
             if seen and all(seen):
-                self.dropped.add(pid)       # too easy now: zero advantage, nothing to learn
+                self.dropped[pid] = next_epoch  # too easy now: zero advantage, nothing to learn
                 stats["dropped"] += 1
                 continue
             kept.append(pid)
             key = "kept_unseen" if not seen else "kept_all_wrong" if not any(seen) else "kept_mixed"
             stats[key] += 1
+        if return_after:
+            back = [pid for pid, e in self.dropped.items() if next_epoch - e >= return_after]
+            for pid in back:
+                del self.dropped[pid]
+            kept += back
+            stats["returned"] = len(back)
         self.outcomes = {}
         return kept, stats
 
@@ -525,7 +534,7 @@ def save_checkpoint(path: str, model, opt, sched, state: TrainState, rank: int, 
         tmp = path + ".tmp"
         torch.save({"model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(), "config": dataclasses.asdict(cfg),
                     "state": dataclasses.asdict(state) | {"history": {"outcomes": state.history.outcomes,
-                                                                      "dropped": sorted(state.history.dropped)}},
+                                                                      "dropped": state.history.dropped}},
                     "rng": rng}, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -553,7 +562,8 @@ def load_checkpoint(path: str, model, opt, sched, rank: int, cfg: Config) -> Tra
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     s = ck["state"]
-    h = History(outcomes=s["history"]["outcomes"], dropped=set(s["history"]["dropped"]))
+    dropped = s["history"]["dropped"]  # a list of ids in checkpoints older than --hr_return_after
+    h = History(outcomes=s["history"]["outcomes"], dropped=dropped if isinstance(dropped, dict) else dict.fromkeys(dropped, 0))
     return TrainState(step=s["step"], stage=s["stage"], epoch=s["epoch"], order=s["order"], pos=s["pos"], history=h)
 
 
@@ -662,7 +672,7 @@ def main(argv=None):
         # --- epoch end: history resampling builds the next epoch's prompt list
         if st.pos >= len(st.order):
             if cfg.hr:
-                kept, hr = st.history.resample(st.order)
+                kept, hr = st.history.resample(st.order, st.epoch + 1, cfg.hr_return_after)
             else:
                 kept, hr = [p.id for p in stage_problems[st.stage]], {}
             st.epoch, st.pos = st.epoch + 1, 0
@@ -670,7 +680,7 @@ def main(argv=None):
             print0(f"step {st.step}: epoch {st.epoch} of stage {st.stage}, {len(kept)} prompts"
                    + ("" if not hr else " | " + " | ".join(f"{k} {v}" for k, v in hr.items())))
             log({"type": "epoch", "step": st.step, "stage": st.stage, "epoch": st.epoch, "prompts": len(kept), **hr})
-            if not st.order:
+            if not st.order and not (cfg.hr_return_after and st.history.dropped):  # else: empty epochs until some return
                 print0(f"history resampling dropped every prompt of stage {st.stage}: nothing left to learn there")
                 if st.stage == 2:
                     break

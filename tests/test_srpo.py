@@ -22,10 +22,10 @@ def world(tmp_path_factory):
     return harness.make_world(str(tmp_path_factory.mktemp("world")))
 
 
-def run(world, out, **over):
-    """srpo.main in this process, with the fork-it reward of the harness."""
+def run(world, out, reward=harness.contains_reference, **over):
+    """srpo.main in this process, with the fork-it reward of the harness (or another)."""
     real = srpo.score_responses
-    srpo.score_responses = harness.contains_reference
+    srpo.score_responses = reward
     try:
         srpo.main(harness.world_args(world, str(out), **over))
     finally:
@@ -45,8 +45,23 @@ def test_history_resampling_drops_all_correct_keeps_mixed_and_all_wrong():
     h.record("split", [False, True])
     kept, stats = h.resample(["easy", "mixed", "hard", "split", "unseen"])
     assert kept == ["mixed", "hard", "split", "unseen"], f"HR kept {kept}"
-    assert stats == {"dropped": 1, "kept_mixed": 2, "kept_all_wrong": 1, "kept_unseen": 1}, stats
-    assert h.dropped == {"easy"} and h.outcomes == {}, "the buffer must reset for the next epoch"
+    assert stats == {"dropped": 1, "kept_mixed": 2, "kept_all_wrong": 1, "kept_unseen": 1, "returned": 0}, stats
+    assert set(h.dropped) == {"easy"} and h.outcomes == {}, "the buffer must reset for the next epoch"
+
+
+def test_dropped_prompts_return_after_n_epochs_only_when_asked():
+    for return_after, back_at in ((0, None), (2, 3)):   # dropped for epoch 1: back at 1 + 2 = 3
+        h = srpo.History()
+        h.record("easy", [True] * 4)
+        h.record("hard", [False] * 4)
+        order, _ = h.resample(["easy", "hard"], next_epoch=1, return_after=return_after)
+        assert order == ["hard"], f"epoch 1 must not hold the all-correct prompt: {order}"
+        for epoch in (2, 3):
+            h.record("hard", [False] * 4)
+            order, stats = h.resample(order, next_epoch=epoch, return_after=return_after)
+            want = ["hard", "easy"] if epoch == back_at else ["hard"]
+            assert order == want, f"return_after={return_after}, epoch {epoch}: {order}, expected {want}"
+            assert stats["returned"] == len(want) - 1, stats
 
 
 def test_group_advantages_follow_the_formula_and_zero_groups():
@@ -213,6 +228,23 @@ def test_hr_off_is_plain_grpo(world, tmp_path):
     epochs = [r for r in recs if r["type"] == "epoch"]
     assert epochs and all(r["prompts"] == 8 for r in epochs), "without HR every epoch has all prompts"
     assert all("dropped" not in r for r in epochs)
+
+
+def always_right(tok, problems, rolls, cfg):
+    return [rewards.Score(accuracy=1.0, format=0.0, reward=1.0) for _ in rolls]
+
+
+def test_a_stage_that_runs_dry_ends_or_waits_for_returning_prompts(world, tmp_path):
+    """Every rollout correct: HR drops all 8 prompts at the end of epoch 0 (step 4). By default the
+    stage has nothing left and stage 2 begins at once; with --hr_return_after 2 the stage passes
+    two empty epochs (no steps) and gets all 8 back for epoch 3."""
+    recs = run(world, tmp_path / "dry", reward=always_right, total_steps=6, stage1_steps=10)
+    assert any(r["type"] == "stage" and r["step"] == 4 for r in recs), "stage 2 should begin when stage 1 runs dry"
+    recs = run(world, tmp_path / "back", reward=always_right, total_steps=6, stage1_steps=10, hr_return_after=2)
+    epochs = [(r["epoch"], r["prompts"], r["dropped"], r["returned"]) for r in recs if r["type"] == "epoch"]
+    assert epochs[:3] == [(1, 0, 8, 0), (2, 0, 0, 0), (3, 8, 0, 8)], f"epoch ends: {epochs}"
+    assert not any(r["type"] == "stage" for r in recs), "with prompts returning, stage 1 goes on"
+    assert [r["stage"] for r in recs if r["type"] == "step"] == [1] * 6
 
 
 def test_loss_variants_run_kl_clip_higher_and_extra_passes(world, tmp_path):
