@@ -2,7 +2,6 @@
 the benchmarks still run (and still compare like with like) when a GPU session gets to them."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -38,8 +37,7 @@ def test_update_benchmark_runs_every_variant():
     assert not any("FAILED" in r or "OOM" in r for r in rows), "\n".join(rows)
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.cxx
 def test_sampler_benchmark_compiled_equals_eager():
     out = smoke("sampler.py")
     assert out.count("compiled step == eager step") == 2, out

@@ -1,6 +1,5 @@
 """model.py against transformers' own Llama and Qwen2 implementations (tiny random configs, fp32)."""
 import json
-import shutil
 import types
 
 import pytest
@@ -94,11 +93,7 @@ def test_packed_documents_do_not_see_each_other():
     assert torch.equal(out1, out2), "changing document 2 changed document 1's logits: attention leaks"
 
 
-needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                                    reason="torch.compile on a CPU needs a C++ compiler")
-
-
-@needs_compiler
+@pytest.mark.cxx
 def test_flex_attention_document_mask_matches_dense(monkeypatch):
     """The GPU's packed path (flex_attention with a block-sparse document mask) against the dense
     mask, forward only: on a CPU flex_attention has no backward. Lengths straddle its 128 blocks."""

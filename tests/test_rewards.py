@@ -17,7 +17,7 @@ import time
 import pytest
 
 import rewards
-from rewards import (CRASH_FOR_TESTS, Score, code_reward, extract_code, format_prompt,
+from rewards import (CRASH_FOR_TESTS, code_reward, extract_code, format_prompt,
                      format_reward, math_reward, parse_response, score_batch)
 
 

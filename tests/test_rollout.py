@@ -1,7 +1,6 @@
 """rollout.py: greedy parity with transformers' generate(), the sampling distribution, continuous
 batching, stopping, and cache sizing. Tiny random models in fp32 on the CPU."""
 import math
-import shutil
 import warnings
 from collections import Counter
 
@@ -279,8 +278,7 @@ def test_self_check_fast_vs_naive():
     rollout.self_check(verbose=False)
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.cxx
 def test_compiled_step_matches_eager():
     """The GPU's compiled decode step (torch.compile, dynamic shapes), here compiled for the CPU:
     it must trace without falling back and give the eager step's tokens, sampled and greedy."""

@@ -109,7 +109,6 @@ def naive_loss(model, samples, eps_low, eps_high):
 
 
 def test_update_equals_the_naive_objective_across_micro_batches(world):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from dist_update_check import global_batch
     cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.0, eps_low=0.2, eps_high=0.28)
     a = Transformer.from_pretrained(f"{world}/model")
@@ -136,7 +135,6 @@ def test_update_equals_the_naive_objective_across_micro_batches(world):
 def test_gpu_update_close_to_cpu_fp32(world):
     """policy_update on a GPU (bf16 autocast, flex_attention's document mask, the fused Triton
     loss) against the fp32 CPU update of the same batch: same loss and gradient directions."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from dist_update_check import global_batch
     cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.0)
     cpu = Transformer.from_pretrained(f"{world}/model")
