@@ -17,11 +17,17 @@ The plot has accuracy against steps and against generated tokens (what a step co
 HR shrinks an epoch), the zero-advantage fraction and the response length: one colour per label,
 one line style per seed.
 
+With two or more labels it also prints the pre-registered primary metrics of the first two (final
+pass@1 and the area under the accuracy-vs-step curve): each arm's mean with its 95% t-interval over
+seeds, their difference, Welch's t test and an exact permutation test, both two-sided.
+
 Evaluations are what the comparison rests on, so runs need several (srpo.py --eval_every N). The
 accuracy is `--metric`: pass1_math, pass1_code, or pass1_mean (their mean, the default).
 """
 import argparse
+import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -139,6 +145,123 @@ def summarize(groups: dict[str, list[Run]], target: float) -> list[dict]:
     return rows
 
 
+# -----------------------------------------------------------------------------
+# Statistics over seeds: a 95% interval per arm and a two-sample test between the first two arms.
+# Written out (no scipy) so the script runs with the core requirements; tests check it against
+# scipy where scipy is installed, and against printed tables where it is not.
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """1 / (1 + d1 / (1 + d2 / (1 + ...))), the continued fraction of the incomplete beta
+    function, evaluated by the modified Lentz method."""
+    tiny = 1e-300
+    f = c = tiny
+    d = 0.0
+    for k in range(0, 400):
+        if k == 0:
+            num = 1.0
+        elif k % 2:  # d_{2m+1}
+            m = (k - 1) // 2
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:        # d_{2m}
+            m = k // 2
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + num * d
+        d = 1.0 / (tiny if abs(d) < tiny else d)
+        c = 1.0 + num / c
+        c = tiny if abs(c) < tiny else c
+        f *= c * d
+        if k > 0 and abs(c * d - 1.0) < 1e-15:
+            break
+    return f
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b): the regularised incomplete beta function, 0 <= x <= 1."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1) / (a + b + 2):  # the fraction converges fast on this side; use symmetry otherwise
+        return math.exp(ln) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_sf2(t: float, df: float) -> float:
+    """Two-sided tail probability P(|T| >= |t|) of Student's t with df degrees of freedom."""
+    return _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The q with P(T <= q) = p, for p in (0.5, 1), by bisection on t_sf2."""
+    lo, hi = 0.0, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_sf2(mid, df) / 2 > 1 - p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_ci(xs: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the t-interval of the mean over seeds; one seed gives no interval."""
+    m = statistics.mean(xs)
+    if len(xs) < 2:
+        return m, float("nan"), float("nan")
+    half = t_quantile(0.5 + level / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Welch's two-sample t test of mean(a) = mean(b): (t, degrees of freedom, two-sided p)."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return (0.0, float("nan"), 1.0) if statistics.mean(a) == statistics.mean(b) else (math.inf, float("nan"), 0.0)
+    t = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return t, df, t_sf2(t, df)
+
+
+def permutation_p(a: list[float], b: list[float]) -> float:
+    """Exact two-sided permutation test of the difference of means: the share of all ways to
+    relabel the pooled values as two arms of these sizes whose |difference| is at least the
+    observed one. With 5 + 5 seeds there are 252 relabellings, so the smallest p is 2/252."""
+    pooled, n = a + b, len(a)
+    observed = abs(statistics.mean(a) - statistics.mean(b))
+    hits = total = 0
+    for idx in itertools.combinations(range(len(pooled)), n):
+        chosen = set(idx)
+        x = [pooled[i] for i in idx]
+        y = [v for i, v in enumerate(pooled) if i not in chosen]
+        hits += abs(statistics.mean(x) - statistics.mean(y)) >= observed - 1e-12
+        total += 1
+    return hits / total
+
+
+def auc(run: Run) -> float:
+    """Area under held-out accuracy against step (trapezoids), divided by the steps spanned: the
+    mean accuracy over training. It rewards reaching an accuracy early, not only ending there."""
+    pts = [(s, a) for s, _, a in run.evals]
+    area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(pts, pts[1:]))
+    return area / max(pts[-1][0] - pts[0][0], 1)
+
+
+def significance(groups: dict[str, list[Run]]) -> str:
+    """The pre-registered primary metrics, final pass@1 and the area under the curve: each arm's
+    mean with its 95% interval over seeds, then the first arm against the second."""
+    labels = list(groups)
+    lines = ["| metric | " + " | ".join(f"{l} mean [95% CI]" for l in labels[:2])
+             + " | difference | Welch t (df), p | permutation p |", "|---" * 6 + "|"]
+    for name, value in (("final pass@1", lambda r: r.evals[-1][2]), ("area under curve", auc)):
+        xs = [[value(r) for r in groups[l]] for l in labels[:2]]
+        cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in map(mean_ci, xs)]
+        if min(map(len, xs)) < 2:
+            test = "n/a (one seed)", "n/a"
+        else:
+            t, df, p = welch(*xs)
+            test = f"{t:.2f} ({df:.1f}), {p:.3f}", f"{permutation_p(*xs):.3f}"
+        diff = statistics.mean(xs[0]) - statistics.mean(xs[1])
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {diff:+.3f} | {test[0]} | {test[1]} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     """Transposed (one column per label): the cells are long and the labels are few."""
     keys = list(rows[0])
@@ -201,6 +324,9 @@ def main(argv=None) -> str:
     how = "given" if args.target is not None else "the best accuracy every run reached"
     text = (f"{args.metric}, target {target:.3f} ({how}); a cell 'mean (min..max)' is over seeds, "
             f"a list has one entry per seed\n\n" + markdown(summarize(groups, target)))
+    if len(groups) >= 2:
+        text += (f"\n\n{list(groups)[0]} against {list(groups)[1]} on {args.metric} (intervals: t over seeds; "
+                 f"tests two-sided):\n\n" + significance(groups))
     print(text)
     if args.png:
         plot(groups, target, args.metric, args.png)

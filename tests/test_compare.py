@@ -88,3 +88,49 @@ def test_zero_advantage_fraction_counts_groups_not_steps(tmp_path):
     run = compare.load_run(a)
     assert abs(run.zero_adv() - 8 / 14) < 1e-9, run.zero_adv()
     assert abs(run.trained_share() - 0.75) < 1e-9, "3 of 4 steps' tokens had a gradient"
+
+
+def test_t_distribution_matches_printed_tables():
+    """Student's t written out in compare.py: quantiles and tails equal the printed tables."""
+    for p, df, q in ((0.975, 1, 12.706), (0.975, 4, 2.776), (0.975, 9, 2.262), (0.995, 8, 3.355), (0.95, 30, 1.697)):
+        assert abs(compare.t_quantile(p, df) - q) < 1e-3, (p, df, compare.t_quantile(p, df), q)
+        assert abs(compare.t_sf2(q, df) - 2 * (1 - p)) < 1e-4, "the tail at a quantile is its probability"
+
+
+def test_statistics_match_scipy():
+    """Welch's test, the t-interval and the tails agree with scipy's to 1e-9 (where it is installed)."""
+    stats = pytest.importorskip("scipy.stats")
+    for t, df in ((0.0, 3), (0.3, 2.5), (2.1, 7.3), (-4.0, 12), (15.0, 4.2)):
+        assert abs(compare.t_sf2(t, df) - 2 * stats.t.sf(abs(t), df)) < 1e-9, (t, df)
+    a, b = [0.50, 0.60, 0.55, 0.62, 0.58], [0.50, 0.52, 0.49, 0.55, 0.51, 0.47]
+    t, df, p = compare.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert abs(t - ref.statistic) < 1e-9 and abs(p - ref.pvalue) < 1e-9
+    m, lo, hi = compare.mean_ci(a)
+    rlo, rhi = stats.t.interval(0.95, len(a) - 1, loc=m, scale=stats.sem(a))
+    assert abs(lo - rlo) < 1e-9 and abs(hi - rhi) < 1e-9
+
+
+def test_permutation_test_is_exact():
+    """[1,2,3] against [4,5,6]: 2 of the 20 relabellings are as extreme, p = 0.1; equal arms give 1."""
+    assert abs(compare.permutation_p([1, 2, 3], [4, 5, 6]) - 0.1) < 1e-12
+    assert compare.permutation_p([1, 1, 1], [1, 1, 1]) == 1.0
+
+
+def test_significance_table_in_the_report(tmp_path):
+    """Two arms of 3 seeds: the report prints each arm's interval, the AUC and both tests."""
+    a = [write_run(tmp_path / f"a{i}", 10, {0: (0.2, 0.0), 2: (0.4 + d, 0.0), 4: (0.6 + d, 0.0)})
+         for i, d in enumerate((0.0, 0.02, 0.04))]
+    b = [write_run(tmp_path / f"b{i}", 10, {0: (0.2, 0.0), 2: (0.3 + d, 0.0), 4: (0.4 + d, 0.0)})
+         for i, d in enumerate((0.0, 0.02, 0.04))]
+    text = compare.main([f"HR={','.join(a)}", f"GRPO={','.join(b)}", "--metric", "pass1_math"])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+            if line.startswith("| ")}
+    # final: 0.60/0.62/0.64 against 0.40/0.42/0.44; sd 0.02, half-width t(0.975, 2) * 0.02 / sqrt 3
+    half = 4.303 * 0.02 / 3 ** 0.5
+    assert rows["final pass@1"][0] == f"0.620 [{0.62 - half:.3f}, {0.62 + half:.3f}]", rows["final pass@1"]
+    assert rows["final pass@1"][2] == "+0.200"
+    assert rows["final pass@1"][4] == "0.100", "3+3 seeds, fully separated: 2 of 20 relabellings"
+    # AUC over steps 0..4 of (0.2, 0.4+d, 0.6+d): ((0.6 + d) + (1.0 + 2d)) / 4 = 0.4 + 0.75d, mean d 0.02
+    assert rows["area under curve"][0].startswith("0.415 ["), rows["area under curve"]
+    assert rows["area under curve"][2] == "+0.100", "GRPO's curve: 0.3 + 0.75d"
