@@ -1,15 +1,20 @@
 """
 Rule-based rewards for SRPO: the R1-Zero prompt template, a format reward, verified math answers
 and sandboxed code tests. No reward model: a math answer is right when math-verify finds it
-equivalent to the reference, a program is right when the problem's unit tests run to the end.
+equivalent to the reference, a program is right when it passes the problem's unit tests.
 
-Rewards are where RL trainers fail silently, so three rules hold everywhere below:
+Rewards are where RL trainers fail silently, and the policy is an adversary that searches for any
+way to be paid, so four rules hold everywhere below:
   1. Nothing hangs the trainer. Every item is scored under a deadline enforced from outside the
-     code doing the work (a worker process that is killed, a sandbox whose process group is killed).
+     code doing the work (a worker process that is killed, a sandbox whose processes are killed).
   2. Nothing crashes the trainer. A verifier error, a timeout or a dead worker scores that one item
      0, sets Score.error, is counted in `error_counts` and logged; the rest of the batch goes on.
-  3. Nothing lies. A program passes only if a random marker printed *after* its tests shows up at
-     the end of its output; exit code 0 proves nothing (sys.exit(0) before the tests gives 0 too).
+  3. Nothing lies. A verdict rests on nothing the program can reach: in the case form of the tests
+     (`CALL == LITERAL` per line) the expected values never enter the sandbox, and the program's
+     results are compared with them out here; exit code 0 proves nothing.
+  4. Nothing runs with less protection than asked for. The code sandbox runs in the mode the
+     caller names ("full" unless told otherwise) or not at all: SandboxUnavailable, never a
+     silent fallback to something weaker.
 
 Public API (what srpo.py calls):
     format_prompt(question, domain) -> str        user message: instructions + question
@@ -17,14 +22,21 @@ Public API (what srpo.py calls):
     format_reward(text) -> float                  1.0 iff <think>...</think><answer>...</answer>
     math_reward(completion, answer) -> float      1.0 iff the final answer is equivalent
     extract_code(completion) -> str               the last fenced code block
-    code_reward(program, tests) -> float          1.0 iff program + tests run to the end
-    score_batch(completions, domains, references, workers=...) -> list[Score]
+    parse_cases(tests) -> list | None             the cases of case-form tests (None: assert form)
+    check_tests(tests)                            ValueError naming the line if tests are unusable
+    code_reward(program, tests, sandbox=None) -> float   1.0 iff the program passes the tests
+    run_program(program, tests, timeout, sandbox=None) -> (passed, error, output)
+    check_sandbox(mode=None) -> str               check that a sandbox mode works here, or raise
+    score_batch(completions, domains, references, workers=..., sandbox=None) -> list[Score]
     shutdown()                                    stop the worker pool (also runs at exit)
 
 Run `python rewards.py` for a small self-check.
 """
+import ast
 import atexit
 import ctypes
+import inspect
+import itertools
 import json
 import logging
 import math
@@ -50,10 +62,23 @@ log = logging.getLogger("srpo.rewards")
 DOMAINS = ("math", "code")
 MATH_TIMEOUT = 5.0     # seconds per math item, parse + verify; math-verify itself defaults to 5
 CODE_TIMEOUT = 10.0    # wall-clock seconds per program run; HumanEval's slowest canonical takes ~1s
-SANDBOX_UID = 65534    # "nobody": programs run as this user when we are root
-SANDBOX_MEMORY = 1 << 30   # address-space limit (bytes) per sandboxed process
-SANDBOX_FSIZE = 1 << 20    # largest file a program may write, its captured output included
-SANDBOX_NPROC = 32         # processes+threads the sandbox user may hold (binds only non-root)
+
+# The code sandbox (see "The code sandbox" below and the README). Modes, strongest first:
+#   full        namespaces + private read-only root + own user + a cgroup capping the whole program
+#   namespaces  the same without the cgroup: memory capped per process, processes by an rlimit
+#   rlimits     no isolation at all: the real filesystem and network, rlimits and a process group
+SANDBOX_MODES = ("full", "namespaces", "rlimits")
+SANDBOX_ENV = "SRPO_SANDBOX"       # the mode when the caller names none; "full" when unset
+SANDBOX_MEMORY = 1 << 30           # bytes: the whole program (cgroup); each process's address space
+SANDBOX_FSIZE = 1 << 20            # largest file a program may write, its captured output included
+SANDBOX_TMPFS = 64 << 20           # bytes of the program's private filesystem (/tmp, its home)
+SANDBOX_NPROC = 32                 # processes+threads of the program under a pids cgroup ("full")
+SANDBOX_NPROC_NO_CGROUP = 4        # the same without one: x SANDBOX_MEMORY bounds the total memory
+# Each run gets its own unprivileged uid (and gid): this base plus the host pid of the run's first
+# process, which is unique among live processes. Far above login users (1000+), the usual
+# subordinate-uid ranges of rootless containers (100000+) and systemd's dynamic users; below 2^31.
+SANDBOX_UID_BASE = 2_000_000_000
+
 
 # A documented hook for tests: an item whose *reference* equals this string makes its worker
 # process die on the spot, exactly as a segfault would. References come from the dataset, never
@@ -103,7 +128,7 @@ EXAMPLES = {
     "code": ("Write a function `double(x)` that returns twice x.",
              "<think> Multiply x by 2. </think> <answer> ```python\ndef double(x):\n    return 2 * x\n``` </answer>"),
 }
-EXAMPLE_REFERENCES = {"math": "8", "code": "assert double(3) == 6\nassert double(-1) == -2"}
+EXAMPLE_REFERENCES = {"math": "8", "code": "double(3) == 6\ndouble(-1) == -2"}
 
 
 def _check_domain(domain, what="domain"):
@@ -142,19 +167,29 @@ def parse_response(text: str) -> tuple[str, str]:
     return reasoning, answer.strip()
 
 
-_TEMPLATE = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 
 def format_reward(text: str) -> float:
-    """1.0 iff the response is exactly <think>...</think> <answer>...</answer>, both non-empty,
-    each tag once, nothing outside them."""
+    r"""1.0 iff the response is exactly <think>...</think> <answer>...</answer>, both non-empty,
+    each tag once, nothing outside them but whitespace. Linear time: a few passes of str methods
+    over the text. (The regex it replaces, r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*",
+    backtracked quadratically: 44 s on a 500k-character response, in the trainer, with no
+    deadline; tests/test_rewards.py keeps it as the reference this must agree with.)"""
     _check_str(text, "response")
-    m = _TEMPLATE.fullmatch(text)
-    if m is None or not m.group(1).strip() or not m.group(2).strip():
+    if any(text.count(t) != 1 for t in _TAGS):
         return 0.0
-    # Non-greedy groups can still swallow a second tag pair; count tags to be sure.
-    tags = ("<think>", "</think>", "<answer>", "</answer>")
-    return 1.0 if all(text.count(t) == 1 for t in tags) else 0.0
+    body = text.strip()  # the regex's outer \s*: str.strip and re's \s agree on what is space
+    if not (body.startswith("<think>") and body.endswith("</answer>")):
+        return 0.0
+    think_end, answer_start = body.find("</think>"), body.find("<answer>")
+    thought = body[len("<think>"):think_end]
+    between = body[think_end + len("</think>"):answer_start]
+    answer = body[answer_start + len("<answer>"):-len("</answer>")]
+    # Each tag occurs once, so `between` is negative-length (tags out of order) exactly when
+    # answer_start < think_end; slicing then gives "" for it, hence the explicit order check.
+    ok = think_end < answer_start and not between.strip() and thought.strip() and answer.strip()
+    return 1.0 if ok else 0.0
 
 
 def is_mixed_language(text: str, min_share: float = 0.05, min_letters: int = 20) -> bool:
@@ -237,7 +272,7 @@ def _check_math(completion: str, reference: str, timeout: float) -> tuple[float,
 
 
 # -----------------------------------------------------------------------------
-# Code: extraction and the sandbox
+# Code: extraction, the two forms of tests, and the verdict
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 
@@ -249,63 +284,465 @@ def extract_code(completion: str) -> str:
     return blocks[-1] if blocks else ""
 
 
-# The program runs inside this harness: `python -I -c HARNESS <config json>`, in the run folder.
-# It reads the marker from stdin (so the marker is in no file and no argv), closes stdin, sets up
-# the sandbox's private mounts, drops to the sandbox user, runs main.py as __main__, and prints
-# the marker only if that returned.
-_HARNESS = r"""
-import ctypes, json, os, sys, types
-def overlay(libc, hide, keep, mode):
-    # Cover `hide` with an empty tmpfs, then bind each path of `keep` back at the same place.
-    fds = [os.open(k, os.O_RDONLY | os.O_DIRECTORY) for k in keep]
-    if libc.mount(b"tmpfs", hide.encode(), b"tmpfs", 0, f"mode={mode},size=64m".encode()):
-        raise OSError(ctypes.get_errno(), "mount tmpfs on " + hide)
-    for k, fd in zip(keep, fds):
-        os.makedirs(k, exist_ok=True)
-        if libc.mount(f"/proc/self/fd/{fd}".encode(), k.encode(), None, 4096 | 16384, None):
-            raise OSError(ctypes.get_errno(), "bind " + k)  # 4096|16384 = MS_BIND|MS_REC
+# `tests` comes in one of two forms.
+#
+# Case form (the project's own data, and what to train on): one case per line, `CALL == LITERAL`,
+#     fizzbuzz(3) == ['1', 'Zap', '3']
+#     is_divisible(0) == True
+# Only the CALLs enter the sandbox. The harness evaluates each after the program has run and
+# prints its result through `_tag` (below), which accepts plain data only; out here the printed
+# line is read back with ast.literal_eval and compared with the expected literal, which never left
+# this process. A program that tampers with the harness can at most print values, and it still
+# needs the right ones, which it can only get by solving the problem.
+#
+# Assert form (HumanEval's `check(candidate)`, hand-written asserts): Python statements run after
+# the program, in the sandbox; the program passes when they run to the end, which the harness
+# reports with a random marker. This form is hardened (`_harden_asserts` and the harness's
+# `execute`) but not unforgeable: see the README's sandbox section for what remains.
+#
+# Comparison of a case (decided here, documented in the README): the result must have exactly the
+# expected types, all the way down (True is not 1, 3.0 is not 3, a tuple is not a list); floats
+# compare within FLOAT_RTOL relative (FLOAT_ATOL absolute near 0), so -0.0 equals 0.0 and inf
+# equals inf; NaN equals nothing (and no literal can expect it); set elements and dict keys must
+# be equal exactly. Expected values are Python literals (what ast.literal_eval reads).
+
+FLOAT_RTOL = 1e-9
+FLOAT_ATOL = 1e-12
+
+
+def _tag(value, depth=0):
+    """`value` as a tree of tuples that names each type: ("int", "0x2a"), ("list", ...items),
+    ("dict", (key, value)...). Plain data only, exact types: anything else (a subclass, an object
+    with its own __eq__) raises TypeError. Equal tags mean equal values of the same types, in set
+    elements and dict keys too. Ints travel as hex and floats as float.hex(): exact, with no
+    4300-digit limit, inf and nan included. Its source is copied into the sandbox's harness, so
+    the results printed there and the expected values here are tagged by the same code."""
+    if depth > 100:  # deeper is not data a test expects; the bound keeps recursion shallow
+        raise TypeError("nested deeper than 100 levels")
+    kind = type(value)
+    if value is None:
+        return ("None",)
+    if kind is bool or kind is str or kind is bytes:
+        return (kind.__name__, value)
+    if kind is int:
+        return ("int", hex(value))
+    if kind is float:
+        return ("float", value.hex())
+    if kind is complex:
+        return ("complex", value.real.hex(), value.imag.hex())
+    if kind is list or kind is tuple or kind is set or kind is frozenset:
+        return (kind.__name__,) + tuple(_tag(v, depth + 1) for v in value)
+    if kind is dict:
+        return ("dict",) + tuple((_tag(k, depth + 1), _tag(v, depth + 1)) for k, v in value.items())
+    raise TypeError(f"a {kind.__name__} is not plain data")
+
+
+def _close(want_hex: str, got_hex: str) -> bool:
+    want, got = float.fromhex(want_hex), float.fromhex(got_hex)
+    return math.isclose(want, got, rel_tol=FLOAT_RTOL, abs_tol=FLOAT_ATOL)
+
+
+def _same(want: tuple, got) -> bool:
+    """Whether a result's tag `got` (read from the sandbox's output: anything at all) matches the
+    expected tag `want`, by the rules above. Malformed input raises, which the caller counts as a
+    mismatch; `want` is trusted."""
+    kind = want[0]
+    if type(got) is not tuple or not got or got[0] != kind:
+        return False
+    if kind == "float":
+        return len(got) == 2 and _close(want[1], got[1])
+    if kind == "complex":
+        return len(got) == 3 and _close(want[1], got[1]) and _close(want[2], got[2])
+    if kind in ("list", "tuple"):
+        return len(got) == len(want) and all(_same(w, g) for w, g in zip(want[1:], got[1:]))
+    if kind == "dict":
+        items = dict(got[1:])
+        expected = dict(want[1:])
+        return (len(items) == len(got) - 1 and items.keys() == expected.keys()
+                and all(_same(expected[k], items[k]) for k in expected))
+    if kind in ("set", "frozenset"):
+        return frozenset(got[1:]) == frozenset(want[1:])
+    return got == want  # None, bool, int, str, bytes: exact
+
+
+def parse_cases(tests: str) -> list[tuple[str, tuple]] | None:
+    """The cases of case-form tests as (call source, expected value's tag), or None when `tests`
+    is in assert form (no line is a bare `X == Y`). Raises ValueError, naming the line, for tests
+    that do not parse, mix the forms, or have a case whose right side is not a literal."""
+    _check_str(tests, "tests")
+    try:
+        tree = ast.parse(tests)
+    except SyntaxError as e:
+        raise ValueError(f"tests line {e.lineno}: not valid Python ({e.msg})") from None
+    bare = [isinstance(s, ast.Expr) and isinstance(s.value, ast.Compare) for s in tree.body]
+    if not any(bare):
+        return None  # a bare comparison checks nothing in assert form, so it marks a case
+    cases, lines = [], set()
+    for stmt, is_case in zip(tree.body, bare):
+        where = f"tests line {stmt.lineno}"
+        text = ast.get_source_segment(tests, stmt) or ""
+        if not is_case:
+            raise ValueError(f"{where}: case-form tests hold only `CALL == LITERAL` lines, got "
+                             f"{text[:80]!r}")
+        if stmt.end_lineno != stmt.lineno or stmt.lineno in lines:
+            raise ValueError(f"{where}: one case per line, each on a single line")
+        lines.add(stmt.lineno)
+        cmp = stmt.value
+        if len(cmp.ops) != 1 or not isinstance(cmp.ops[0], ast.Eq):
+            raise ValueError(f"{where}: a case is `CALL == LITERAL` with a single ==, got "
+                             f"{text[:80]!r}")
+        try:
+            expected = _tag(ast.literal_eval(cmp.comparators[0]))
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            literal = ast.get_source_segment(tests, cmp.comparators[0])
+            raise ValueError(f"{where}: the expected value must be a Python literal, got "
+                             f"{literal[:80]!r}") from None
+        cases.append((ast.get_source_segment(tests, cmp.left), expected))
+    return cases
+
+
+def check_tests(tests: str) -> None:
+    """Raise ValueError (naming the line) unless `tests` is usable: a loader's check of a row."""
+    if not tests.strip():
+        raise ValueError("tests are empty")
+    parse_cases(tests)
+
+
+# Assert form: every operand that a test's verdict is computed from must be plain data. The
+# classic hack returns an object whose __eq__ always says True (or __bool__, __sub__, __abs__,
+# __lt__...); with every operand of a comparison, a boolean or arithmetic operator, every call
+# argument and the asserted value itself passed through __srpo_plain__ (the harness's `plain`,
+# which raises on anything _tag refuses), such an object fails the test where it first appears.
+_PLAIN = "__srpo_plain__"  # dunder-shaped, so that no class body mangles the name
+
+
+def _plain_call(node: ast.expr) -> ast.expr:
+    if isinstance(node, (ast.GeneratorExp, ast.Lambda, ast.Starred)):
+        return node  # test code's own iterators and functions, not values from the program
+    return ast.copy_location(ast.Call(ast.Name(_PLAIN, ast.Load()), [node], []), node)
+
+
+class _StrictOperands(ast.NodeTransformer):
+    """Inside one assert's test expression: operands and arguments wrapped in __srpo_plain__."""
+
+    def visit_Compare(self, node):
+        self.generic_visit(node)
+        node.left = _plain_call(node.left)
+        node.comparators = [_plain_call(c) for c in node.comparators]
+        return node
+
+    def visit_BoolOp(self, node):
+        self.generic_visit(node)
+        node.values = [_plain_call(v) for v in node.values]
+        return node
+
+    def visit_UnaryOp(self, node):
+        self.generic_visit(node)
+        node.operand = _plain_call(node.operand)
+        return node
+
+    def visit_BinOp(self, node):
+        self.generic_visit(node)
+        node.left, node.right = _plain_call(node.left), _plain_call(node.right)
+        return node
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        node.args = [_plain_call(a) for a in node.args]
+        for k in node.keywords:
+            if k.arg is not None:  # not **kwargs
+                k.value = _plain_call(k.value)
+        return node
+
+
+class _HardenAsserts(ast.NodeTransformer):
+    def visit_Assert(self, node):
+        node.test = _plain_call(_StrictOperands().visit(node.test))
+        return node
+
+
+def _harden_asserts(tests: str) -> str:
+    """Assert-form tests with every assert made strict (above); other statements unchanged."""
+    tree = _HardenAsserts().visit(ast.parse(tests))
+    return ast.unparse(ast.fix_missing_locations(tree))
+
+
+def _verdict(output: str, marker: str, cases) -> tuple[bool, str]:
+    """(passed, why not) from the harness's report: the last line that starts with the marker.
+    Assert form: the report says "passed". Case form: it holds the tagged results, compared here
+    with the expected values. Everything the program printed is untrusted; a malformed report
+    is a failure, never an exception."""
+    at = output.rfind("\n" + marker)
+    if at < 0:
+        return False, "no report: the program or its tests did not run to the end"
+    report = output[at + 1 + len(marker):].split("\n", 1)[0]
+    if cases is None:
+        return report == "passed", "" if report == "passed" else "malformed report"
+    try:
+        results = ast.literal_eval(report)
+    except Exception:  # noqa: BLE001 - SyntaxError, ValueError, MemoryError, RecursionError...
+        return False, "malformed report"
+    if type(results) is not list or len(results) != len(cases):
+        return False, "malformed report"
+    for i, ((call, want), got) in enumerate(zip(cases, results), start=1):
+        try:
+            same = _same(want, got)
+        except Exception:  # noqa: BLE001 - a malformed tag from the program
+            same = False
+        if not same:
+            shown = got[1] if type(got) is tuple and got[:1] == ("error",) else _untag(got)
+            return False, f"case {i}: {call} gave {shown}, expected {_untag(want)}"
+    return True, ""
+
+
+def _untag(tag, limit: int = 200) -> str:
+    """A readable value for a failure message (best effort: the tag may come from the program)."""
+    def value(t):
+        kind, rest = t[0], t[1:]
+        if kind == "None":
+            return None
+        if kind == "int":
+            return int(rest[0], 16)
+        if kind == "float":
+            return float.fromhex(rest[0])
+        if kind == "complex":
+            return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
+        if kind in ("list", "tuple", "set", "frozenset"):
+            items = [value(v) for v in rest]
+            return items if kind == "list" else tuple(items) if kind == "tuple" else set(items)
+        if kind == "dict":
+            return {value(k): value(v) for k, v in rest}
+        return rest[0]
+    try:
+        text = repr(value(tag))
+    except Exception:  # noqa: BLE001
+        text = f"<unreadable {str(tag)[:limit]}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# -----------------------------------------------------------------------------
+# The code sandbox
+#
+# A run: the worker starts the harness (below) and writes it a job on stdin: the program, the
+# case calls or the hardened tests, a random marker. The harness builds the sandbox from the
+# inside, runs the program and reports; stdout and stderr go to an anonymous in-memory file
+# (memfd) that the worker reads afterwards, capped by RLIMIT_FSIZE. Per mode:
+#   full, namespaces: `unshare --pid --fork --kill-child --net --mount --ipc` starts the harness in
+#     fresh PID, network (a loopback that is down), mount and System V IPC namespaces. As init
+#     (pid 1) of its PID namespace it mounts a size-capped tmpfs, binds the system folders and the
+#     Python installation into it read-only, and pivots into it: the program sees /usr, /etc, the
+#     interpreter, five devices and its own /proc, and can write only into that tmpfs (/tmp,
+#     /var/tmp, /dev/shm and its home /sandbox). The program runs in a child that drops to the
+#     run's own uid. When the run ends its namespaces end, the tmpfs with them, however the run was
+#     killed: nothing of the program's files ever reaches the host's disk.
+#   full: the run's first process also joins a memory and a pids cgroup of its own (before exec),
+#     so the whole program, every child included, is capped.
+#   rlimits: none of the above; the harness runs in a host folder, as the run's uid when we are
+#     root and the interpreter is readable by others, else as whoever runs the trainer.
+# All modes: rlimits (CPU, address space, file size, no core dumps; processes where they bind),
+# a scrubbed environment, stdin closed, a wall-clock deadline that kills the whole run.
+
+_HARNESS_SOURCE = r'''
+import builtins, json, linecache, os, sys, threading, types
+
+SETUP_FAILED = 121  # exit code: the sandbox could not be built, and the program did not run
+PRISTINE = dict(builtins.__dict__)  # the builtins before the program could rebind any
+# Captured before the program runs: it can rebind these names, not change the functions.
+HOOK_RESETS = (sys.settrace, sys.setprofile, threading.settrace, threading.setprofile)
+
+#<_tag>
+
+def plain(value):
+    """__srpo_plain__ in hardened assert-form tests: plain data passes, anything else fails."""
+    _tag(value)
+    return value
+
+
+def new_root(plan):
+    """Mount a tmpfs, bind into it what the program may see, and make it the root."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_char_p)
+
+    def check(rc, what):
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def mount(src, dst, fstype, flags, data=None):
+        enc = lambda s: None if s is None else s.encode()
+        rc = libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data))
+        check(rc, f"mount {src} on {dst}")
+
+    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND = 1, 2, 4, 8, 32, 4096
+    # Open every source first: the tmpfs goes over /tmp, where one of them may live (a venv).
+    fds = [os.open(path, os.O_PATH) for path, _ in plan["binds"]]
+    root = "/tmp"
+    mount("tmpfs", root, "tmpfs", NOSUID | NODEV, plan["tmpfs"])
+    for (path, kind), fd in zip(plan["binds"], fds):
+        target = root + path
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if kind == "dev":
+            open(target, "x").close()
+        else:
+            os.makedirs(target, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", target, None, BIND)  # not MS_REC: no host sub-mounts
+        if kind == "ro":
+            mount(None, target, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
         os.close(fd)
-def run():
-    marker = sys.stdin.readline().strip()
-    null = os.open(os.devnull, os.O_RDONLY); os.dup2(null, 0); os.close(null)
-    cfg = json.loads(sys.argv[1])
-    if cfg["overlays"]:
-        libc = ctypes.CDLL(None, use_errno=True)
-        for hide, keep, mode in cfg["overlays"]:
-            overlay(libc, hide, keep, mode)
-    if os.getpid() == 1:
-        # We are init of a fresh PID namespace. Init ignores most signals and reaps orphans, so
-        # the program runs in a child instead; when init exits the kernel kills everything left.
-        child = os.fork()
-        if child:
-            while True:
-                pid, status = os.wait()
-                if pid == child:
-                    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-    if cfg["uid"] >= 0:
-        os.setgroups([]); os.setgid(cfg["uid"]); os.setuid(cfg["uid"])
-    sys.path.extend(cfg["site"])
-    src = open("main.py").read()
-    main = types.ModuleType("__main__"); main.__file__ = os.path.abspath("main.py")
+    for path, to in plan["links"]:
+        os.symlink(to, root + path)
+    for d in ("proc", "dev", "tmp", "var/tmp", "dev/shm"):
+        os.makedirs(f"{root}/{d}", exist_ok=True)
+    for d in ("tmp", "var/tmp", "dev/shm"):
+        os.chmod(f"{root}/{d}", 0o1777)
+    for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                     ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(to, f"{root}/dev/{name}")
+    mount("proc", root + "/proc", "proc", NOSUID | NODEV | NOEXEC)  # this PID namespace's
+    os.chdir(root)
+    check(libc.syscall(plan["pivot_root"], b".", b"."), "pivot_root")
+    check(libc.umount2(b".", 2), "detach the old root")  # 2 = MNT_DETACH
+    os.chdir("/")
+
+
+def become_init():
+    """As pid 1 of a fresh PID namespace: go on in a child, and here reap orphans and exit with
+    the child's status. (Init ignores signals it has no handler for, and when it exits the kernel
+    kills everything left in the namespace.)"""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child == 0:
+        return
+    while True:
+        pid, status = os.wait()
+        if pid == child:
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+
+
+def drop(uid):
+    import ctypes
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    if ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0):  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def make_finish(marker):
+    """The report writer. The marker lives only in this closure, and main() holds the closure on
+    its evaluation stack rather than in a variable: no frame's locals or globals lead to it."""
+    line = "\n" + marker
+
+    def finish(report):
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except BaseException:
+                pass
+        data = (line + report + "\n").encode()
+        while data:
+            data = data[os.write(1, data):]
+        os._exit(0)
+    return finish
+
+
+def case(src, i, ns):
+    try:
+        return _tag(eval(compile(src, f"<case {i}>", "eval"), ns))
+    except BaseException as e:  # this case fails; the others still run
+        try:
+            return ("error", f"{type(e).__name__}: {e}"[:300])
+        except BaseException:
+            return ("error", "an exception that cannot be shown")
+
+
+def execute(job):
+    """Run the program as __main__, then the cases or the tests; return the report."""
+    main = types.ModuleType("__main__")
+    main.__file__ = os.path.abspath("main.py")
     sys.modules["__main__"] = main
-    exec(compile(src, "main.py", "exec"), main.__dict__)
-    for f in (sys.stdout, sys.stderr):
-        try: f.flush()
-        except Exception: pass
-    os.write(1, ("\n" + marker + "\n").encode())
-    os._exit(0)
-run()
-"""
+    ns = main.__dict__
+    exec(compile(job["program"], "main.py", "exec"), ns)
+    for reset in HOOK_RESETS:  # a trace hook left by the program could skip the tests' lines
+        reset(None)
+    if "calls" in job:
+        return repr([case(src, i, ns) for i, src in enumerate(job["calls"], start=1)])
+    # The tests see the builtins as they were before the program ran: a global of the program
+    # that shadows a builtin (abs = lambda x: 0) is left out of their namespace.
+    names = {k: v for k, v in ns.items() if k.startswith("__") or PRISTINE.get(k, v) is v}
+    names["__builtins__"] = dict(PRISTINE)
+    names["__srpo_plain__"] = plain
+    tests = job["tests"]
+    linecache.cache["tests.py"] = (len(tests), None, tests.splitlines(True), "tests.py")
+    exec(compile(tests, "tests.py", "exec"), names)
+    return "passed"
+
+
+def main():
+    job = json.loads(sys.stdin.buffer.read())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    try:
+        if job["root"]:
+            new_root(job["root"])
+        os.makedirs(job["home"], exist_ok=True)
+        os.chdir(job["home"])
+        with open("main.py", "w") as f:
+            f.write(job["program"])
+        if job["uid"] >= 0:
+            for path in (".", "main.py"):
+                os.chown(path, job["uid"], job["uid"])
+            os.chmod(".", 0o700)
+        if os.getpid() == 1:
+            become_init()
+        if job["uid"] >= 0:
+            drop(job["uid"])
+    except Exception as e:
+        os.write(2, f"sandbox setup failed: {e!r}\n".encode())
+        os._exit(SETUP_FAILED)
+    sys.path.extend(job["site"])
+    # make_finish(...) is evaluated, and held on this frame's stack, before execute() runs.
+    make_finish(job.pop("marker"))(execute(job))
+
+
+main()
+'''
+_HARNESS = _HARNESS_SOURCE.replace("#<_tag>\n", inspect.getsource(_tag))
+_SETUP_FAILED = 121
+_PROBE_PROGRAM = ("import collections, decimal, hashlib, json, math\n\n"
+                  "def probe():\n    return json.dumps([1])\n")
+_PROBE_TESTS = "probe() == '[1]'"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _PR_SET_PDEATHSIG = 1
-_sandbox_cache: tuple | None = None
+_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}  # syscall numbers: glibc has no wrapper
+_run_ids = itertools.count()
+_sandbox_ok: set = set()   # modes whose check passed in this process
+_cgroups: tuple | None = None
+_stale_removed = False
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox mode asked for cannot run here. Code is then not run at all."""
 
 
 def _die_with_parent():
     # Linux kills this process when the one that started it dies: a killed worker cannot leave
     # its sandbox (or a dead trainer its workers) running.
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _hidden_ancestor(path: str) -> str | None:
@@ -318,63 +755,184 @@ def _hidden_ancestor(path: str) -> str | None:
     return None
 
 
-def _overlays(run_dir: str) -> list:
-    """(hide, keep, mode) mounts that make the sandbox's view of the filesystem: private empty
-    /tmp, /var/tmp and /dev/shm (its own folder bound back in), and, where the interpreter sits
-    in a folder other users cannot enter (here /root), that folder covered too, with only the
-    interpreter's own tree bound back, so the sandbox user can import the standard library."""
-    mounts = {}
-    prefixes = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)})
-    for prefix in prefixes:
-        hide = _hidden_ancestor(prefix)
-        if hide:
-            mounts.setdefault(hide, ["755", []])[1].append(prefix)
-    for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
-        if os.path.isdir(tmp) and not os.path.islink(tmp):
-            entry = mounts.setdefault(tmp, ["1777", []])
-            entry[0] = "1777"
-            # Bound back: the program's own folder, and the interpreter when it lives here (a
-            # virtualenv made in /tmp), or the sandbox could not even import the standard library.
-            for keep in [os.path.realpath(run_dir)] + prefixes:
-                if keep.startswith(tmp + os.sep) and keep not in entry[1]:
-                    entry[1].append(keep)
-    # Parents before children, so that a later tmpfs does not hide an earlier one.
-    return [(hide, keep, mode) for hide, (mode, keep) in sorted(mounts.items())]
+def _python_dirs() -> list[str]:
+    """The interpreter's folders, installed packages included: what a program needs to run."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            os.path.dirname(sys.executable), *site.getsitepackages()}
+    return sorted({os.path.realpath(d) for d in dirs if os.path.isdir(d)})
 
 
-def _sandbox() -> tuple:
-    """The strongest sandbox this machine allows: (unshare prefix, use overlays, drop user).
-    Probed once per process by running a real program through each candidate, strongest first,
-    so a machine that refuses a namespace or a mount degrades loudly instead of scoring 0."""
-    global _sandbox_cache
-    if _sandbox_cache is None:
-        root = os.geteuid() == 0
-        # Without our own mount namespace the sandbox user can only run an interpreter that
-        # everyone can read; otherwise the program has to keep running as root.
-        reachable = all(_hidden_ancestor(p) is None for p in (sys.base_prefix, sys.prefix))
-        ns = ["unshare", "--pid", "--fork", "--kill-child"]
-        candidates = [(ns + ["--net", "--mount-proc"], True, root),
-                      (ns + ["--net"], False, root and reachable),
-                      (ns, False, root and reachable),
-                      ([], False, root and reachable),
-                      ([], False, False)]
-        probe = "import hashlib, json, math, decimal, collections\nok = json.dumps([1])"
-        for cand in candidates:
-            if cand[0] and shutil.which("unshare") is None:
-                continue
-            _sandbox_cache = cand
-            try:
-                passed, _, out = run_program(probe, "assert ok == '[1]'", timeout=20)
+def _root_plan() -> dict:
+    """What the harness builds the namespace modes' root from: read-only binds of the system
+    folders and the interpreter, the top-level symlinks of a merged /usr, five devices."""
+    binds, links = [], []
+    for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc"):
+        if os.path.islink(path):
+            links.append([path, os.readlink(path)])
+        elif os.path.isdir(path):
+            binds.append([path, "ro"])
+    for path in _python_dirs():  # sorted: a folder comes before the folders inside it
+        if not any(path == b or path.startswith(b.rstrip("/") + "/") for b, _ in binds):
+            binds.append([path, "ro"])
+    binds += [[f"/dev/{d}", "dev"] for d in ("null", "zero", "full", "random", "urandom")
+              if os.path.exists(f"/dev/{d}")]
+    return {"binds": binds, "links": links, "pivot_root": _PIVOT_ROOT[os.uname().machine],
+            "tmpfs": f"size={SANDBOX_TMPFS},nr_inodes=16384,mode=755"}
+
+
+def _find_cgroups() -> tuple[str, list[str]]:
+    """Where this process can make per-run cgroups with the memory and pids controllers:
+    ("v2", [folder]) or ("v1", [memory folder, pids folder]), below its own cgroups, so that
+    the limits of whatever contains the trainer still hold. Raises SandboxUnavailable."""
+    mounts = {}  # "" (cgroup2), "memory", "pids" -> (mount point, root of the mount)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            head, _, tail = line.partition(" - ")
+            head, tail = head.split(), tail.split()
+            if len(tail) >= 3 and tail[0] == "cgroup2":
+                mounts.setdefault("", (head[4], head[3]))
+            elif len(tail) >= 3 and tail[0] == "cgroup":
+                for opt in tail[2].split(","):
+                    if opt in ("memory", "pids"):
+                        mounts.setdefault(opt, (head[4], head[3]))
+    mine = {}  # the same keys -> this process's cgroup path
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for c in controllers.split(",") if controllers else [""]:
+                mine[c] = path
+
+    def folder(key):
+        if key not in mounts or key not in mine:
+            return None
+        point, root = mounts[key]
+        if not (mine[key] + "/").startswith(root.rstrip("/") + "/"):
+            return None
+        d = os.path.normpath(point + "/" + mine[key][len(root.rstrip("/")):])
+        return d if os.path.isdir(d) and os.access(d, os.W_OK) else None
+
+    def read(path):
+        with open(path) as f:
+            return set(f.read().split())
+
+    tried = []
+    v2 = folder("")
+    if v2 and {"memory", "pids"} <= read(f"{v2}/cgroup.controllers"):
+        if not {"memory", "pids"} <= read(f"{v2}/cgroup.subtree_control"):
+            try:  # refused while this cgroup holds processes of its own: v2 wants delegation
+                with open(f"{v2}/cgroup.subtree_control", "w") as f:
+                    f.write("+memory +pids")
             except OSError as e:
-                passed, out = False, str(e)
-            if passed:
-                break
-            log.info("sandbox %s failed its probe: %s", cand, out[-300:])
-        prefix, overlays, drop = _sandbox_cache
-        if "--net" not in prefix or not overlays or not drop:
-            log.warning("weaker code sandbox on this machine: namespaces %s, private mounts %s, "
-                        "separate user %s", " ".join(prefix[1:]) or "none", overlays, drop)
-    return _sandbox_cache
+                tried.append(f"cgroup v2 {v2} does not delegate memory and pids ({e.strerror})")
+                v2 = None
+        if v2:
+            return "v2", [v2]
+    else:
+        tried.append("no writable cgroup v2 with the memory and pids controllers")
+    v1 = [folder("memory"), folder("pids")]
+    if all(v1):
+        return "v1", v1
+    tried.append("no writable cgroup v1 memory and pids hierarchies")
+    raise SandboxUnavailable("; ".join(tried))
+
+
+def _cgroup_layout() -> tuple[str, list[str]]:
+    global _cgroups
+    if _cgroups is None:  # a failure is not cached: the next check looks again
+        _cgroups = _find_cgroups()
+    return _cgroups
+
+
+class _Cgroup:
+    """One run's cgroup (v2), or its memory and pids cgroups (v1): made before the run, joined by
+    the run's first process before it execs, so everything the program starts is inside and
+    capped together; killed and removed after the run."""
+
+    def __init__(self, layout: tuple[str, list[str]]):
+        name = f"srpo-{os.getpid()}-{next(_run_ids)}"
+        self.dirs = []
+        # v2 names, then v1 names (memsw after limit_in_bytes: the kernel wants memsw >= mem).
+        limits = [("memory.max", SANDBOX_MEMORY), ("memory.swap.max", 0),
+                  ("memory.limit_in_bytes", SANDBOX_MEMORY),
+                  ("memory.memsw.limit_in_bytes", SANDBOX_MEMORY),
+                  ("pids.max", SANDBOX_NPROC + 2)]  # + unshare and the namespace's init
+        try:
+            for parent in layout[1]:
+                os.mkdir(os.path.join(parent, name))
+                self.dirs.append(os.path.join(parent, name))
+            written = set()
+            for d in self.dirs:
+                for file, value in limits:
+                    if os.path.exists(os.path.join(d, file)):
+                        with open(os.path.join(d, file), "w") as f:
+                            f.write(str(value))
+                        written.add(file)
+            if not written & {"memory.max", "memory.limit_in_bytes"} or "pids.max" not in written:
+                raise OSError(f"cgroup {name} has no memory or no pids limit to set")
+        except BaseException:
+            self.close()
+            raise
+        self.procs = [os.path.join(d, "cgroup.procs") for d in self.dirs]
+
+    def close(self):
+        """Kill what is left inside and remove the cgroups. Never raises."""
+        for d in reversed(self.dirs):
+            for _ in range(300):
+                try:
+                    with open(os.path.join(d, "cgroup.procs")) as f:
+                        pids = [int(p) for p in f.read().split()]
+                    if not pids:
+                        os.rmdir(d)
+                        break
+                    for pid in pids:
+                        _kill(pid)
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    pass  # EBUSY: the last process is still on its way out
+                time.sleep(0.01)
+            else:
+                log.warning("sandbox cgroup %s could not be removed; the next start-up retries", d)
+        self.dirs = []
+
+
+def _remove_stale():
+    """Once per process: remove what sandboxes of dead processes left on the host (a SIGKILLed
+    worker cannot clean up): empty cgroups and, from the rlimits mode, run folders. Only those
+    whose owner (the pid in the name) is gone; a cgroup that still holds processes stays."""
+    global _stale_removed
+    if _stale_removed:
+        return
+    _stale_removed = True
+    try:
+        parents = _cgroup_layout()[1]
+    except (SandboxUnavailable, OSError):
+        parents = []
+    folders = [(parent, r"srpo-(\d+)-\d+", os.rmdir) for parent in parents]
+    folders.append((tempfile.gettempdir(), r"srpo-sandbox-(\d+)-[^/]+", _remove_tree))
+    for parent, pattern, remove in folders:
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            m = re.fullmatch(pattern, name)
+            if m and not _alive(int(m.group(1))):
+                try:
+                    remove(os.path.join(parent, name))
+                except OSError:
+                    pass
+
+
+def _remove_tree(path: str):
+    """Delete a run folder whatever the program left in it: `rm -rf`, because Python 3.11's
+    shutil.rmtree recurses and raises RecursionError on 1,100 nested folders. Never raises:
+    clean-up must not kill a worker."""
+    try:
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", path], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not remove sandbox folder %s: %s", path, e)
 
 
 def _children(pid: int) -> list[int]:
@@ -393,23 +951,76 @@ def _kill(pid: int):
         pass
 
 
-def run_program(program: str, tests: str, timeout: float = CODE_TIMEOUT):
-    """Run `program` then `tests` in a sandbox. Returns (passed, error, output): passed only if
-    the per-run marker printed after the tests ends the output; error is "timeout" when the
-    wall-clock deadline killed it (None for an ordinary failure); output is the last
-    SANDBOX_FSIZE bytes at most."""
-    _check_str(program, "program")
-    _check_str(tests, "tests")
-    prefix, overlays, drop = _sandbox()
-    marker = "SRPO-TESTS-PASSED-" + secrets.token_hex(16)
-    run_dir = tempfile.mkdtemp(prefix="srpo-sandbox-")
+def _kill_uid(uid: int):
+    """SIGKILL every process whose real uid is `uid`: in the rlimits mode the run's own uid, so
+    this finds its processes even when they left its process group (setsid)."""
+    for _ in range(100):
+        found = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    real = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+            except (OSError, StopIteration, ValueError):
+                continue
+            if real == uid:
+                _kill(int(pid))
+                found = True
+        if not found:
+            return
+        time.sleep(0.01)
+
+
+def _stop(proc: subprocess.Popen, namespaced: bool, uid: int):
+    """Kill everything the run started, however it ended."""
+    if proc.poll() is None and namespaced:
+        # Kill unshare's child (the namespace's init) first and let unshare reap it: killing both
+        # at once orphans the init, and a container's PID 1 may never reap the zombie.
+        for pid in _children(proc.pid):
+            _kill(pid)
+        try:
+            proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill(-proc.pid)  # the whole process group: also sweeps up children of a normal exit
+    proc.wait()
+    if proc.stdin:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    if uid >= 0:
+        _kill_uid(uid)
+
+
+def _run(mode: str, program: str, tests: str, cases,
+         timeout: float) -> tuple[bool, str | None, str]:
+    """One run of `program` and its tests in sandbox `mode` (already checked). See run_program."""
+    marker = "SRPO-REPORT-" + secrets.token_hex(16)
+    job = {"program": program, "marker": marker, "home": "/sandbox", "uid": -1, "root": None,
+           "site": [os.path.realpath(d) for d in site.getsitepackages() if os.path.isdir(d)]}
+    if cases is None:
+        job["tests"] = _harden_asserts(tests)
+    else:
+        job["calls"] = [call for call, _ in cases]
+    namespaced = mode != "rlimits"
+    drop, nproc = os.geteuid() == 0, SANDBOX_NPROC if mode == "full" else SANDBOX_NPROC_NO_CGROUP
+    proc, cgroup, run_dir, error, output = None, None, None, None, ""
+    out = os.memfd_create("srpo-sandbox-output")
     try:
-        main_py = os.path.join(run_dir, "main.py")
-        with open(main_py, "w") as f:
-            f.write(program + "\n\n" + tests + "\n")
-        if drop:  # the sandbox user owns its folder and nothing else
-            os.chown(run_dir, SANDBOX_UID, SANDBOX_UID)
-            os.chown(main_py, SANDBOX_UID, SANDBOX_UID)
+        if namespaced:
+            prefix = [shutil.which("unshare") or "unshare", "--pid", "--fork", "--kill-child",
+                      "--net", "--mount", "--ipc"]
+            job["root"] = _root_plan()
+            if mode == "full":
+                cgroup = _Cgroup(_cgroup_layout())
+        else:
+            prefix = []
+            run_dir = tempfile.mkdtemp(prefix=f"srpo-sandbox-{os.getpid()}-")
+            job["home"] = run_dir
+            # Another uid can only run an interpreter that everyone can read (/root is not).
+            drop = drop and all(_hidden_ancestor(p) is None for p in _python_dirs() + [run_dir])
+            nproc = nproc if drop else 0  # RLIMIT_NPROC binds no root, and counts all of a user's
+        join = cgroup.procs if cgroup else []
         cpu = math.ceil(timeout) + 1
 
         def limits():  # runs in the child between fork and exec
@@ -417,89 +1028,178 @@ def run_program(program: str, tests: str, timeout: float = CODE_TIMEOUT):
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
             resource.setrlimit(resource.RLIMIT_AS, (SANDBOX_MEMORY, SANDBOX_MEMORY))
             resource.setrlimit(resource.RLIMIT_FSIZE, (SANDBOX_FSIZE, SANDBOX_FSIZE))
-            resource.setrlimit(resource.RLIMIT_NPROC, (SANDBOX_NPROC, SANDBOX_NPROC))
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            if nproc:
+                resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+            for procs in join:  # "0": the writing process itself
+                with open(procs, "w") as f:
+                    f.write("0")
 
         # A scrubbed environment: nothing of the trainer's (tokens, paths) reaches the program.
-        private_tmp = "/tmp" if overlays else run_dir
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": private_tmp,
-               "TMPDIR": private_tmp, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": job["home"],
+               "TMPDIR": "/tmp" if namespaced else run_dir, "LANG": "C.UTF-8",
+               "PYTHONDONTWRITEBYTECODE": "1"}
         # -S skips the site module: its .pth hooks cost ~60ms a run in a big environment. The
         # site-packages folders go on sys.path directly, so installed packages still import.
-        cfg = {"uid": SANDBOX_UID if drop else -1, "site": site.getsitepackages(),
-               "overlays": _overlays(run_dir) if overlays else []}
-        cmd = [*prefix, sys.executable, "-I", "-S", "-c", _HARNESS, json.dumps(cfg)]
-        # Output goes to a file: RLIMIT_FSIZE caps it, so a program printing gigabytes dies of
-        # SIGXFSZ instead of filling our memory or a pipe.
-        with open(os.path.join(run_dir, "out.txt"), "w+b") as out:
-            error = None
-            # start_new_session: the sandbox is its own process group, so one killpg reaches all
-            # of it (and with unshare, killing unshare tears down the whole PID namespace).
-            proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdin=subprocess.PIPE, stdout=out,
-                                    stderr=subprocess.STDOUT, preexec_fn=limits,
-                                    start_new_session=True, close_fds=True)
-            try:
-                proc.stdin.write((marker + "\n").encode())
-                proc.stdin.close()
-            except OSError:
-                pass  # it died before reading: no marker will appear, which is the verdict
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                error = "timeout"
-                if prefix:
-                    # Kill unshare's child (the namespace's init) first and let unshare reap it:
-                    # killing both at once orphans the init, and a container's PID 1 may never
-                    # reap the zombie.
-                    for pid in _children(proc.pid):
-                        _kill(pid)
-                    try:
-                        proc.wait(timeout=1)
-                    except subprocess.TimeoutExpired:
-                        pass
-            _kill(-proc.pid)  # the whole process group: also sweeps up children of a normal exit
-            proc.wait()
-            out.seek(0, os.SEEK_END)
-            out.seek(max(0, out.tell() - SANDBOX_FSIZE))
-            output = out.read().decode("utf-8", "replace")
-        passed = error is None and output.rstrip("\n").endswith("\n" + marker)
-        return passed, error, output.replace(marker, "<marker>")
+        cmd = [*prefix, sys.executable, "-I", "-S", "-c", _HARNESS]
+        # start_new_session: the run is its own process group, so one killpg reaches all of it.
+        proc = subprocess.Popen(cmd, cwd="/", env=env, stdin=subprocess.PIPE, stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=limits,
+                                start_new_session=True, close_fds=True)
+        if drop:
+            job["uid"] = SANDBOX_UID_BASE + proc.pid  # unique while the run lives
+        try:
+            proc.communicate(json.dumps(job).encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            error = "timeout"
+    except (OSError, subprocess.SubprocessError) as e:
+        error, output = "sandbox_error", f"sandbox setup failed: {e}\n"
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if proc is not None:
+            _stop(proc, namespaced, job["uid"] if not namespaced else -1)
+        size = os.fstat(out).st_size
+        tail = os.pread(out, SANDBOX_FSIZE, max(0, size - SANDBOX_FSIZE))
+        output += tail.decode("utf-8", "replace")
+        os.close(out)
+        if cgroup:
+            cgroup.close()
+        if run_dir:
+            _remove_tree(run_dir)
+    if error is None and proc.returncode == _SETUP_FAILED:
+        error = "sandbox_error"
+    passed, why = _verdict(output, marker, cases) if error is None else (False, error)
+    note = "" if passed else f"\n[srpo] not passed: {why}\n"
+    output = output.replace(marker, "<marker>")[-(SANDBOX_FSIZE - len(note)):] + note
+    return passed, error, output
 
 
-def code_reward(program: str, tests: str, timeout: float = CODE_TIMEOUT) -> float:
-    """1.0 iff `program` followed by `tests` (asserts, or a check(...) call) runs to the end."""
-    passed, error, _ = run_program(program, tests, timeout)
+def _requirement_missing(mode: str) -> str | None:
+    """Why `mode` cannot run on this machine at all, or None."""
+    if mode == "rlimits":
+        return None
+    if os.geteuid() != 0:
+        return "it needs root (namespaces, mounts and a uid of its own for each run)"
+    if shutil.which("unshare") is None:
+        return "it needs util-linux's `unshare`"
+    if os.uname().machine not in _PIVOT_ROOT:
+        return f"pivot_root's system call number is not known here ({os.uname().machine})"
+    if mode == "full":
+        try:
+            _cgroup_layout()
+        except (SandboxUnavailable, OSError) as e:
+            return f"it needs a cgroup per run: {e}"
+    return None
+
+
+def check_sandbox(mode: str | None = None) -> str:
+    """The sandbox mode code will run in: `mode`, else $SRPO_SANDBOX, else "full". Checked once
+    per process by running a real program through it, retried (a check can fail for a passing
+    reason, a full disk say, and a mode is never given up on one failure). Raises
+    SandboxUnavailable when the mode cannot run here: nothing falls back to a weaker one."""
+    mode = mode or os.environ.get(SANDBOX_ENV) or "full"
+    if mode not in SANDBOX_MODES:
+        raise ValueError(f"sandbox must be one of {SANDBOX_MODES}, got {mode!r}")
+    if mode in _sandbox_ok:
+        return mode
+    _remove_stale()
+    why = _requirement_missing(mode)
+    for attempt in range(3 if why is None else 0):
+        time.sleep(0.25 * attempt)
+        passed, error, output = _run(mode, _PROBE_PROGRAM, _PROBE_TESTS,
+                                     parse_cases(_PROBE_TESTS), timeout=5.0)
+        if passed:
+            break
+        why = f"its check program failed ({error or 'wrong result'}): {output[-400:].strip()!r}"
+    else:
+        weaker = SANDBOX_MODES[SANDBOX_MODES.index(mode) + 1:]
+        raise SandboxUnavailable(
+            f"code sandbox {mode!r} is not available on this machine: {why}. Generated code is "
+            f"never run with fewer protections than asked for: run where {mode!r} works, or "
+            + (f"accept a weaker mode ({', '.join(weaker)}) with sandbox=... or {SANDBOX_ENV}=... "
+               f"(the trainer's --sandbox); the README's sandbox section says what each gives"
+               if weaker else "run as root"))
+    _sandbox_ok.add(mode)
+    if mode == "namespaces":
+        log.warning("code sandbox 'namespaces': no cgroup, so a program's memory is capped per "
+                    "process only (%d MiB x %d processes+threads at most)",
+                    SANDBOX_MEMORY >> 20, SANDBOX_NPROC_NO_CGROUP)
+    elif mode == "rlimits":
+        root = os.geteuid() == 0
+        as_root = root and any(_hidden_ancestor(p) for p in _python_dirs())
+        who = ("AS ROOT (the interpreter is in a folder other users cannot enter)" if as_root
+               else "as a uid of its own" if root else f"as this user (uid {os.getuid()})")
+        log.warning("code sandbox 'rlimits': generated code runs on this machine's real "
+                    "filesystem and network, %s, limited only by rlimits and a deadline. Use it "
+                    "only for code you trust, or inside a throwaway VM", who)
+    return mode
+
+
+def run_program(program: str, tests: str, timeout: float = CODE_TIMEOUT,
+                sandbox: str | None = None) -> tuple[bool, str | None, str]:
+    """Run `program` and then its tests (either form, see parse_cases) in the code sandbox, mode
+    `sandbox` (see check_sandbox). Returns (passed, error, output): error is "timeout" when the
+    wall-clock deadline killed the run, "sandbox_error" when the sandbox could not be built (the
+    program did not run), else None; output is the last SANDBOX_FSIZE characters of what it
+    printed, ending with why it did not pass. Raises ValueError for malformed tests and
+    SandboxUnavailable when the mode cannot run here."""
+    _check_str(program, "program")
+    _check_str(tests, "tests")
+    cases = parse_cases(tests)
+    return _run(check_sandbox(sandbox), program, tests, cases, timeout)
+
+
+# -----------------------------------------------------------------------------
+# Scoring one code item (in a worker process, or inline)
+
+def code_reward(program: str, tests: str, timeout: float = CODE_TIMEOUT,
+                sandbox: str | None = None) -> float:
+    """1.0 iff `program` passes `tests` (case form: every CALL gives its LITERAL; assert form:
+    the statements run to the end)."""
+    passed, error, _ = run_program(program, tests, timeout, sandbox)
     if error:
         error_counts[error] += 1
-        log.warning("code_reward: %s after %.1fs, scored 0", error, timeout)
+        log.warning("code_reward: %s, scored 0", error)
     return 1.0 if passed else 0.0
 
 
-def _check_code(completion: str, tests: str, timeout: float) -> tuple[float, str | None]:
+def _check_code(completion: str, tests: str, timeout: float,
+                sandbox: str | None) -> tuple[float, str | None]:
     program = extract_code(completion)
     if not program.strip():
         return 0.0, None  # no code block: wrong, not an error
-    passed, error, _ = run_program(program, tests, timeout)
+    try:
+        passed, error, _ = run_program(program, tests, timeout, sandbox)
+    except ValueError:
+        return 0.0, "bad_reference"  # malformed tests: a data problem, not the policy's
+    except SandboxUnavailable:
+        return 0.0, "sandbox_unavailable"  # this worker could not build it: 0, never weaker
     return (1.0 if passed else 0.0), error
 
 
-def _score_item(domain, completion, reference, timeout) -> tuple[float, str | None]:
+def _score_item(domain, completion, reference, timeout, sandbox=None) -> tuple[float, str | None]:
     """One item's accuracy. Runs in a worker (or inline with workers=0)."""
     if reference == CRASH_FOR_TESTS:
         os._exit(70)  # the documented test hook: die like a segfault would
     if domain == "math":
         return _check_math(completion, reference, timeout)
-    return _check_code(completion, reference, timeout)
+    return _check_code(completion, reference, timeout, sandbox)
 
 
 # -----------------------------------------------------------------------------
 # The worker pool: N processes, one item each at a time, each under a deadline
 
+def _ignore_stop_signals():
+    """Between fork and exec of a worker. Stop signals are the trainer's to handle: Ctrl-C, or a
+    scheduler's SIGTERM/SIGHUP sent to the whole process group, must not kill the items of the step
+    the trainer is finishing. Ignored dispositions survive exec, so the worker is immune from its
+    first instruction (Python keeps an ignored SIGINT ignored). It still ends with the trainer
+    (parent-death signal) or when its socket closes."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _worker_loop(fd: int):
     """Entry point of a worker process: import the verifier once, then score items until EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     _die_with_parent()
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # it logs whole 100k inputs
     import math_verify  # noqa: F401  (sympy takes ~1s to import: pay it before "ready")
@@ -524,7 +1224,7 @@ class _Worker:
         code = f"import sys; sys.path.insert(0, {here!r}); import rewards; " \
                f"rewards._worker_loop({theirs.fileno()})"
         self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, preexec_fn=_ignore_stop_signals)
         theirs.close()
         self.conn = Connection(ours.detach())
         self.ready = False
@@ -635,11 +1335,14 @@ atexit.register(shutdown)
 
 def score_batch(completions: list[str], domains: list[str], references: list[str],
                 workers: int | None = None, math_timeout: float = MATH_TIMEOUT,
-                code_timeout: float = CODE_TIMEOUT, language_penalty: float = 0.0) -> list[Score]:
+                code_timeout: float = CODE_TIMEOUT, language_penalty: float = 0.0,
+                sandbox: str | None = None) -> list[Score]:
     """Score a whole step's rollouts at once, in parallel over `workers` processes (default: one
     per core; 0 scores inline in this process, for debugging, with no hard deadline on math).
-    references[i] is the answer (math) or the test code (code). language_penalty > 0 subtracts
-    that much from the reward of mixed-language responses (the report's penalty; off by default)."""
+    references[i] is the answer (math) or the tests (code). language_penalty > 0 subtracts that
+    much from the reward of mixed-language responses (the report's penalty; off by default).
+    `sandbox` is the code sandbox's mode (see check_sandbox); when the batch holds code, it is
+    checked here first, and SandboxUnavailable stops the caller rather than scoring the batch."""
     if not (len(completions) == len(domains) == len(references)):
         raise ValueError(f"completions, domains and references must have the same length, got "
                          f"{len(completions)}, {len(domains)}, {len(references)}")
@@ -647,14 +1350,19 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
         _check_str(c, f"completions[{i}]")
         _check_domain(d, f"domains[{i}]")
         _check_str(r, f"references[{i}]")
+    if sandbox is not None and sandbox not in SANDBOX_MODES:
+        raise ValueError(f"sandbox must be one of {SANDBOX_MODES}, got {sandbox!r}")
     workers = (os.cpu_count() or 1) if workers is None else workers
     if not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
     if not completions:
         return []
 
+    if "code" in domains:
+        sandbox = check_sandbox(sandbox)  # decided here, once; the workers use exactly this mode
     timeouts = [math_timeout if d == "math" else code_timeout for d in domains]
-    tasks = [(d, c, r, t) for c, d, r, t in zip(completions, domains, references, timeouts)]
+    tasks = [(d, c, r, t, sandbox)
+             for c, d, r, t in zip(completions, domains, references, timeouts)]
     if workers == 0:
         results = [_score_item(*t) for t in tasks]
     else:
@@ -688,11 +1396,9 @@ if __name__ == "__main__":
     prog = "<think>easy</think> <answer>```python\ndef add(a, b):\n    return a + b\n```</answer>"
     t0 = time.time()
     scores = score_batch([good, good, prog, prog, good], ["math", "math", "code", "code", "math"],
-                         ["4", "5", "assert add(1, 2) == 3", "assert add(1, 2) == 4",
-                          CRASH_FOR_TESTS])
+                         ["4", "5", "add(1, 2) == 3", "add(1, 2) == 4", CRASH_FOR_TESTS])
     for s in scores:
         print(s)
     assert [s.accuracy for s in scores] == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert scores[-1].error == "worker_crash"
-    print(f"ok in {time.time() - t0:.1f}s; code sandbox (unshare flags, private mounts, "
-          f"separate user): {_sandbox()}")
+    print(f"ok in {time.time() - t0:.1f}s; code sandbox mode: {check_sandbox()}")

@@ -85,7 +85,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
 
     workloads = [("math", math_items(args.math)), ("code", code_items(args.code))]
-    rewards._sandbox()  # the one-off sandbox probe is not part of any row
+    print(f"code sandbox: {rewards.check_sandbox()}")  # its one-off check is not part of any row
     rows = []
     for mode, w in [("inline (no pool, no deadlines)", 0), ("1 worker", 1),
                     (f"{args.workers} workers", args.workers)]:

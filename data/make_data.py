@@ -14,7 +14,7 @@ Math levels (answers are canonical strings that math-verify compares: "42", "-7"
   1 single-digit addition / subtraction        4 one-step word problems
   2 two-digit addition / subtraction           5 multi-step word problems (2-3 operations)
   3 times tables, small mixed expressions      6 fractions, percentages, decimals (exact answers)
-Code levels (a Python function with a stated signature, checked by plain `assert` lines):
+Code levels (a Python function with a stated signature, checked by the cases in "tests"):
   1 one-liners (map a list, max with a default)  4 primes, rotations, bases, bracket matching
   2 one small loop (count, filtered sums)        5 dynamic programming, intervals, roman numerals
   3 fizzbuzz, palindromes, run-length encoding
@@ -22,11 +22,20 @@ Code levels (a Python function with a stated signature, checked by plain `assert
 Rows (the training loop validates exactly these fields):
   math: {"id", "domain": "math", "question", "answer", "level"}
   code: {"id", "domain": "code", "question", "tests", "solution", "level"}
-The code "solution" is for validation only (tests/test_data.py runs it against "tests"); the
-policy never sees it. Train and test splits share no question: each level draws a pool of
-distinct problems and the test split takes the first few.
+A code row's "tests" is in the case form that rewards.py reads (rewards.parse_cases): one case per
+line, `CALL == LITERAL`, where CALL calls the function and LITERAL is the expected value as a
+Python literal (its repr), e.g.
+    fizzbuzz(3) == ['1', 'Zap', '3']
+    is_divisible(0) == True
+Only the calls run in the sandbox; the expected values stay with the trainer, which compares each
+result with them, exact types included (True is not 1): a program can neither read what it is
+checked against nor skip the check, as it could skip asserts. The code "solution" is for
+validation only (tests/test_data.py runs it against "tests"); the policy never sees it. Train and
+test splits share no question: each level draws a pool of distinct problems and the test split
+takes the first few.
 """
 import argparse
+import ast
 import json
 import math
 import os
@@ -255,7 +264,7 @@ MATH_LEVELS = [math_level1, math_level2, math_level3, math_level4, math_level5, 
 # Code: one template per problem family, each (rng) -> CodeTask. A template writes the solution
 # as source text *and* gives an independent reference `ref` (usually a different idiom, for the
 # hard ones a brute force), and the generator checks they agree on every test input. The expected
-# values in the asserts come from `ref`, so a slip in either one stops generation.
+# values in the cases come from `ref`, so a slip in either one stops generation.
 
 
 @dataclass
@@ -1184,10 +1193,16 @@ def build_code_row(task: CodeTask) -> tuple[str, str, str]:
     lines = []
     for args in task.inputs:
         want, got = task.ref(*args), env[name](*args)
-        if got != want:  # not `assert`: this check must survive `python -O`
+        # Not `assert`: this check must survive `python -O`. The reprs compare types too, as
+        # the reward does (the solution must not return 1 where the reference says True).
+        if got != want or repr(got) != repr(want):
             raise ValueError(f"{task.signature}: solution gives {got!r}, reference {want!r} on {args!r}")
         call = f"{name}({', '.join(map(repr, args))})"
-        lines.append(f"assert {call} == {want!r}")
+        # The expected value travels as its repr and is read back with ast.literal_eval, which
+        # must give the same value and types (repr tells 1 from True and a tuple from a list).
+        if repr(ast.literal_eval(repr(want))) != repr(want):
+            raise ValueError(f"{task.signature}: expected value {want!r} is not a plain literal")
+        lines.append(f"{call} == {want!r}")
         if len(lines) == 1:
             example = f"`{call}` should return `{want!r}`"
     question = f"Write a Python function `{task.signature}` that {task.spec}\nFor example, {example}."

@@ -3,7 +3,8 @@ Tests for the demo data sets in data/ (made by data/make_data.py).
 
 The checks are independent of the generator wherever they can be: math answers are re-derived
 from the question text (a safe evaluator for the arithmetic, one pattern per word-problem
-template), and every code row's solution is run against its tests, which a wrong stub must fail.
+template), and every code row's solution is run against its tests (`CALL == LITERAL` cases, read
+here with ast), which a wrong stub must fail.
 """
 import ast
 import json
@@ -227,20 +228,44 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+def cases(tests: str) -> list[tuple[str, object]]:
+    """(call, expected value) of each line `CALL == LITERAL` (parsed here with ast, independently
+    of rewards.parse_cases); fails on a line of any other shape."""
+    out = []
+    for line in tests.split("\n"):
+        node = ast.parse(line, mode="eval").body
+        assert isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq), \
+            f"not a case `CALL == LITERAL`: {line!r}"
+        out.append((ast.get_source_segment(line, node.left), ast.literal_eval(node.comparators[0])))
+    return out
+
+
+def same(want, got) -> bool:
+    """Equal with exactly the same types all the way down, as the reward compares (True is not 1)."""
+    if type(want) is not type(got):
+        return False
+    if isinstance(want, (list, tuple)):
+        return len(want) == len(got) and all(same(w, g) for w, g in zip(want, got))
+    return want == got
+
+
 def run_program(program: str, tests: str) -> str | None:
-    """None if `program` then `tests` run to the end, else the error."""
+    """None if `program` gives every case's expected value, else the first failure."""
     env = {"__name__": "__data_check__"}
     try:
         with time_limit(5.0):
             exec(compile(program, "<program>", "exec"), env)
-            exec(compile(tests, "<tests>", "exec"), env)
+            for call, want in cases(tests):
+                got = eval(compile(call, "<case>", "eval"), env)
+                if not same(want, got):
+                    return f"{call} gave {got!r}, expected {want!r}"
     except Exception as e:  # noqa: BLE001 - any failure is a fail
         return f"{type(e).__name__}: {e}"
     return None
 
 
 def func_name(row) -> str:
-    return re.match(r"assert (\w+)\(", row["tests"]).group(1)
+    return re.match(r"(\w+)\(", row["tests"]).group(1)
 
 
 def test_code_rows_are_well_formed(rows):
@@ -249,7 +274,8 @@ def test_code_rows_are_well_formed(rows):
             fn = func_name(row)
             lines = row["tests"].split("\n")
             assert len(lines) >= 4, f"{row['id']}: only {len(lines)} tests"
-            assert all(re.match(rf"assert {fn}\(.*\) == ", t) for t in lines), f"{row['id']}: a test is not `assert {fn}(...) == ...`"
+            assert all(re.match(rf"{fn}\(.*\) == ", t) for t in lines), f"{row['id']}: a test is not `{fn}(...) == ...`"
+            assert len(cases(row["tests"])) == len(lines), f"{row['id']}: a line is not one case"
             assert f"`{fn}(" in row["question"], f"{row['id']}: the question does not name `{fn}(...)`"
             tree = ast.parse(row["solution"])
             assert fn in [n.name for n in tree.body if isinstance(n, ast.FunctionDef)], f"{row['id']}: no def {fn}"
