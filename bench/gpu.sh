@@ -2,6 +2,8 @@
 # Every GPU measurement the issues ask for, in named parts, each with its own time limit, so that
 # a lent GPU machine (limited minutes, 10 per command) does a whole part per call:
 #
+#   bash bench/gpu.sh                   # the preflight (every GPU path once, < 3 min), then the GPU tests
+#   bash bench/gpu.sh preflight         # bench/preflight.py alone: run it first on a new machine
 #   bash bench/gpu.sh tests loss        # GPU tests, then bench/loss.py
 #   bash bench/gpu.sh sampler update    # bench/sampler.py, then bench/update.py
 #   bash bench/gpu.sh compare           # SRPO vs GRPO: 2 seeds each, 4 runs side by side on one GPU
@@ -32,8 +34,11 @@ part() {  # part NAME SECONDS COMMAND...: run it with a limit, log it, record it
     echo "$name: exit $rc in $((SECONDS - t0)) s ($*)" | tee -a "$out/summary.txt"
 }
 
-for what in "${@:-tests}"; do
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(preflight tests)
+for what in "${parts[@]}"; do
     case $what in
+        preflight) part preflight 240 python3 bench/preflight.py ;;
         tests)   part tests 300 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_rollout.py \
                      tests/test_srpo.py tests/test_model.py ;;
         loss)    part loss 420 python3 bench/loss.py ;;
@@ -52,6 +57,6 @@ for what in "${@:-tests}"; do
             wait
             part compare 60 python3 bench/compare.py SRPO=runs/cmp-demo-s1,runs/cmp-demo-s2 \
                 GRPO=runs/cmp-grpo-s1,runs/cmp-grpo-s2 --png "$out/compare.png" ;;
-        *) echo "unknown part '$what': tests, loss, sampler, update or compare" >&2; exit 2 ;;
+        *) echo "unknown part '$what': preflight, tests, loss, sampler, update or compare" >&2; exit 2 ;;
     esac
 done

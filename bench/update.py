@@ -220,7 +220,7 @@ def attention_path(cuda: bool, sdpa_causal: bool) -> str:
     if sdpa_causal:
         return "SDPA causal (no doc mask)"
     return {"flash": "flash-attn varlen", "flex": "flex_attention + doc mask",
-            "sdpa": "SDPA + dense doc mask"}[model_mod._packed_attention(cuda)]
+            "sdpa": "SDPA + dense doc mask"}[model_mod._packed_attention(cuda, torch.bfloat16 if cuda else torch.float32)]
 
 
 def use_sdpa_causal(model, on: bool):

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -16,6 +17,17 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models gain nothing from threads, and
+    on a loaded 2-core machine OpenMP's barriers make every small op ~1000x slower. Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where none is present")
     config.addinivalue_line("markers", "cxx: torch.compile for the CPU, which needs a C++ compiler; skipped without one")
@@ -23,7 +35,6 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
     skips = {}
     if not torch.cuda.is_available():
         skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU")

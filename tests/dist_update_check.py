@@ -12,7 +12,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import srpo  # noqa: E402
-from model import Transformer  # noqa: E402
 
 
 def global_batch(vocab: int) -> list:
@@ -33,10 +32,9 @@ def main():
     model_dir, out = sys.argv[1], sys.argv[2]
     rank, world, device = srpo.setup_dist()
     torch.manual_seed(0)
-    model = Transformer.from_pretrained(model_dir)
+    # As srpo.main builds it: with 2 processes on the meta device, sharded, filled from rank 0.
+    model = srpo.build_policy(model_dir, device, rank, world, param_dtype=torch.float32)
     cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.5)
-    if world > 1:
-        srpo.shard_model(model, param_dtype=torch.float32)
     # SGD: the weights after one step are then a linear function of the gradient, so they compare
     # as tightly as the gradients do (Adam's first step is ~lr * sign(grad), noise included).
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)

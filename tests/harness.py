@@ -112,4 +112,6 @@ if __name__ == "__main__":
                 print(f"PAUSED after checkpoint at step {pause_step}", flush=True)
                 time.sleep(600)
         srpo.save_checkpoint = save_then_pause
-    srpo.main(world_args(world, out) + argv)  # later options override the defaults
+    status = srpo.main(world_args(world, out) + argv)  # later options override the defaults
+    srpo.exit_torchrun(status)
+    sys.exit(status)

@@ -15,14 +15,7 @@ from rollout import KVCache, generate, inference_copy
 V = 97
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's
-    # barriers make every small op ~1000x slower. One thread for these tests, restored afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models, one thread
 
 
 def tiny_pair(arch, tie=False, seed=0, sharpen=1.0):

@@ -335,6 +335,20 @@ def test_bad_data_and_config_stop_with_clear_errors(world, tmp_path):
         run(world, tmp_path / "e", G=1)
 
 
+def test_a_sandbox_that_cannot_run_here_stops_the_run_before_training(world, tmp_path):
+    """Issue 15.1: the code sandbox asked for (--sandbox) is checked at start-up, and a mode that
+    cannot run here stops the run naming the option; nothing falls back to a weaker mode."""
+    out = tmp_path / "sb"
+    # Without `unshare` on PATH the namespace modes cannot run (the interpreter's path is absolute).
+    env = dict(os.environ, PATH="/nonexistent")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "harness.py"), world, str(out),
+                        "--sandbox", "namespaces"], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0, f"the run went ahead without its sandbox:\n{p.stdout[-2000:]}"
+    assert "SandboxUnavailable" in p.stderr and "'namespaces'" in p.stderr and "--sandbox" in p.stderr, p.stderr[-2000:]
+    metrics = out / "metrics.jsonl"
+    assert not metrics.exists() or '"step"' not in metrics.read_text(), "training started before the check"
+
+
 def test_resuming_with_other_options_is_refused(world, tmp_path):
     out = tmp_path / "r"
     run(world, out, total_steps=2)
