@@ -88,6 +88,7 @@ class Config:
     eval_prompts: int = field(default=100, metadata={"help": "held-out prompts per domain to evaluate on"})
     eval_k: int = field(default=4, metadata={"help": "samples per eval prompt: pass@1 is their mean accuracy"})
     eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature during evaluation"})
+    eval_domains: str = field(default="math,code", metadata={"help": "comma-separated domains to evaluate (math, code)"})
     wandb_project: str = field(default="", metadata={"help": "also log every record to this Weights & Biases project (needs `pip install wandb`); empty = off"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end"})
     resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there"})
@@ -112,6 +113,8 @@ def parse_config(argv=None) -> Config:
         raise ValueError(f"G={cfg.G}: a group needs at least 2 rollouts to have a mean and a spread")
     if cfg.prompts_per_step < 1 or cfg.total_steps < 1:
         raise ValueError("prompts_per_step and total_steps must be >= 1")
+    if not cfg.eval_domains or not set(cfg.eval_domains.split(",")) <= {"math", "code"}:
+        raise ValueError(f"--eval_domains {cfg.eval_domains!r}: a comma-separated list of math and code")
     if cfg.dtype not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--dtype {cfg.dtype!r}: choose auto, bf16 or fp32")
     return cfg
@@ -597,9 +600,9 @@ def main(argv=None):
     stage_problems = {1: load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)}
     stage_problems[2] = stage_problems[1] + load_problems(cfg.code_train, "code", cfg.max_prompts, cfg.max_level)
     tests = {d: load_problems(p, d, cfg.eval_prompts, cfg.max_level)
-             for d, p in (("math", cfg.math_test), ("code", cfg.code_test))}
+             for d, p in (("math", cfg.math_test), ("code", cfg.code_test)) if d in cfg.eval_domains.split(",")}
     by_id = {p.id: p for p in stage_problems[2]}
-    prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in stage_problems[2] + tests["math"] + tests["code"]}
+    prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in stage_problems[2] + sum(tests.values(), [])}
 
     ref_model = None
     if cfg.kl_coef > 0:  # a frozen copy of the initial policy, only when the KL term is asked for
@@ -799,7 +802,7 @@ def plot_run(metrics_path: str, png_path: str):
     ax[0, 0].plot(x, [r["reward"] for r in steps], label="train reward")
     ax[0, 0].plot(x, [r["zero_adv"] for r in steps], label="zero-advantage groups", alpha=0.7)
     for dom in ("math", "code"):
-        ev = [r for r in recs if r["type"] == "eval"]
+        ev = [r for r in recs if r["type"] == "eval" and f"pass1_{dom}" in r]
         ax[0, 0].plot([r["step"] for r in ev], [r[f"pass1_{dom}"] for r in ev], "o-", label=f"held-out pass@1 {dom}")
         pts = [(r["step"], r[f"acc_{dom}"]) for r in steps if dom == "math" or r["n_code"]]
         if pts:
