@@ -37,7 +37,7 @@ if [ "$what" = "demo" ] || [ "$what" = "grpo" ]; then
             --max_prompts 512 "$@"
     fi
 elif [ "$what" = "qwen" ]; then
-    # A paper-like configuration (SRPO.md): G = 32 rollouts, constant lr 1e-6, AdamW (0.9, 0.95),
+    # A paper-like configuration (the SRPO report, arXiv 2504.14286): G = 32 rollouts, constant lr 1e-6, AdamW (0.9, 0.95),
     # no KL, token-level loss, history resampling, stage 1 math then stage 2 math + code.
     # The paper used 256 prompts a step on a 32B model; 64 fits a 7B model on one 8-GPU node.
     # Memory: 16k-token micro-batches of a 7B model keep ~100 GiB of activations for the backward,

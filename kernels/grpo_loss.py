@@ -3,7 +3,7 @@
     ratio_t = exp(logp_t - logp_old_t)
     L = - sum_t m_t * min(ratio_t * A_t, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A_t) / sum_t m_t
 
-The token-level mean over every unmasked token of the batch (../shared/SRPO.md), not a mean of
+The token-level mean over every unmasked token of the batch (SRPO, arXiv 2504.14286), not a mean of
 per-sequence means. A_t is given per token (N,), or per sequence (B,) with `seq_idx` (N,) saying
 which sequence each token belongs to. `mask` may hold 0/1 or weights; tokens with m_t == 0 are
 excluded with a select, not a multiply, so garbage there (inf/NaN logp_old on padding) cannot

@@ -94,7 +94,7 @@ def test_micro_batches_hold_every_response_token_once():
 
 
 def naive_loss(model, samples, eps_low, eps_high):
-    """The SRPO objective written directly from SRPO.md: full logits, per-token ratio, clipped
+    """The SRPO objective written directly from the report (arXiv 2504.14286): full logits, per-token ratio, clipped
     surrogate, one mean over all response tokens of the batch."""
     num, den = 0.0, 0
     for s in samples:
