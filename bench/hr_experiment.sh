@@ -36,12 +36,20 @@ for s in $SEEDS; do
             flag=$([ "$arm" = grpo ] && echo --no_hr || echo --hr)
             echo "== $arm seed $s -> $out ($(date -u +%H:%M:%S))"
             start=$(date +%s)
+            # A run continues only at the commit it started at: its halves must be the same code.
+            if [ -f "$out/commit" ] && [ "$(cat "$out/commit")" != "$(git rev-parse HEAD)" ]; then
+                echo "$out was started at commit $(cat "$out/commit"), this is $(git rev-parse HEAD):" \
+                     "continue it there (git worktree add DIR $(cat "$out/commit")), or remove $out" >&2
+                exit 1
+            fi
+            mkdir -p "$out" && git rev-parse HEAD > "$out/commit"
             python3 srpo.py $flag --seed "$s" --out_dir "$out" "${common[@]}" > "$out.log" 2>&1 \
                 || { echo "run $out failed; see $out.log" >&2; exit 1; }
             echo "   $(( $(date +%s) - start )) s"
         fi
         mkdir -p "$keep"
         cp "$out/metrics.jsonl" "$out/config.json" "$keep/"
+        [ -f "$out/commit" ] && cp "$out/commit" "$keep/"  # the code the run was made with
     done
 done
 
