@@ -768,13 +768,14 @@ def eos_ids(tok) -> list[int]:
     return sorted(ids)
 
 
-def evaluate(sampler, cache, tok, tests: dict, prompt_ids: dict, cfg: Config, rank: int, world: int, device, seed: int) -> dict:
+def evaluate(sampler, cache, tok, tests: dict, prompt_ids: dict, cfg: Config, rank: int, world: int, device, seed: int,
+             reward_fn=score_responses) -> dict:
     """pass@1 per domain, averaged over eval_k samples per held-out prompt (as the paper reports)."""
     out = {}
     for domain, problems in tests.items():
         mine = problems[rank::world]
         rolls = sample_responses(sampler, cache, tok, mine, prompt_ids, cfg.eval_k, cfg.eval_temperature, cfg, seed)
-        scores = score_responses(tok, mine, rolls, cfg)
+        scores = reward_fn(tok, mine, rolls, cfg)
         correct, count = all_sum([sum(s.accuracy for s in scores), len(scores)], device)
         out[f"pass1_{domain}"] = correct / max(count, 1)
     return out
@@ -1159,15 +1160,17 @@ class StopSignals:
 # The training loop
 
 
-def main(argv=None) -> int:
+def main(argv=None, reward_fn=score_responses) -> int:
     """Start-up, then train(): the run's folder is checked against the model's and locked, and the
     stop signals are caught, for the length of the run. Returns the exit status: 0, or 128 + N when
-    signal N stopped the run (with a checkpoint, as a shell reports a process killed by N)."""
+    signal N stopped the run (with a checkpoint, as a shell reports a process killed by N).
+    reward_fn(tok, problems, rolls, cfg) -> list[rewards.Score] scores rollouts, in training and in
+    evaluation: a fork passes its own here (README, "Fork it")."""
     cfg = parse_config(argv)
     rank, world, device = setup_dist()
     check_out_dir(cfg.out_dir, resolve_model_path(cfg.model))
     with claimed_out_dir(cfg.out_dir, rank), StopSignals() as stop:
-        status = train(cfg, rank, world, device, stop)
+        status = train(cfg, rank, world, device, stop, reward_fn)
     if status:
         args = shlex.join(sys.argv[1:] if argv is None else argv)
         print0(f"to continue the run, rerun the same command, with the same options and --out_dir "
@@ -1176,7 +1179,7 @@ def main(argv=None) -> int:
     return status
 
 
-def train(cfg: Config, rank: int, world: int, device, stop: "StopSignals") -> int:
+def train(cfg: Config, rank: int, world: int, device, stop: "StopSignals", reward_fn=score_responses) -> int:
     """The run: set-up, resume, the epoch/step loop, the final evaluation and export. Returns main's
     exit status."""
     # Precision, decided once: bf16 compute over fp32 master weights on a GPU (cast by FSDP2 when
@@ -1270,7 +1273,8 @@ def train(cfg: Config, rank: int, world: int, device, stop: "StopSignals") -> in
 
     def run_eval(tag):
         sampler = sampler_weights(model, infer)
-        res = evaluate(sampler, cache, tok, tests, prompt_ids, cfg, rank, world, device, seed=cfg.seed + 7919)
+        res = evaluate(sampler, cache, tok, tests, prompt_ids, cfg, rank, world, device, seed=cfg.seed + 7919,
+                       reward_fn=reward_fn)
         print0(f"eval ({tag}) step {st.step} | " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
         log({"type": "eval", "step": st.step, "tag": tag, **res})
 
@@ -1318,7 +1322,7 @@ def train(cfg: Config, rank: int, world: int, device, stop: "StopSignals") -> in
         rolls = sample_responses(sampler, cache, tok, mine, prompt_ids, cfg.G, cfg.temperature, cfg, seed)
         t1 = time.time()
         # --- 2. score them
-        scores = score_responses(tok, mine, rolls, cfg)
+        scores = reward_fn(tok, mine, rolls, cfg)
         probs = [mine[r.prompt_idx] for r in rolls]
         t2 = time.time()
         # --- 3. group-normalised advantages

@@ -97,7 +97,6 @@ def contains_reference(tok, problems, rolls, cfg):
 if __name__ == "__main__":
     # python tests/harness.py WORLD_DIR OUT_DIR [--pause_after_save STEP] [more srpo.py options]
     world, out, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-    srpo.score_responses = contains_reference
     if "--pause_after_save" in argv:
         # Hold still right after the checkpoint of step N is on disk, so a test can SIGKILL the
         # run at a known point (between that checkpoint and the next step).
@@ -112,6 +111,6 @@ if __name__ == "__main__":
                 print(f"PAUSED after checkpoint at step {pause_step}", flush=True)
                 time.sleep(600)
         srpo.save_checkpoint = save_then_pause
-    status = srpo.main(world_args(world, out) + argv)  # later options override the defaults
+    status = srpo.main(world_args(world, out) + argv, reward_fn=contains_reference)  # later options win
     srpo.exit_torchrun(status)
     sys.exit(status)

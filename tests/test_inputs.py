@@ -22,12 +22,7 @@ def world(tmp_path_factory):
 
 def run(world, out, **over):
     """srpo.main in this process on the tiny world, with the harness's reward."""
-    real = srpo.score_responses
-    srpo.score_responses = harness.contains_reference
-    try:
-        srpo.main(harness.world_args(world, str(out), **over))
-    finally:
-        srpo.score_responses = real
+    srpo.main(harness.world_args(world, str(out), **over), reward_fn=harness.contains_reference)
 
 
 def rows(path) -> list[dict]:

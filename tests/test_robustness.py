@@ -48,12 +48,7 @@ def copy_run(trained, out):
 
 def run(world, out, reward=harness.contains_reference, **over) -> list[dict]:
     """srpo.main in this process, with the harness's reward; the run's metrics records."""
-    real = srpo.score_responses
-    srpo.score_responses = reward
-    try:
-        status = srpo.main(harness.world_args(world, str(out), **over))
-    finally:
-        srpo.score_responses = real
+    status = srpo.main(harness.world_args(world, str(out), **over), reward_fn=reward)
     assert status == 0, f"the run ended with status {status}"
     return records(out)
 

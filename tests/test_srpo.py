@@ -24,12 +24,7 @@ def world(tmp_path_factory):
 
 def run(world, out, reward=harness.contains_reference, **over):
     """srpo.main in this process, with the fork-it reward of the harness (or another)."""
-    real = srpo.score_responses
-    srpo.score_responses = reward
-    try:
-        srpo.main(harness.world_args(world, str(out), **over))
-    finally:
-        srpo.score_responses = real
+    srpo.main(harness.world_args(world, str(out), **over), reward_fn=reward)
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 # -----------------------------------------------------------------------------
@@ -238,6 +233,8 @@ def test_a_stage_that_runs_dry_ends_or_waits_for_returning_prompts(world, tmp_pa
     two empty epochs (no steps) and gets all 8 back for epoch 3."""
     recs = run(world, tmp_path / "dry", reward=always_right, total_steps=6, stage1_steps=10)
     assert any(r["type"] == "stage" and r["step"] == 4 for r in recs), "stage 2 should begin when stage 1 runs dry"
+    evals = [(r["pass1_math"], r["pass1_code"]) for r in recs if r["type"] == "eval"]
+    assert evals == [(1.0, 1.0)] * 2, f"main(reward_fn=...) must score the evaluations too: {evals}"
     recs = run(world, tmp_path / "back", reward=always_right, total_steps=6, stage1_steps=10, hr_return_after=2)
     epochs = [(r["epoch"], r["prompts"], r["dropped"], r["returned"]) for r in recs if r["type"] == "epoch"]
     assert epochs[:3] == [(1, 0, 8, 0), (2, 0, 0, 0), (3, 8, 0, 8)], f"epoch ends: {epochs}"
