@@ -22,7 +22,7 @@ Code levels (a Python function with a stated signature, checked by the cases in 
 Rows (the training loop validates exactly these fields):
   math: {"id", "domain": "math", "question", "answer", "level"}
   code: {"id", "domain": "code", "question", "tests", "solution", "level"}
-A code row's "tests" is in the case form that rewards.py reads (rewards.parse_cases): one case per
+A code row's "tests" is in the case form that sandbox.py reads (sandbox.parse_cases): one case per
 line, `CALL == LITERAL`, where CALL calls the function and LITERAL is the expected value as a
 Python literal (its repr), e.g.
     fizzbuzz(3) == ['1', 'Zap', '3']
