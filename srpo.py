@@ -481,7 +481,9 @@ def encode_prompt(tok, p: Problem, one_shot: bool) -> list[int]:
     return tok("".join(f"{'User' if r == 'user' else 'Assistant'}: {c}\n" for r, c in turns) + "Assistant:")["input_ids"]
 
 # -----------------------------------------------------------------------------
-# History resampling: the in-memory buffer of this epoch's outcomes, and the epoch-end filter.
+# The curriculum: history resampling (HR), the in-memory buffer of this epoch's outcomes and the
+# epoch-end filter, and the Curriculum that walks the stages and epochs with it. All of SRPO's data
+# schedule is here; the loop in train() only asks for prompts and reports outcomes.
 
 
 @dataclass
@@ -522,6 +524,84 @@ def epoch_order(ids: list[str], seed: int, stage: int, epoch: int) -> list[str]:
     order = sorted(ids)
     random.Random(f"{seed}-{stage}-{epoch}").shuffle(order)
     return order
+
+
+@dataclass
+class Curriculum:
+    """Where the run is in SRPO's data: the stage (1: math, 2: math + code), the epoch, this epoch's
+    prompt order and position in it, and HR's buffer. The loop asks it for each step's prompts
+    (next_batch) and tells it each step's outcomes (record); the stage switch and the epoch end, with
+    HR's resampling, happen inside next_batch, which returns what it did as (line, record) events
+    for the loop to print and log."""
+    stage_ids: dict = field(default_factory=dict)  # stage -> the prompt ids of that stage
+    per_step: int = 1                              # prompts per step
+    seed: int = 0
+    hr: bool = True                                # --no_hr: every epoch holds every prompt of the stage
+    return_after: int = 0                          # --hr_return_after
+    stage1_steps: int = 0
+    stage1_epochs: int = 0                         # if > 0, the switch counts epochs, not steps
+    # Where the run is: what a checkpoint saves (state_dict), the same layout as before this class
+    stage: int = field(default=1, init=False)
+    epoch: int = field(default=0, init=False)
+    order: list = field(default_factory=list, init=False)  # this epoch's prompt ids, in order
+    pos: int = field(default=0, init=False)                # next index into order
+    history: History = field(default_factory=History, init=False)
+
+    def __post_init__(self):
+        self.order = epoch_order(self.stage_ids.get(1, []), self.seed, 1, 0)
+
+    def next_batch(self, step: int) -> tuple[list[str] | None, list[tuple[str, dict | None]]]:
+        """This step's prompt ids, or None when stage 2 ran dry (the run ends), and the events on the
+        way: (line to print, record to log or None)."""
+        events = []  # returned, not printed here: only the loop knows the rank and the metrics file
+        while True:  # an epoch end may be followed by a stage switch, or by empty epochs (return_after)
+            # --- stage switch: math only -> math + code, with a fresh HR buffer
+            if self.stage == 1 and ((self.stage1_epochs and self.epoch >= self.stage1_epochs)
+                                    or (not self.stage1_epochs and step >= self.stage1_steps)):
+                events.append(self._begin_stage2(step))
+            if self.pos < len(self.order):
+                batch = self.order[self.pos:self.pos + self.per_step]
+                self.pos += len(batch)
+                return batch, events
+            # --- epoch end: history resampling builds the next epoch's prompt list
+            if self.hr:
+                kept, hr = self.history.resample(self.order, self.epoch + 1, self.return_after)
+            else:
+                kept, hr = list(self.stage_ids[self.stage]), {}
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.order = epoch_order(kept, self.seed, self.stage, self.epoch)
+            events.append((f"step {step}: epoch {self.epoch} of stage {self.stage}, {len(kept)} prompts"
+                           + ("" if not hr else " | " + " | ".join(f"{k} {v}" for k, v in hr.items())),
+                           {"type": "epoch", "step": step, "stage": self.stage, "epoch": self.epoch,
+                            "prompts": len(kept), **hr}))
+            if not self.order and not (self.return_after and self.history.dropped):  # else: empty epochs until some return
+                events.append((f"history resampling dropped every prompt of stage {self.stage}: "
+                               f"nothing left to learn there", None))
+                if self.stage == 2:
+                    return None, events
+                events.append(self._begin_stage2(step))
+
+    def record(self, outcomes: list[tuple[str, list[bool]]]):
+        """This step's (prompt id, [correct?] per rollout), for HR at the epoch end. Recorded with
+        --no_hr too (unused then), as before."""
+        for pid, correct in outcomes:
+            self.history.record(pid, correct)
+
+    def _begin_stage2(self, step: int) -> tuple[str, dict]:
+        self.stage, self.epoch, self.pos, self.history = 2, 0, 0, History()  # HR starts afresh on the new set
+        self.order = epoch_order(self.stage_ids[2], self.seed, 2, 0)
+        return (f"step {step}: stage 2 begins, math + code, {len(self.order)} prompts",
+                {"type": "stage", "step": step, "stage": 2, "prompts": len(self.order)})
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "epoch": self.epoch, "order": list(self.order), "pos": self.pos,
+                "history": {"outcomes": copy.deepcopy(self.history.outcomes), "dropped": dict(self.history.dropped)}}
+
+    def load_state_dict(self, s: dict):
+        dropped = s["history"]["dropped"]  # a list of ids in checkpoints older than --hr_return_after
+        self.stage, self.epoch, self.order, self.pos = s["stage"], s["epoch"], s["order"], s["pos"]
+        self.history = History(outcomes=s["history"]["outcomes"],
+                               dropped=dropped if isinstance(dropped, dict) else dict.fromkeys(dropped, 0))
 
 # -----------------------------------------------------------------------------
 # Advantages: normalise rewards within each group of G rollouts of one prompt.
@@ -795,11 +875,7 @@ CKPT_FILE, CKPT_DIR = "checkpoint.pt", "checkpoint"
 @dataclass
 class TrainState:
     step: int = 0
-    stage: int = 1
-    epoch: int = 0
-    order: list = field(default_factory=list)  # this epoch's prompt ids, in order
-    pos: int = 0                               # next index into order
-    history: History = field(default_factory=History)
+    curriculum: Curriculum = field(default_factory=Curriculum)  # stage, epoch, position, HR buffer
 
 
 # Options that may change between a run and its resumption; any other change makes it another run.
@@ -822,8 +898,7 @@ def save_checkpoint(out_dir: str, model, opt, sched, state: TrainState, rank: in
     if opt.state:
         tensors["optimizer"] = get_optimizer_state_dict(model, opt, options=options)
     small = {"scheduler": sched.state_dict(), "config": dataclasses.asdict(cfg), "rng": _gather(_rng_state()),
-             "state": dataclasses.asdict(state) | {"history": {"outcomes": state.history.outcomes,
-                                                               "dropped": state.history.dropped}},
+             "state": {"step": state.step} | state.curriculum.state_dict(),
              "has_optimizer_state": "optimizer" in tensors}
     if world == 1:
         _save_file(os.path.join(out_dir, CKPT_FILE), tensors | small)
@@ -976,9 +1051,10 @@ def open_checkpoint(path: str, cfg: Config, rank: int, world: int) -> dict:
     return small | {"has_optimizer_state": ck.get("has_optimizer_state", True)}  # older ones always had it
 
 
-def load_checkpoint(path: str, small: dict, model, opt, sched, rank: int) -> TrainState:
+def load_checkpoint(path: str, small: dict, model, opt, sched, rank: int, curriculum: Curriculum | None = None) -> TrainState:
     """Fill model and optimizer from the checkpoint at path, whatever number of processes wrote it,
-    and return the run's position. `small` is what open_checkpoint returned."""
+    and return the run's position (the step, and curriculum, or a bare one, filled in). `small` is
+    what open_checkpoint returned."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -1011,16 +1087,15 @@ def load_checkpoint(path: str, small: dict, model, opt, sched, rank: int) -> Tra
     rng = small["rng"][rank] if rank < len(small["rng"]) else small["rng"][0]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    s = small["state"]
-    dropped = s["history"]["dropped"]  # a list of ids in checkpoints older than --hr_return_after
-    h = History(outcomes=s["history"]["outcomes"], dropped=dropped if isinstance(dropped, dict) else dict.fromkeys(dropped, 0))
-    return TrainState(step=s["step"], stage=s["stage"], epoch=s["epoch"], order=s["order"], pos=s["pos"], history=h)
+    curriculum = curriculum or Curriculum()
+    curriculum.load_state_dict(small["state"])
+    return TrainState(step=small["state"]["step"], curriculum=curriculum)
 
 
-def check_resumed_ids(path: str, state: TrainState, by_id: dict, data_files: list[str]):
+def check_resumed_ids(path: str, cur: Curriculum, by_id: dict, data_files: list[str]):
     """A checkpoint names its prompts by id (this epoch's order, HR's buffer). If the data files were
     regenerated since, say so now, not as a KeyError on a prompt id some steps later."""
-    ids = set(state.order) | set(state.history.outcomes) | set(state.history.dropped)
+    ids = set(cur.order) | set(cur.history.outcomes) | set(cur.history.dropped)
     missing = sorted(ids - by_id.keys())
     if missing:
         raise ValueError(f"{path} names {len(missing)} prompt ids that are not in the data files "
@@ -1244,14 +1319,16 @@ def train(cfg: Config, rank: int, world: int, device, stop: "StopSignals", rewar
 
     # --- where we are: fresh, or resumed from the last checkpoint
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    cur = Curriculum({s: [p.id for p in ps] for s, ps in stage_problems.items()}, cfg.prompts_per_step, cfg.seed,
+                     cfg.hr, cfg.hr_return_after, cfg.stage1_steps, cfg.stage1_epochs)
     if resumed:
-        st = load_checkpoint(ckpt, resumed, model, opt, sched, rank)
-        check_resumed_ids(ckpt, st, by_id, [cfg.math_train, cfg.code_train])
-        print0(f"resumed from {ckpt} at step {st.step} (stage {st.stage}, epoch {st.epoch})")
+        st = load_checkpoint(ckpt, resumed, model, opt, sched, rank, cur)
+        check_resumed_ids(ckpt, cur, by_id, [cfg.math_train, cfg.code_train])
+        print0(f"resumed from {ckpt} at step {st.step} (stage {cur.stage}, epoch {cur.epoch})")
         if rank == 0:  # forget metrics logged after that checkpoint: those steps run again
             _truncate_metrics(metrics_path, st.step)
     else:
-        st = TrainState(order=epoch_order([p.id for p in stage_problems[1]], cfg.seed, 1, 0))
+        st = TrainState(curriculum=cur)
         if rank == 0 and os.path.exists(metrics_path):
             os.remove(metrics_path)
 
@@ -1278,44 +1355,22 @@ def train(cfg: Config, rank: int, world: int, device, stop: "StopSignals", rewar
         print0(f"eval ({tag}) step {st.step} | " + " | ".join(f"{k} {v:.3f}" for k, v in res.items()))
         log({"type": "eval", "step": st.step, "tag": tag, **res})
 
-    def begin_stage2():
-        st.stage, st.epoch, st.pos, st.history = 2, 0, 0, History()  # HR starts afresh on the new set
-        st.order = epoch_order([p.id for p in stage_problems[2]], cfg.seed, 2, 0)
-        print0(f"step {st.step}: stage 2 begins, math + code, {len(st.order)} prompts")
-        log({"type": "stage", "step": st.step, "stage": 2, "prompts": len(st.order)})
-
     if st.step == 0:
         run_eval("before")
     from tqdm import tqdm
     bar = tqdm(total=cfg.total_steps, initial=st.step, disable=rank != 0, desc="srpo", dynamic_ncols=True)
     steps_this_run = 0
     while st.step < cfg.total_steps:
-        # --- stage switch: math only -> math + code, with a fresh HR buffer
-        if st.stage == 1 and ((cfg.stage1_epochs and st.epoch >= cfg.stage1_epochs)
-                              or (not cfg.stage1_epochs and st.step >= cfg.stage1_steps)):
-            begin_stage2()
-        # --- epoch end: history resampling builds the next epoch's prompt list
-        if st.pos >= len(st.order):
-            if cfg.hr:
-                kept, hr = st.history.resample(st.order, st.epoch + 1, cfg.hr_return_after)
-            else:
-                kept, hr = [p.id for p in stage_problems[st.stage]], {}
-            st.epoch, st.pos = st.epoch + 1, 0
-            st.order = epoch_order(kept, cfg.seed, st.stage, st.epoch)
-            print0(f"step {st.step}: epoch {st.epoch} of stage {st.stage}, {len(kept)} prompts"
-                   + ("" if not hr else " | " + " | ".join(f"{k} {v}" for k, v in hr.items())))
-            log({"type": "epoch", "step": st.step, "stage": st.stage, "epoch": st.epoch, "prompts": len(kept), **hr})
-            if not st.order and not (cfg.hr_return_after and st.history.dropped):  # else: empty epochs until some return
-                print0(f"history resampling dropped every prompt of stage {st.stage}: nothing left to learn there")
-                if st.stage == 2:
-                    break
-                begin_stage2()
-            continue
-
+        # --- 0. this step's prompts; the stage switch and the epoch end (HR) happen in there
+        batch, events = cur.next_batch(st.step)
+        for line, record in events:
+            print0(line)
+            if record:
+                log(record)
+        if batch is None:  # stage 2 ran dry: nothing left to learn
+            break
         # --- 1. generate G rollouts for each of this rank's prompts
         t0 = time.time()
-        batch = st.order[st.pos:st.pos + cfg.prompts_per_step]
-        st.pos += len(batch)
         mine = [by_id[pid] for pid in batch[rank::world]]
         sampler = sampler_weights(model, infer)
         seed = cfg.seed * 1_000_003 + st.step * 1009 + rank
@@ -1339,8 +1394,7 @@ def train(cfg: Config, rank: int, world: int, device, stop: "StopSignals", rewar
             everyone = [None] * world
             dist.all_gather_object(everyone, outcomes)
             outcomes = [o for part in everyone for o in part]
-        for pid, correct in outcomes:
-            st.history.record(pid, correct)
+        cur.record(outcomes)
         # --- 4. the policy update
         up = policy_update(model, opt, samples, cfg, device, ref_model, world, prec)
         sched.step()
@@ -1356,7 +1410,7 @@ def train(cfg: Config, rank: int, world: int, device, stop: "StopSignals", rewar
         st.step += 1
         steps_this_run += 1
         n = max(sums[1], 1)
-        m = {"type": "step", "step": st.step, "stage": st.stage, "epoch": st.epoch,
+        m = {"type": "step", "step": st.step, "stage": cur.stage, "epoch": cur.epoch,
              "reward": sums[0] / n, "acc_math": sums[5] / max(sums[6], 1), "acc_code": sums[7] / max(sums[8], 1),
              "n_code": sums[8], "zero_adv": sums[2] / max(sums[3], 1), "resp_len": sums[4] / n,
              "reward_errors": sums[9], "gen_tokens": sums[4], "tokens": up["tokens"],

@@ -1,0 +1,136 @@
+"""The curriculum: SRPO's stage switch, epochs and history resampling (HR), without a model."""
+import srpo
+
+MATH = ["m0", "m1", "m2", "m3"]
+CODE = ["c0", "c1"]
+
+
+def curriculum(**over) -> srpo.Curriculum:
+    args = dict(stage_ids={1: MATH, 2: MATH + CODE}, per_step=2, seed=0, hr=True, return_after=0,
+                stage1_steps=100, stage1_epochs=0) | over
+    return srpo.Curriculum(**args)
+
+
+def run_epoch(cur: srpo.Curriculum, step: int, correct: dict) -> tuple[int, list]:
+    """Take batches until the epoch's order is used up, recording `correct[pid]` for each prompt."""
+    seen = []
+    while cur.pos < len(cur.order):
+        batch, events = cur.next_batch(step)
+        assert batch and not events, f"mid-epoch, a batch and no events were expected: {batch}, {events}"
+        cur.record([(pid, correct.get(pid, [True, False])) for pid in batch])
+        seen += batch
+        step += 1
+    return step, seen
+
+
+def test_epoch_end_drops_all_correct_keeps_mixed_all_wrong_and_unseen():
+    """HR at the epoch end: all-correct prompts leave; mixed, all-wrong and never-reached ones stay."""
+    cur = curriculum()
+    assert sorted(cur.order) == MATH and cur.order == srpo.epoch_order(MATH, 0, 1, 0), "epoch 0 is stage 1's shuffle"
+    batch, _ = cur.next_batch(0)
+    cur.record([(pid, [True] * 4) for pid in batch])           # both all-correct
+    batch2, _ = cur.next_batch(1)
+    cur.record([(batch2[0], [True, False]), (batch2[1], [False, False])])
+    batch3, events = cur.next_batch(2)
+    dropped = set(batch)
+    assert set(cur.order) == set(MATH) - dropped, f"epoch 1 holds {cur.order}, dropped should be {dropped}"
+    assert batch3 == cur.order[:2] and cur.pos == 2, "the next batch comes from the new epoch's order"
+    (line, rec), = events
+    assert rec == {"type": "epoch", "step": 2, "stage": 1, "epoch": 1, "prompts": 2, "dropped": 2, "kept_mixed": 1,
+                   "kept_all_wrong": 1, "kept_unseen": 0, "returned": 0}, rec
+    assert line.startswith("step 2: epoch 1 of stage 1, 2 prompts | dropped 2"), line
+    assert cur.order == srpo.epoch_order(list(set(MATH) - dropped), 0, 1, 1), "the epoch's order is seeded"
+    # An unseen prompt (the run stopped recording, e.g. a resume mid-epoch lost nothing) is kept.
+    cur.record([(batch3[0], [True, True])])
+    _, events = cur.next_batch(3)
+    assert events[0][1]["kept_unseen"] == 1 and events[0][1]["dropped"] == 1, events
+
+
+def test_stage_switch_by_steps():
+    """With stage1_steps, stage 2 (math + code, a fresh HR buffer) begins at that step, not before."""
+    cur = curriculum(stage1_steps=3)
+    for step in range(3):
+        batch, events = cur.next_batch(step)
+        assert cur.stage == 1 and all(e[1]["type"] != "stage" for e in events if e[1]), f"step {step}: {events}"
+        cur.record([(pid, [True, False]) for pid in batch])
+    batch, events = cur.next_batch(3)
+    assert cur.stage == 2 and cur.epoch == 0 and cur.history.outcomes == {} and not cur.history.dropped
+    assert events == [("step 3: stage 2 begins, math + code, 6 prompts",
+                       {"type": "stage", "step": 3, "stage": 2, "prompts": 6})], events
+    assert cur.order == srpo.epoch_order(MATH + CODE, 0, 2, 0) and batch == cur.order[:2], "stage 2's epoch 0"
+
+
+def test_stage_switch_by_epochs():
+    """With stage1_epochs, stage 2 begins once that many stage-1 epochs have ended, whatever the step."""
+    cur = curriculum(stage1_epochs=2, stage1_steps=0)
+    step, _ = run_epoch(cur, 0, {})
+    _, events = cur.next_batch(step)                       # epoch 1 of stage 1 begins
+    assert cur.stage == 1 and cur.epoch == 1 and [e[1]["type"] for e in events] == ["epoch"], events
+    cur.record([(pid, [True, False]) for pid in cur.order[:2]])
+    step, _ = run_epoch(cur, step + 1, {})
+    batch, events = cur.next_batch(step)
+    assert [e[1]["type"] for e in events] == ["epoch", "stage"], events  # epoch 2 ends stage 1 at once
+    assert cur.stage == 2 and cur.epoch == 0 and batch == cur.order[:2], (cur.stage, cur.epoch)
+
+
+def test_a_stage_that_runs_dry_ends():
+    """A stage whose every prompt was solved ends: stage 1 goes on to stage 2, stage 2 ends the run."""
+    cur = curriculum(stage_ids={1: MATH[:2], 2: MATH[:2] + CODE})
+    step, _ = run_epoch(cur, 0, dict.fromkeys(MATH, [True] * 2))
+    batch, events = cur.next_batch(step)
+    assert [e[1] and e[1]["type"] for e in events] == ["epoch", None, "stage"], events
+    assert events[0][1]["prompts"] == 0 and "dropped every prompt of stage 1" in events[1][0], events
+    assert cur.stage == 2 and batch, "stage 2 begins after stage 1 ran dry"
+    cur.record([(pid, [True] * 2) for pid in batch])
+    step, _ = run_epoch(cur, step + 1, dict.fromkeys(MATH + CODE, [True] * 2))
+    batch, events = cur.next_batch(step)
+    assert batch is None, "stage 2 ran dry: the run must end"
+    assert [e[1] and e[1]["type"] for e in events] == ["epoch", None], events
+
+
+def test_return_after_passes_empty_epochs_until_prompts_return():
+    """With return_after, a dry stage is not over: empty epochs pass until dropped prompts rejoin."""
+    cur = curriculum(stage_ids={1: MATH[:2], 2: MATH[:2] + CODE}, return_after=3)
+    step, _ = run_epoch(cur, 0, dict.fromkeys(MATH, [True] * 2))
+    batch, events = cur.next_batch(step)
+    recs = [e[1] for e in events]
+    assert [r["epoch"] for r in recs] == [1, 2, 3, 4] and [r["prompts"] for r in recs] == [0, 0, 0, 2], recs
+    assert recs[3]["returned"] == 2 and cur.stage == 1 and cur.epoch == 4, "dropped for epoch 1, back at 1 + 3"
+    assert sorted(batch) == MATH[:2], batch
+
+
+def test_no_hr_keeps_every_prompt():
+    """--no_hr: every epoch holds every prompt of the stage, all-correct or not, and has no HR stats."""
+    cur = curriculum(hr=False)
+    for epoch in range(1, 4):
+        step, _ = run_epoch(cur, 0, dict.fromkeys(MATH, [True] * 2))
+        batch, events = cur.next_batch(step)
+        assert events == [(f"step {step}: epoch {epoch} of stage 1, 4 prompts",
+                           {"type": "epoch", "step": step, "stage": 1, "epoch": epoch, "prompts": 4})], events
+        assert cur.order == srpo.epoch_order(MATH, 0, 1, epoch), "the order must be the stage's seeded shuffle"
+        cur.record([(pid, [True] * 2) for pid in batch])
+
+
+def test_state_round_trips_through_the_checkpoint_layout():
+    """state_dict -> load_state_dict gives a curriculum that continues identically (and the layout is
+    the checkpoint's: stage, epoch, order, pos, history {outcomes, dropped}; old lists of dropped load)."""
+    a = curriculum(return_after=2)
+    step, _ = run_epoch(a, 0, {"m0": [True] * 2, "m1": [False, False]})
+    a.next_batch(step)
+    a.record([(a.order[0], [True, False])])
+    s = a.state_dict()
+    assert set(s) == {"stage", "epoch", "order", "pos", "history"} and set(s["history"]) == {"outcomes", "dropped"}
+    b = curriculum(return_after=2)
+    b.load_state_dict(s)
+    for i in range(12):
+        ba, ea = a.next_batch(step + 1 + i)
+        bb, eb = b.next_batch(step + 1 + i)
+        assert (ba, ea) == (bb, eb), f"step {step + 1 + i}: a resumed curriculum diverged"
+        out = [(pid, [pid < "m2", False]) for pid in ba]
+        a.record(out)
+        b.record(out)
+    assert a.state_dict() == b.state_dict(), "the states diverged"
+    old = s | {"history": {"outcomes": {}, "dropped": ["m0"]}}  # before --hr_return_after: a list of ids
+    b.load_state_dict(old)
+    assert b.history.dropped == {"m0": 0}, b.history.dropped
+
