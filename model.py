@@ -1,10 +1,13 @@
 """
 A decoder-only transformer for the Llama and Qwen2/Qwen2.5 families, written out in full.
 
-One class, `Transformer`, with three ways to run it:
-  1. a padded batch             model(idx, attention_mask=mask)         -> logits (B, T, V)
-  2. packed sequences (training) model(idx, cu_seqlens=cu)                -> logits (1, T, V)
-  3. incremental decoding       model(idx, positions=pos, kv_cache=c)   -> logits (B, T, V)
+One class, `Transformer`, and one forward, with three ways to say how tokens attend:
+  1. a padded batch              model(idx, attention_mask=mask)            -> logits (B, T, V)
+  2. packed sequences (training) model(idx, cu_seqlens=cu)                  -> logits (1, T, V)
+  3. your own attention          model(idx, attend=fn, positions=pos)       -> logits (B, T, V)
+The third is how rollout.py's sampler runs the model against its KV cache: fn(layer, q, k, v) gets
+each layer's rotated queries, keys and values and returns the attention output, and may read and
+write a cache on the way; everything else (norms, projections, rotary, MLP) is this forward's.
 Pass `return_hidden=True` to get the final hidden states (B, T, H) instead of logits: the RL loss
 fuses the lm_head into its kernel (kernels/) so the (T, V) logits never exist. Or pass `head=fn`
 to have fn(hidden, lm_head_weight) run inside forward: with FSDP2 that is where the sharded
@@ -156,12 +159,24 @@ def apply_rotary(x, cos, sin):
 @dataclass
 class AttnInputs:
     """How the tokens of one forward call may attend, worked out once and shared by all layers."""
-    mask: torch.Tensor | None = None         # bool, True = may attend: (B|1, 1, T, S) for SDPA
+    positions: torch.Tensor                  # (B, T) each token's position, for rotary
+    mask: torch.Tensor | None = None         # bool, True = may attend: (B|1, 1, T, T) for SDPA
     cu_seqlens: torch.Tensor | None = None   # (n_docs + 1,) int32, packed sequences for flash-attn
     max_seqlen: int = 0
     block_mask: object = None                # flex_attention's BlockMask, packed sequences
-    positions: torch.Tensor | None = None    # (B, T) positions, where the KV cache is written
-    kv_cache: object = None                  # has .k[layer], .v[layer]: (B, n_kv_heads, S, head_dim)
+
+    def attend(self, layer: int, q, k, v):
+        """Forward's own `attend` (modes 1 and 2): q (B, nh, T, D), k and v (B, nkv, T, D) -> y (B, nh, T, D)."""
+        if self.cu_seqlens is not None:
+            # flash-attn's varlen kernel: documents side by side in one row, no mask materialised.
+            y = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                       self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
+                                       causal=True)
+            return y.transpose(0, 1)[None]                                   # (1, nh, T, D)
+        if self.block_mask is not None:
+            return _flex_attention()(q, k, v, block_mask=self.block_mask, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -174,32 +189,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, a: AttnInputs):
+    def forward(self, x, cos, sin, attend):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-        if a.kv_cache is not None:
-            # Write this call's keys/values at their positions, then attend over the whole cache
-            # row; a.mask hides slots beyond each row's position (stale or never written).
-            kc, vc = a.kv_cache.k[self.layer_idx], a.kv_cache.v[self.layer_idx]  # (B, nkv, S, D)
-            rows = torch.arange(B, device=x.device)[:, None]                      # (B, 1)
-            kc[rows, :, a.positions] = k.transpose(1, 2).to(kc.dtype)           # (B, T, nkv, D) slots
-            vc[rows, :, a.positions] = v.transpose(1, 2).to(vc.dtype)
-            k, v = kc, vc
-
-        if a.cu_seqlens is not None:
-            # flash-attn's varlen kernel: documents side by side in one row, no mask materialised.
-            y = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                                       a.cu_seqlens, a.cu_seqlens, a.max_seqlen, a.max_seqlen, causal=True)
-            y = y.transpose(0, 1)[None]                                          # (1, nh, T, D)
-        elif a.block_mask is not None:
-            y = _flex_attention()(q, k, v, block_mask=a.block_mask, enable_gqa=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=a.mask, is_causal=a.mask is None,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        y = attend(self.layer_idx, q, k, v)                                  # (B, nh, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -222,8 +218,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, a: AttnInputs):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, a)
+    def forward(self, x, cos, sin, attend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -249,32 +245,37 @@ class Transformer(nn.Module):
     def lm_head_weight(self):  # (V, H)
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx, *, attention_mask=None, cu_seqlens=None, kv_cache=None, positions=None,
+    def forward(self, idx, *, attention_mask=None, cu_seqlens=None, attend=None, positions=None,
                 return_hidden=False, head=None):
         """idx: (B, T) token ids. At most one of:
           attention_mask (B, T): 1 = real token, 0 = padding (left or right); padding is never attended.
           cu_seqlens (n+1,): packed sequences in one row (B = 1), boundaries at cu_seqlens[i];
               positions restart at 0 for each, and no token attends across a boundary.
-          kv_cache + positions (B, T): decode against a cache (see rollout.KVCache); row b's tokens sit
-              at positions[b], and attend to the cache row's slots 0..position.
+          attend + positions (B, T): the caller's attention, e.g. against a KV cache (rollout.py). Row b's
+              tokens sit at positions[b]; each layer calls attend(layer, q, k, v) -> y with q (B, nh, T, D),
+              k and v (B, nkv, T, D) after rotary, y (B, nh, T, D).
+        With none of them, every row is one causal sequence from position 0.
         Returns logits (B, T, V) in fp32, hidden states (B, T, H) if return_hidden, or head(hidden, W)."""
         if idx.dim() == 1:
             idx = idx[None]
-        B, T = idx.shape
-        if sum(x is not None for x in (attention_mask, cu_seqlens, kv_cache)) > 1:
-            raise ValueError("pass at most one of attention_mask, cu_seqlens, kv_cache")
+        if sum(x is not None for x in (attention_mask, cu_seqlens, attend)) > 1:
+            raise ValueError("pass at most one of attention_mask, cu_seqlens, attend")
+        if (attend is None) != (positions is None):
+            raise ValueError("attend and positions (B, T) go together: the positions of the caller's attention")
         x = self.embed_tokens(idx)                                   # (B, T, H)
-        # The dtype attention will run in: autocast's when it is on (the weights stay fp32), else
-        # the weights' (bf16 under FSDP2's mixed precision, fp32 on a CPU).
-        dev = idx.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        a = self._attention_inputs(idx, attention_mask, cu_seqlens, kv_cache, positions, dtype)
-        cos, sin = self.rotary(a.positions, x.dtype)                 # (B, 1, T, D) each
-        for block in self.layers:
+        if attend is None:
+            # The dtype attention will run in: autocast's when it is on (the weights stay fp32), else
+            # the weights' (bf16 under FSDP2's mixed precision, fp32 on a CPU).
+            dev = idx.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            a = self._attention_inputs(idx, attention_mask, cu_seqlens, dtype)
+            attend, positions = a.attend, a.positions
+        cos, sin = self.rotary(positions, x.dtype)                   # (B, 1, T, D) each
+        for block in self.layers:  # the one layer loop: training, scoring and sampling all come here
             if self.grad_ckpt and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, a, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attend, use_reentrant=False)
             else:
-                x = block(x, cos, sin, a)
+                x = block(x, cos, sin, attend)
         x = self.norm(x)                                             # (B, T, H)
         if head is not None:
             return head(x, self.lm_head_weight)
@@ -282,19 +283,11 @@ class Transformer(nn.Module):
             return x
         return F.linear(x, self.lm_head_weight).float()              # (B, T, V)
 
-    def _attention_inputs(self, idx, attention_mask, cu_seqlens, kv_cache, positions, dtype) -> AttnInputs:
+    def _attention_inputs(self, idx, attention_mask, cu_seqlens, dtype) -> AttnInputs:
         """Only what the chosen kernel reads: a dense (T, T) mask is built for SDPA alone (at 16k
         packed tokens it is 256 MiB of bools, plus as much again in temporaries while it is built)."""
         B, T = idx.shape
         dev = idx.device
-        if kv_cache is not None:
-            if positions is None:
-                raise ValueError("decoding with kv_cache needs positions (B, T)")
-            S = kv_cache.k[0].shape[2]
-            # Key slot s is visible to the query at position p iff s <= p. Earlier slots of the row
-            # were written by the prefill or by earlier decode steps; later ones are stale.
-            mask = torch.arange(S, device=dev)[None, None, None, :] <= positions[:, None, :, None]
-            return AttnInputs(mask=mask, positions=positions, kv_cache=kv_cache)
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"packed sequences go in one row: idx must be (1, T), got {tuple(idx.shape)}")
@@ -313,17 +306,14 @@ class Transformer(nn.Module):
             return AttnInputs(positions=positions, mask=(causal & (doc[:, None] == doc[None, :]))[None, None])
         if attention_mask is not None:
             valid = attention_mask.to(dev).bool()                                      # (B, T)
-            if positions is None:  # left padding: the first real token is position 0
-                positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # left padding: the first real token is 0
             # Padding keys are hidden. A padding *query* would then see no key at all and give NaN,
             # so it may see itself; its output is junk that nobody reads.
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()               # (T, T)
             eye = torch.eye(T, dtype=torch.bool, device=dev)
             mask = (causal[None] & valid[:, None, :]) | eye[None]                      # (B, T, T)
             return AttnInputs(mask=mask[:, None], positions=positions)
-        if positions is None:
-            positions = torch.arange(T, device=dev)[None].expand(B, T)
-        return AttnInputs(positions=positions)  # mask None: SDPA's own causal path
+        return AttnInputs(positions=torch.arange(T, device=dev)[None].expand(B, T))  # SDPA's own causal path
 
     # -------------------------------------------------------------------------
     # Loading and saving

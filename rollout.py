@@ -19,11 +19,11 @@ How it works, in the order the code runs:
      device, and every step has the same shapes, so on a GPU the step is compiled (torch.compile, to
      fuse the many small ops) and recorded once as a CUDA graph: a step is then one graph replay,
      with no per-op Python or launch overhead. On a CPU the same step runs eagerly.
-  4. Stopping. The device marks a slot done on an EOS id or at max_new_tokens; the host looks only
-     every `sync_every` steps (a device->host copy is a sync that would stall the GPU each step).
-     Stop strings are checked on the host at the same moments. A finished slot is refilled with the
-     next pending request (continuous batching): RL responses have long-tailed lengths, and this
-     keeps the batch full instead of waiting for the longest sequence.
+  4. Stopping (reaping). The device marks a slot done on an EOS id or at max_new_tokens; the host
+     looks only every `sync_every` steps (a device->host copy is a sync that would stall the GPU each
+     step). Stop strings are checked on the host at the same moments. A finished slot is refilled
+     with the next pending request (continuous batching): RL responses have long-tailed lengths, and
+     this keeps the batch full instead of waiting for the longest sequence.
 
 What you get back, per rollout: the response token ids (including the EOS token or the token that
 completed a stop string), the log-prob of each token *under the distribution it was sampled from*
@@ -37,7 +37,10 @@ seeded run is reproducible, CUDA graphs need no RNG bookkeeping, and a request's
 on which slot it got or when it was admitted: continuous batching gives the same rollouts as running
 requests one at a time (up to float rounding across batch sizes).
 
-Attention. Decoding uses flash-attn's KV-cache kernel (`flash_attn_with_kvcache`) when it is
+Attention. The prefill and the decode step run model.py's own forward, with their attention
+plugged in (`model(idx, attend=fn, positions=pos)`): fn writes the layer's keys/values into the
+cache and attends against it. The prefill attends causally within each prompt (SDPA, no mask).
+Decoding uses flash-attn's KV-cache kernel (`flash_attn_with_kvcache`) when it is
 importable and the model is fp16/bf16 on a GPU, registered as a torch op (`flash_decode`) so that
 the compiled step stays one graph. Otherwise a torch fallback: the query heads that
 share a KV head are folded into the query-length axis, (B, n_heads, 1, D) -> (B, n_kv, G, D), so
@@ -46,12 +49,9 @@ fused kernels do not take grouped-query attention together with a mask; the fall
 the whole cache n_heads/n_kv times per step). The fallback attends over the first S_b cache columns,
 S_b = the largest live position rounded up to a bucket, so a cache sized for 4k-token responses does
 not make every step read 4k positions. One CUDA graph is recorded per (batch, S_b bucket, sampling
-mode); the compiled step itself keeps S_b, the batch and top-k dynamic, so it is compiled once per
-sampling mode and model (at most DECODE_VARIANTS times, with a warning past that).
-The decode step below re-runs the model's own modules (norms, projections, MLP, rotary) layer by
-layer with this attention, instead of calling model.py's generic kv_cache path: that path passes
-SDPA a mask together with grouped-query heads, which on a GPU falls to torch's slow math kernel.
-The self-check (and the tests) hold this step to the model's plain forward.
+mode: a DecodeMode); the compiled step itself keeps S_b, the batch and top-k dynamic, so it is
+compiled once per sampling mode and model (at most DECODE_VARIANTS times, with a warning past that).
+The self-check (and the tests) hold prefill and decode steps to the model's plain forward.
 
 Weights after a training step. The sampler reads the model's parameters as they are; call it right
 after optimizer.step() in the same process. CUDA graphs hold pointers to the weights, so they stay
@@ -73,11 +73,12 @@ import heapq
 import warnings
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from model import Transformer, apply_rotary
+from model import Transformer
 
 # flash-attn is optional (a CUDA-only extra); without it decoding uses torch's attention.
 try:
@@ -107,6 +108,17 @@ class Rollout:
     finish: str            # "stop" (EOS id or stop string) or "length" (max_new_tokens)
 
 
+class DecodeMode(NamedTuple):
+    """The part of the sampling settings that is code rather than data: the compiled decode step
+    has a variant per mode (top_k's value >= 2 stays a dynamic int in it) and a CUDA graph is
+    recorded per mode and shape; temperature and top_p are device tensors read at run time.
+    Make one with decode_mode(), which puts it in canonical form."""
+    greedy: bool      # argmax: temperature 0, or top-k 1
+    top_k: int        # 0 = no top-k
+    use_top_p: bool   # top_p < 1: keep the nucleus
+    use_flash: bool   # flash-attn's KV-cache kernel, else SDPA
+
+
 @dataclass
 class GenStats:
     """What the last generate() call did; for benchmarks and curiosity, not needed for training."""
@@ -117,22 +129,32 @@ class GenStats:
 
 
 # -----------------------------------------------------------------------------
-# The KV cache: preallocated buffers plus the per-slot decode state that lives on the device
+# The KV cache: preallocated buffers, the per-slot decode state, and the decode step's graphs
 
 
 class KVCache:
+    """What the sampler keeps from one generate() call to the next, in three parts:
+      1. the KV buffers: keys and values of every slot's sequence, per layer;
+      2. the per-slot decode state, on the device: each slot's last token, position and response
+         so far, and the call's sampling settings, so a decode step never waits for the host;
+      3. the decode step itself: its attention kernel, its compiled function and its recorded
+         CUDA graphs. Set use_flash or use_graphs False to force torch's attention or eager steps.
+    The host's own record of which slot holds which request lives in generate() (Slot)."""
+
     def __init__(self, cfg, n_slots: int, max_len: int, dtype=torch.bfloat16, device="cpu",
                  compile: bool | None = None):
         dev = torch.device(device)
         N, S = n_slots, max_len
         self.n_slots, self.max_len, self.dtype, self.device = N, S, dtype, dev
-        # One tensor per layer rather than one (L, ...) block: each is then a plain input to the
-        # compiled step, written in place (a view of a bigger input would be copied back whole).
+
+        # ---- 1. KV buffers: (N, n_kv_heads, S, head_dim) per layer. One tensor per layer rather
+        # than one (L, ...) block: each is then a plain input to the compiled step, written in
+        # place (a view of a bigger input would be copied back whole).
         shape = (N, cfg.n_kv_heads, S, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(cfg.n_layers)]
 
-        # Per-slot decode state, on the device so a step never waits for the host.
+        # ---- 2. Per-slot decode state, on the device: row s is slot s.
         z = lambda dt: torch.zeros(N, dtype=dt, device=dev)
         self.tok = z(torch.long)       # last sampled token: the next step's input
         self.pos = z(torch.long)       # where that token's k/v go = its position in the sequence
@@ -151,15 +173,17 @@ class KVCache:
         self.seed = torch.zeros((), dtype=torch.long, device=dev)
         self.eos = torch.full((MAX_EOS_IDS,), -1, dtype=torch.long, device=dev)
 
-        self.use_graphs = dev.type == "cuda"
+        # ---- 3. The decode step: kernel, compiled function, recorded CUDA graphs (see run_step).
         # flash-attn's decode kernel when it is installed and applies; set False to use the torch path.
         self.use_flash = (flash_attn_with_kvcache is not None and dev.type == "cuda"
                           and dtype in (torch.float16, torch.bfloat16))
+        # True (inductor), False, or a torch.compile backend (tests count graphs with one)
         self.compile = dev.type == "cuda" if compile is None else compile
-        self.graphs = {}        # (batch, S_b, sampling mode) -> torch.cuda.CUDAGraph
+        self.core = None         # decode_core, compiled or not; made by the first generate()
+        self.use_graphs = dev.type == "cuda"
+        self.graphs = {}         # (batch, S_b, DecodeMode) -> torch.cuda.CUDAGraph
         self.weights_key = None  # which parameter tensors the graphs were recorded with
-        self.core = None        # the decode step's model+sampling part, compiled or not
-        self.stats = GenStats()
+        self.stats = GenStats()  # what the last generate() did
         if self.use_graphs:
             self.pool = torch.cuda.graph_pool_handle()  # graphs share memory: they never overlap
             self.stream = torch.cuda.Stream(device=dev)
@@ -238,26 +262,7 @@ def free_memory(device) -> int | None:
 
 
 # -----------------------------------------------------------------------------
-# The model, run layer by layer with a pluggable attention
-
-
-def run_layers(model: Transformer, x, positions, attend):
-    """model.py's Transformer.forward up to the final norm, with the attention core replaced by
-    attend(layer, q, k, v) -> y, where q (B, nh, T, D), k and v (B, nkv, T, D), y (B, nh, T, D).
-    Everything else (norms, projections, rotary, MLP) is the model's own modules."""
-    B, T, _ = x.shape
-    cos, sin = model.rotary(positions, x.dtype)                          # (B, 1, T, D) each
-    for i, block in enumerate(model.layers):
-        a = block.self_attn
-        h = block.input_layernorm(x)
-        q = a.q_proj(h).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)     # (B, nh, T, D)
-        k = a.k_proj(h).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, D)
-        v = a.v_proj(h).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = attend(i, q, k, v)                                           # (B, nh, T, D)
-        x = x + a.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        x = x + block.mlp(block.post_attention_layernorm(x))
-    return model.norm(x)                                                 # (B, T, H)
+# The model against the cache: model.py's forward with our attention (attend=)
 
 
 def prefill(model, cache: KVCache, prompts: list, dst_slots: list, src: list):
@@ -284,7 +289,7 @@ def prefill(model, cache: KVCache, prompts: list, dst_slots: list, src: list):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
-    h = run_layers(model, model.embed_tokens(idx), positions, attend)    # (P, T, H)
+    h = model(idx, attend=attend, positions=positions, return_hidden=True)  # (P, T, H)
     last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
     h = h[torch.arange(P, device=dev), last]                             # (P, H): last real token
     # Only the last position's logits: the (P, T, V) tensor would be huge for a 150k vocabulary.
@@ -313,11 +318,10 @@ def _(q, k_cache, v_cache, k, v, pos):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def decode_core(model, ks: list, vs: list, tok, pos, n_gen, req, seed, temperature, top_p,
-                attn_len: int, greedy: bool, top_k: int, use_top_p: bool, use_flash: bool):
-    """One decode step for the first B slots: feed tok at pos, write its k/v, attend, sample.
-    Returns the next token (B,) and its log-prob (B,). Pure apart from the cache writes, so it can be
-    compiled; the state update is advance() below."""
+def decode_logits(model, ks: list, vs: list, tok, pos, attn_len: int, use_flash: bool):
+    """The model half of a decode step, for the first B slots: feed tok (B,) at pos (B,), write its
+    k/v into the layer caches ks, vs at column pos, attend to columns 0..pos of its row.
+    Returns the next-token logits (B, V) fp32. attn_len: cache columns the SDPA path reads (> pos)."""
     B = tok.shape[0]
     rows = torch.arange(B, device=tok.device)
     # Key column s is visible to the query at position p iff s <= p: the columns a row has written.
@@ -337,8 +341,16 @@ def decode_core(model, ks: list, vs: list, tok, pos, n_gen, req, seed, temperatu
         y = F.scaled_dot_product_attention(qg, kc[:B, :, :attn_len], vc[:B, :, :attn_len], attn_mask=mask)
         return y.reshape(B, nh, 1, D)
 
-    h = run_layers(model, model.embed_tokens(tok)[:, None], pos[:, None], attend)[:, 0]  # (B, H)
-    logits = F.linear(h, model.lm_head_weight).float()                   # (B, V)
+    h = model(tok[:, None], attend=attend, positions=pos[:, None], return_hidden=True)[:, 0]  # (B, H)
+    return F.linear(h, model.lm_head_weight).float()                     # (B, V)
+
+
+def decode_core(model, ks: list, vs: list, tok, pos, n_gen, req, seed, temperature, top_p,
+                attn_len: int, greedy: bool, top_k: int, use_top_p: bool, use_flash: bool):
+    """One decode step for the first B slots: feed tok at pos, write its k/v, attend, sample.
+    Returns the next token (B,) and its log-prob (B,). Pure apart from the cache writes, so it can be
+    compiled; the state update is advance() below. The last four arguments are a DecodeMode."""
+    logits = decode_logits(model, ks, vs, tok, pos, attn_len, use_flash)  # (B, V)
     u = uniform(seed, req, n_gen)                                        # (B,)
     return sample(logits, u, temperature, top_p, greedy, top_k, use_top_p)
 
@@ -418,13 +430,13 @@ def sample(logits, u, temperature, top_p, greedy: bool, top_k: int, use_top_p: b
 # One decode step, recorded as a CUDA graph on a GPU
 
 
-def decode_mode(temperature: float, top_k: int, top_p: float, use_flash: bool) -> tuple:
-    """(greedy, top_k, use_top_p, use_flash) in a canonical form, so that settings that sample the
-    same way share one compiled variant of the step: top-k 1 is greedy (a point mass either way),
-    and greedy ignores top-k and top-p. That leaves five modes; top_k's value (>= 2) is a dynamic
-    int in the compiled step, so every k shares one."""
+def decode_mode(temperature: float, top_k: int, top_p: float, use_flash: bool) -> DecodeMode:
+    """The DecodeMode of these settings, in a canonical form, so that settings that sample the same
+    way share one compiled variant of the step: top-k 1 is greedy (a point mass either way), and
+    greedy ignores top-k and top-p. That leaves five modes; top_k's value (>= 2) is a dynamic int
+    in the compiled step, so every k shares one."""
     greedy = temperature == 0 or top_k == 1
-    return greedy, 0 if greedy else int(top_k), not greedy and top_p < 1.0, use_flash
+    return DecodeMode(greedy, 0 if greedy else int(top_k), not greedy and top_p < 1.0, use_flash)
 
 
 def attn_bucket(n: int) -> int:
@@ -434,7 +446,20 @@ def attn_bucket(n: int) -> int:
     return -(-n // step) * step
 
 
-def _step(model, cache: KVCache, B: int, attn_len: int, mode: tuple):
+def prepare_step(model, cache: KVCache):
+    """Before the steps of a generate() call: drop recorded graphs that point at other weight
+    tensors (a new model, or parameters replaced rather than updated in place), and make the
+    decode step, compiled or not, once per cache."""
+    weights_key = (id(model),) + tuple(p.data_ptr() for p in model.parameters())
+    if weights_key != cache.weights_key:
+        cache.graphs.clear()
+        cache.weights_key = weights_key
+    if cache.core is None:
+        backend = "inductor" if cache.compile is True else cache.compile
+        cache.core = torch.compile(decode_core, dynamic=True, backend=backend) if cache.compile else decode_core
+
+
+def _step(model, cache: KVCache, B: int, attn_len: int, mode: DecodeMode):
     new, logp = cache.core(model, cache.k, cache.v, cache.tok[:B], cache.pos[:B], cache.n_gen[:B],
                            cache.req[:B], cache.seed, cache.temperature, cache.top_p, attn_len, *mode)
     advance(cache, B, new, logp)
@@ -462,10 +487,12 @@ def _eager_step(model, cache, B, attn_len, mode):
         _step(model, cache, B, attn_len, mode)
 
 
-def run_step(model, cache: KVCache, B: int, attn_len: int, mode: tuple):
+def run_step(model, cache: KVCache, B: int, attn_len: int, mode: DecodeMode):
+    """One decode step over slots 0..B-1 attending to attn_len cache columns: a graph replay on a
+    GPU once this (B, attn_len, mode) has been recorded, else a real step."""
     if not cache.use_graphs:
         return _eager_step(model, cache, B, attn_len, mode)
-    key = (B, attn_len) + mode
+    key = (B, attn_len, mode)
     graph = cache.graphs.get(key)
     if graph is not None:
         graph.replay()
@@ -486,15 +513,27 @@ def run_step(model, cache: KVCache, B: int, attn_len: int, mode: tuple):
 # generate(): admission, decoding, reaping
 
 
+@dataclass
+class Slot:
+    """The host's record of a busy slot (the device's is in KVCache, part 2)."""
+    req: int               # request id: sample req % n of prompt req // n
+    prompt_len: int
+    admitted: int          # the decode step it was admitted at (its token 0 came from the prefill)
+    scanned: int = 0       # response tokens already searched for stop strings
+
+
 @torch.no_grad()
 def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_ids=None, stop_strings=(), tokenizer=None,
              seed: int | None = None, cache: KVCache | None = None, max_slots: int = 256,
              sync_every: int = 16) -> list:
     """Sample n responses for each prompt (lists of token ids). temperature 0 = greedy. eos_ids
-    defaults to the tokenizer's EOS (none without a tokenizer); stop_strings need the tokenizer.
-    seed None draws one from torch's global RNG. Returns len(prompts) * n Rollouts ordered by
-    (prompt index, sample index). See the module docstring for what the log-probs are."""
+    defaults to the tokenizer's EOS (none without a tokenizer). stop_strings: a response also ends,
+    finish "stop", once its decoded text contains one of them, and is cut right after the token
+    that completed it; they need the tokenizer, and are looked for on the host every sync_every
+    steps (what the device generated past the stop meanwhile is dropped). seed None draws one from
+    torch's global RNG. Returns len(prompts) * n Rollouts ordered by (prompt index, sample index).
+    See the module docstring for what the log-probs are."""
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate() needs at least one prompt, and no empty prompt")
     if eos_ids is None:
@@ -513,21 +552,11 @@ def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temper
     if M < 1:
         return [Rollout(r // n, [], [], "length") for r in range(len(prompts) * n)]
 
-    # Recorded graphs point at the weight tensors: keep them only while those are the same tensors.
-    weights_key = (id(model),) + tuple(p.data_ptr() for p in model.parameters())
-    if weights_key != cache.weights_key:
-        cache.graphs.clear()
-        cache.weights_key = weights_key
-    if cache.core is None:
-        # cache.compile: True (inductor), False, or a torch.compile backend (tests count graphs with one)
-        backend = "inductor" if cache.compile is True else cache.compile
-        cache.core = torch.compile(decode_core, dynamic=True, backend=backend) if cache.compile else decode_core
-
-    mode = decode_mode(temperature, top_k, top_p, cache.use_flash)  # what a compiled step / graph bakes in
-    greedy = mode[0]
+    prepare_step(model, cache)
+    mode = decode_mode(temperature, top_k, top_p, cache.use_flash)
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, ()))
-    cache.temperature.fill_(1.0 if greedy else temperature)
+    cache.temperature.fill_(1.0 if mode.greedy else temperature)
     cache.top_p.fill_(top_p)
     cache.max_new.fill_(M)
     cache.seed.fill_(seed)
@@ -537,69 +566,32 @@ def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temper
     R = len(prompts) * n                  # requests; request r is sample r % n of prompt r // n
     B = min(cache.n_slots, R)             # slots decoded per step; fixed, so shapes are static
     cache.done[:B] = True
-    cache.stats = stats = GenStats(batch=B)
+    cache.stats = GenStats(batch=B)
     results = [None] * R
     pending = deque(range(R))
     free = list(range(B))                 # a heap: refill the lowest slots first
-    active = {}                           # slot -> (request, prompt length, step admitted)
-    checked = {}                          # slot -> tokens already scanned for stop strings
+    active = {}                           # slot -> Slot, for the busy ones
     # Refill in batches: each prefill is a separate (uncaptured) forward, so refilling one slot at
     # a time would cost more than the idle slots do. (A prompt whose samples land in two admission
     # batches is prefilled twice; that is the only waste.)
     admit_min = max(1, B // 8)
-    window = max((len(s) for s in stop_strings), default=0) + 8  # tokens that can hold a stop string
-    step = 0
+    step = 0                              # decode steps so far
 
     while pending or active:
-        # ---- admission: prefill each newly admitted prompt once, copy it into its samples' slots
+        # ---- 1. admission: prefill each newly admitted prompt once, copy it into its samples' slots
         if pending and free and (len(free) >= admit_min or not active):
             reqs = [pending.popleft() for _ in range(min(len(free), len(pending)))]
             slots = [heapq.heappop(free) for _ in reqs]
-            _admit(model, cache, prompts, n, reqs, slots, mode, stats)
-            for r, s in zip(reqs, slots):
-                active[s] = (r, len(prompts[r // n]), step)
-                checked[s] = 0
-
-        # ---- decode until the next look: sync_every steps, or sooner if a slot hits max_new_tokens
-        # (its deadline is known on the host: token 0 comes from the prefill, one more per step).
-        k = min([sync_every] + [t0 + M - 1 - step for _, _, t0 in active.values()])
-        if k > 0:
-            longest = max(L + min(step + k - t0, M) for _, L, t0 in active.values())
-            attn_len = min(attn_bucket(longest), cache.max_len)
-            for _ in range(k):
-                run_step(model, cache, B, attn_len, mode)
-            step += k
-            stats.decode_steps += k
-
-        # ---- reap: one device->host copy says which slots finished, and how far each got
-        state = torch.stack([cache.done[:B].long(), cache.n_gen[:B]]).cpu()  # (2, B)
-        finished = {s: int(state[1, s]) for s in active if state[0, s]}
-        stop_hits = set()
-        if stop_strings:
-            n_max = int(state[1].max())
-            toks = cache.out_tok[:B, :n_max].cpu()
-            for s in active:
-                m = _find_stop(tokenizer, toks[s, :int(state[1, s])].tolist(), checked[s], stop_strings, window)
-                if m is not None:
-                    finished[s] = m       # keep tokens up to the one that completed the stop string
-                    stop_hits.add(s)
-                checked[s] = int(state[1, s])
-        if not finished:
-            continue
-        slots = sorted(finished)
-        idx = torch.tensor(slots, device=cache.device)
-        width = max(finished.values())
-        toks, logps = cache.out_tok[idx, :width].cpu(), cache.out_logp[idx, :width].cpu()
-        cache.done[idx] = True            # stop-string hits were still live on the device
-        for i, s in enumerate(slots):
-            r, _, _ = active.pop(s)
-            m = finished[s]
-            tokens = toks[i, :m].tolist()
-            # The device stops a slot at an EOS id or at M tokens; a stop string is the host's call.
-            stopped = s in stop_hits or tokens[-1] in eos_ids
+            _admit(model, cache, prompts, n, reqs, slots, mode)
+            active.update((s, Slot(r, len(prompts[r // n]), step)) for r, s in zip(reqs, slots))
+        # ---- 2. decoding, on the device, until the host should look again
+        step += _decode(model, cache, B, active, step, M, sync_every, mode)
+        # ---- 3. reaping: the finished slots' rollouts; their slots go back to the free heap
+        for s, ro in _reap(cache, B, active, n, eos_ids, stop_strings, tokenizer):
+            r = active.pop(s).req
             if results[r] is not None:
                 raise RuntimeError(f"request {r} finished twice: slot bookkeeping is broken")
-            results[r] = Rollout(r // n, tokens, logps[i, :m].tolist(), "stop" if stopped else "length")
+            results[r] = ro
             heapq.heappush(free, s)
     missing = [r for r, x in enumerate(results) if x is None]
     if missing:
@@ -607,7 +599,7 @@ def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temper
     return results
 
 
-def _admit(model, cache: KVCache, prompts, n, reqs, slots, mode, stats):
+def _admit(model, cache: KVCache, prompts, n, reqs, slots, mode: DecodeMode):
     """Prefill the distinct prompts among the admitted requests (chunked to bound activation
     memory), sample each request's first token, and set up its slot's decode state."""
     dev = cache.device
@@ -624,13 +616,13 @@ def _admit(model, cache: KVCache, prompts, n, reqs, slots, mode, stats):
                       [at[r // n] for r, _ in mine])                     # (P, V)
         for p, j in at.items():
             logits[p] = out[j]
-        stats.prefills += 1
+        cache.stats.prefills += 1
         chunk = [i] if i is not None else []
     req = torch.tensor(reqs, device=dev)
     s = torch.tensor(slots, device=dev)
     first_logits = torch.stack([logits[r // n] for r in reqs])          # (A, V)
     u = uniform(cache.seed, req, torch.zeros_like(req))                 # token 0 of each request
-    tok, logp = sample(first_logits, u, cache.temperature, cache.top_p, *mode[:3])
+    tok, logp = sample(first_logits, u, cache.temperature, cache.top_p, mode.greedy, mode.top_k, mode.use_top_p)
     cache.tok[s] = tok
     cache.pos[s] = torch.tensor([len(prompts[r // n]) for r in reqs], device=dev)
     cache.n_gen[s] = 1
@@ -638,15 +630,65 @@ def _admit(model, cache: KVCache, prompts, n, reqs, slots, mode, stats):
     cache.out_tok[s, 0] = tok
     cache.out_logp[s, 0] = logp
     cache.done[s] = (tok[:, None] == cache.eos).any(-1) | (cache.max_new <= 1)
-    stats.admitted += len(reqs)
+    cache.stats.admitted += len(reqs)
 
 
-def _find_stop(tokenizer, tokens, start, stop_strings, window):
+def _decode(model, cache: KVCache, B: int, active: dict, step: int, M: int, sync_every: int,
+            mode: DecodeMode) -> int:
+    """Decode steps until the host's next look: sync_every of them, or fewer if a slot reaches
+    max_new_tokens (M) sooner. Its deadline is known on the host: token 0 came from the prefill,
+    one more comes from each step. Returns how many steps ran."""
+    k = min([sync_every] + [slot.admitted + M - 1 - step for slot in active.values()])
+    if k <= 0:
+        return 0
+    # Attend over the cache columns the longest sequence can reach in these k steps, bucketed.
+    longest = max(slot.prompt_len + min(step + k - slot.admitted, M) for slot in active.values())
+    attn_len = min(attn_bucket(longest), cache.max_len)
+    for _ in range(k):
+        run_step(model, cache, B, attn_len, mode)
+    cache.stats.decode_steps += k
+    return k
+
+
+def _reap(cache: KVCache, B: int, active: dict, n: int, eos_ids: tuple, stop_strings, tokenizer) -> list:
+    """The busy slots that have finished, as (slot, Rollout) pairs; marked done on the device too.
+    One device->host copy says which slots the device stopped (EOS id or max_new_tokens) and how
+    far each got; stop strings are looked for here, on the host."""
+    state = torch.stack([cache.done[:B].long(), cache.n_gen[:B]]).cpu()  # (2, B)
+    finished = {s: int(state[1, s]) for s in active if state[0, s]}     # slot -> response tokens
+    stop_hits = set()
+    if stop_strings:
+        toks = cache.out_tok[:B, :int(state[1].max())].cpu()
+        for s, slot in active.items():
+            m = _find_stop(tokenizer, toks[s, :int(state[1, s])].tolist(), slot.scanned, stop_strings)
+            if m is not None:
+                finished[s] = m           # keep tokens up to the one that completed the stop string
+                stop_hits.add(s)
+            slot.scanned = int(state[1, s])
+    if not finished:
+        return []
+    slots = sorted(finished)
+    idx = torch.tensor(slots, device=cache.device)
+    width = max(finished.values())
+    toks, logps = cache.out_tok[idx, :width].cpu(), cache.out_logp[idx, :width].cpu()
+    cache.done[idx] = True                # stop-string hits were still live on the device
+    out = []
+    for i, s in enumerate(slots):
+        m = finished[s]
+        tokens = toks[i, :m].tolist()
+        # The device stops a slot at an EOS id or at M tokens; a stop string is the host's call.
+        stopped = s in stop_hits or tokens[-1] in eos_ids
+        out.append((s, Rollout(active[s].req // n, tokens, logps[i, :m].tolist(), "stop" if stopped else "length")))
+    return out
+
+
+def _find_stop(tokenizer, tokens, start, stop_strings):
     """The smallest m > start such that the text of tokens[:m] contains a stop string, or None.
-    Only the last `window` tokens before each candidate are decoded: a cheap test first, then the
-    exact position."""
+    Only the last tokens before each candidate are decoded (enough to hold the longest stop string):
+    a cheap test first, then the exact position."""
     if len(tokens) <= start:
         return None
+    window = max(len(s) for s in stop_strings) + 8  # a token is >= 1 character, bar a few byte pieces
     lo = max(0, start - window)
     if not any(s in tokenizer.decode(tokens[lo:]) for s in stop_strings):
         return None

@@ -90,7 +90,10 @@ def load_run(path: str, metric: str = "pass1_mean") -> Run:
     if len(evals) < 2:
         raise ValueError(f"{f} has {len(evals)} evaluation(s): a comparison needs the one before training "
                          f"and at least one after (run srpo.py with --eval_every N)")
-    dropped = sum(r.get("dropped", 0) for r in records if r["type"] == "epoch")
+    config = os.path.join(path, "config.json")
+    hr = json.load(open(config)).get("hr", True) if os.path.exists(config) else True
+    # With --no_hr an epoch record counts what HR *would* have dropped: nothing was.
+    dropped = sum(r.get("dropped", 0) for r in records if r["type"] == "epoch") if hr else 0
     final = {k: v for k, v in [r for r in records if r["type"] == "eval"][-1].items() if k.startswith("pass1_")}
     return Run(path, evals, steps, dropped, final)
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import model as model_mod  # noqa: E402
 import rollout  # noqa: E402
+import plumbing  # noqa: E402
 import srpo  # noqa: E402
 from model import Transformer  # noqa: E402
 from rollout import KVCache, generate  # noqa: E402
@@ -164,21 +165,23 @@ def check_triton_loss():
 
 def fsdp_worker(out: str):
     """One update of a tiny model on this rank's share of a fixed batch; rank 0 saves loss and grads."""
-    rank, world, device = srpo.setup_dist()
+    rank, world, device = plumbing.setup_dist()
     m = tiny(device=device, sharpen=1.0)
     if world > 1:
-        srpo.shard_model(m, param_dtype=torch.float32)   # fp32 compute: the comparison can be tight
+        plumbing.shard_model(m, param_dtype=torch.float32)   # fp32 compute: the comparison can be tight
     g = torch.Generator().manual_seed(0)
     samples = [srpo.Sample(torch.randint(0, 512, (20 + 7 * i,), generator=g).tolist(), 8,   # 8 prompt tokens
                            (-6.2 + torch.rand(12 + 7 * i, generator=g)).tolist(), float(torch.randn((), generator=g)))
                for i in range(8)]
     cfg = srpo.Config(micro_tokens=60, lr=0.0, grad_clip=0.0, dtype="fp32", reference_loss=False)
-    stats = srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples[rank::world], cfg, device, world=world)
+    prec = plumbing.decide_precision(device.type, world, sharded=world > 1, dtype=cfg.dtype)
+    stats = srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples[rank::world],
+                               srpo.UpdateSettings.from_config(cfg), prec, device, world=world)
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
     grads = [full(p.grad).float().cpu() for p in m.parameters()]
     if rank == 0:
-        torch.save({"loss": stats["loss"], "grads": grads}, out)
-    srpo.close_dist()
+        torch.save({"loss": stats.loss, "grads": grads}, out)
+    plumbing.close_dist()
 
 
 def check_fsdp():
@@ -209,9 +212,10 @@ def check_bf16_update():
     res = []
     for dtype in ("fp32", "bf16"):
         m = tiny(sharpen=1.0)
-        prec = srpo.decide_precision("cuda", 1, sharded=False, dtype=dtype)
-        stats = srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples, cfg, "cuda", prec=prec)
-        res.append((stats["loss"], torch.cat([p.grad.flatten().float() for p in m.parameters()])))
+        prec = plumbing.decide_precision("cuda", 1, sharded=False, dtype=dtype)
+        stats = srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples, srpo.UpdateSettings.from_config(cfg),
+                                   prec, "cuda")
+        res.append((stats.loss, torch.cat([p.grad.flatten().float() for p in m.parameters()])))
     (l32, g32), (l16, g16) = res
     cos = F.cosine_similarity(g32, g16, dim=0).item()
     if abs(l16 - l32) > 2e-2 * abs(l32) + 1e-4 or cos < 0.99:

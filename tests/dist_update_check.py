@@ -5,12 +5,14 @@ weights) must not depend on the number of processes. tests/test_srpo.py runs and
     python tests/dist_update_check.py MODEL_DIR OUT.pt
     torchrun --nproc_per_node 2 tests/dist_update_check.py MODEL_DIR OUT.pt
 """
+import dataclasses
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import plumbing  # noqa: E402
 import srpo  # noqa: E402
 
 
@@ -30,24 +32,26 @@ def global_batch(vocab: int) -> list:
 
 def main():
     model_dir, out = sys.argv[1], sys.argv[2]
-    rank, world, device = srpo.setup_dist()
+    rank, world, device = plumbing.setup_dist()
     torch.manual_seed(0)
     # As srpo.main builds it: with 2 processes on the meta device, sharded, filled from rank 0.
-    model = srpo.build_policy(model_dir, device, rank, world, param_dtype=torch.float32)
+    model = plumbing.build_policy(model_dir, device, rank, world, param_dtype=torch.float32)
     cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.5)
     # SGD: the weights after one step are then a linear function of the gradient, so they compare
     # as tightly as the gradients do (Adam's first step is ~lr * sign(grad), noise included).
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     samples = global_batch(model.config.vocab_size)
-    stats = srpo.policy_update(model, opt, samples[rank::world], cfg, device, world=world)
+    prec = plumbing.decide_precision(device.type, world, sharded=world > 1)
+    stats = srpo.policy_update(model, opt, samples[rank::world], srpo.UpdateSettings.from_config(cfg), prec, device,
+                               world=world)
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
     grads = {n: full(p.grad).detach().clone() for n, p in model.named_parameters()}
     weights = {n: full(p).detach().clone() for n, p in model.named_parameters()}
     if rank == 0:
-        torch.save({"stats": stats, "grads": grads, "weights": weights}, out)
-    srpo.close_dist()
+        torch.save({"stats": dataclasses.asdict(stats), "grads": grads, "weights": weights}, out)
+    plumbing.close_dist()
 
 
 if __name__ == "__main__":
     main()
-    srpo.exit_torchrun()
+    plumbing.exit_torchrun()

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import rewards  # noqa: E402
+import plumbing  # noqa: E402
 import srpo  # noqa: E402
 
 def bench_module(name: str):
@@ -103,14 +104,14 @@ if __name__ == "__main__":
         i = argv.index("--pause_after_save")
         pause_step = int(argv[i + 1])
         del argv[i:i + 2]
-        real_save = srpo.save_checkpoint
+        real_save = plumbing.save_checkpoint
 
-        def save_then_pause(path, model, opt, sched, state, rank, cfg):
-            real_save(path, model, opt, sched, state, rank, cfg)
-            if state.step == pause_step:
+        def save_then_pause(path, model, opt, sched, position, rank, cfg):
+            real_save(path, model, opt, sched, position, rank, cfg)
+            if position["step"] == pause_step:
                 print(f"PAUSED after checkpoint at step {pause_step}", flush=True)
                 time.sleep(600)
-        srpo.save_checkpoint = save_then_pause
+        plumbing.save_checkpoint = save_then_pause
     status = srpo.main(world_args(world, out) + argv, reward_fn=contains_reference)  # later options win
-    srpo.exit_torchrun(status)
+    plumbing.exit_torchrun(status)
     sys.exit(status)

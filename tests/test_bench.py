@@ -18,6 +18,7 @@ def smoke(name: str) -> str:
 
 
 def test_loss_benchmark_methods_compute_the_same_loss():
+    """bench/loss.py's timed methods (srpo kernels and naive torch among them) print the same loss per shape."""
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in smoke("loss.py").splitlines()
             if re.match(r"\| \d+ \| \d+ \|", line)]
     by_shape = {}
@@ -31,6 +32,7 @@ def test_loss_benchmark_methods_compute_the_same_loss():
 
 
 def test_update_benchmark_runs_every_variant():
+    """bench/update.py prints a row for each of 2 budgets x 4 variants, and no row says FAILED or OOM."""
     out = smoke("update.py")
     rows = [line for line in out.splitlines() if re.match(r"\| \d+ \(\d+ mb\) \|", line)]
     assert len(rows) == 8, f"expected 2 budgets x 4 variants:\n{out}"
@@ -39,5 +41,6 @@ def test_update_benchmark_runs_every_variant():
 
 @pytest.mark.cxx
 def test_sampler_benchmark_compiled_equals_eager():
+    """bench/sampler.py's compiled decode step gives the eager step's greedy tokens on both toy model shapes."""
     out = smoke("sampler.py")
     assert out.count("compiled step == eager step") == 2, out

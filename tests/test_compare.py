@@ -32,6 +32,7 @@ def write_run(path, tokens_per_step, evals, zero_adv=0.5, dropped=(), rollouts=8
 
 
 def test_steps_and_tokens_to_target_and_their_ratio(tmp_path, capsys):
+    """Steps and tokens to the default target, the token ratio to the first arm and seed spreads are right."""
     # pass1_mean per eval: a1 0.2 -> 0.5 (step 2) -> 0.6; a2 0.2 -> 0.4 -> 0.7; b 0.2 -> 0.3 -> 0.5.
     a1 = write_run(tmp_path / "a1", 100, {0: (0.3, 0.1), 2: (0.6, 0.4), 4: (0.7, 0.5)}, dropped={2: 3})
     a2 = write_run(tmp_path / "a2", 100, {0: (0.3, 0.1), 2: (0.5, 0.3), 4: (0.8, 0.6)}, dropped={2: 1, 4: 2})
@@ -53,6 +54,7 @@ def test_steps_and_tokens_to_target_and_their_ratio(tmp_path, capsys):
 
 
 def test_a_target_nobody_reaches_and_one_metric(tmp_path):
+    """A run short of --target reads "not reached" and its token ratio "n/a"; --metric scores one field only."""
     a = write_run(tmp_path / "a", 10, {0: (0.1, 0.0), 3: (0.4, 0.0)})
     b = write_run(tmp_path / "b", 10, {0: (0.1, 0.0), 3: (0.2, 0.9)})
     text = compare.main([f"A={a}", f"B={b}", "--metric", "pass1_math", "--target", "0.3"])
@@ -63,6 +65,7 @@ def test_a_target_nobody_reaches_and_one_metric(tmp_path):
 
 
 def test_bad_input_is_named(tmp_path):
+    """A missing folder, one evaluation, no LABEL=, an unknown metric or bad JSON raises an error naming it."""
     one_eval = tmp_path / "one"
     os.makedirs(one_eval)
     (one_eval / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": 0, "pass1_math": 0.1}) + "\n")
@@ -81,6 +84,7 @@ def test_bad_input_is_named(tmp_path):
 
 
 def test_zero_advantage_fraction_counts_groups_not_steps(tmp_path):
+    """The zero-advantage share weights steps by rollouts (HR steps hold fewer); the trained share is by tokens."""
     # Step 1: 8 rollouts, all in zero-advantage groups; steps 2-4: 2 rollouts each, none. Per step
     # that averages 0.25; per group 8 of 14 rollouts, 0.571.
     a = write_run(tmp_path / "a", 100, {0: (0.1, 0.0), 4: (0.4, 0.0)},

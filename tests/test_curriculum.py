@@ -100,19 +100,32 @@ def test_return_after_passes_empty_epochs_until_prompts_return():
 
 
 def test_no_hr_keeps_every_prompt():
-    """--no_hr: every epoch holds every prompt of the stage, all-correct or not, and has no HR stats."""
+    """--no_hr keeps every prompt and counts what HR would have done, under HR's keys (issue 14, item 3).
+
+    --no_hr: every epoch holds every prompt of the stage, all-correct or not, and its record counts
+    what HR would have dropped, under the keys of an HR epoch record (issue 14, item 3)."""
     cur = curriculum(hr=False)
+    with_hr = curriculum()
+    run_epoch(with_hr, 0, dict.fromkeys(MATH, [True] * 2))
+    hr_keys = set(with_hr.next_batch(2)[1][0][1])
+    outcomes = dict(dict.fromkeys(MATH, [True] * 2), m0=[False] * 2, m1=[True, False])
     for epoch in range(1, 4):
-        step, _ = run_epoch(cur, 0, dict.fromkeys(MATH, [True] * 2))
+        # m0 all wrong, m1 mixed, the others all correct: counted anew each epoch
+        step, _ = run_epoch(cur, 0, outcomes)
         batch, events = cur.next_batch(step)
-        assert events == [(f"step {step}: epoch {epoch} of stage 1, 4 prompts",
-                           {"type": "epoch", "step": step, "stage": 1, "epoch": epoch, "prompts": 4})], events
+        assert events == [(f"step {step}: epoch {epoch} of stage 1, 4 prompts | HR off, it would have: dropped 2 | "
+                           f"kept_mixed 1 | kept_all_wrong 1 | kept_unseen 0 | returned 0",
+                           {"type": "epoch", "step": step, "stage": 1, "epoch": epoch, "prompts": 4, "dropped": 2,
+                            "kept_mixed": 1, "kept_all_wrong": 1, "kept_unseen": 0, "returned": 0})], events
+        assert set(events[0][1]) == hr_keys, "an epoch record has the same keys with HR on or off"
         assert cur.order == srpo.epoch_order(MATH, 0, 1, epoch), "the order must be the stage's seeded shuffle"
-        cur.record([(pid, [True] * 2) for pid in batch])
+        cur.record([(pid, outcomes[pid]) for pid in batch])
 
 
 def test_state_round_trips_through_the_checkpoint_layout():
-    """state_dict -> load_state_dict gives a curriculum that continues identically (and the layout is
+    """A curriculum restored from its state_dict continues exactly as the original, old layouts included.
+
+    state_dict -> load_state_dict gives a curriculum that continues identically (and the layout is
     the checkpoint's: stage, epoch, order, pos, history {outcomes, dropped}; old lists of dropped load)."""
     a = curriculum(return_after=2)
     step, _ = run_epoch(a, 0, {"m0": [True] * 2, "m1": [False, False]})

@@ -43,6 +43,7 @@ def rows():
 
 
 def test_regenerating_gives_identical_bytes(tmp_path):
+    """The shipped data/*.jsonl equal, byte for byte, what a fresh `python data/make_data.py` writes."""
     subprocess.run([sys.executable, os.path.join(DATA, "make_data.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True, timeout=120)
     for name in FILES:
@@ -52,6 +53,7 @@ def test_regenerating_gives_identical_bytes(tmp_path):
 
 
 def test_counts_and_total_size(rows):
+    """Each data file has its expected number of rows, and the four files together stay under 2 MB."""
     for name, n in EXPECTED_ROWS.items():
         assert len(rows[name]) == n, f"{name}: {len(rows[name])} rows, expected {n}"
     total = sum(os.path.getsize(os.path.join(DATA, f"{name}.jsonl")) for name in FILES)
@@ -59,6 +61,7 @@ def test_counts_and_total_size(rows):
 
 
 def test_schema(rows):
+    """Every row has exactly its domain's typed fields, no empty string, and an id in sequence, none repeated."""
     for name in FILES:
         domain, split = name.split("_")
         ids = set()
@@ -77,6 +80,7 @@ def test_schema(rows):
 
 
 def test_train_and_test_are_disjoint(rows):
+    """No question repeats in a split or sits in both; code statements, without their example, are disjoint too."""
     for domain in ("math", "code"):
         train = [r["question"] for r in rows[f"{domain}_train"]]
         test = [r["question"] for r in rows[f"{domain}_test"]]
@@ -92,6 +96,7 @@ def test_train_and_test_are_disjoint(rows):
 
 
 def test_every_level_in_both_splits_and_roughly_even(rows):
+    """Every level appears in both splits of each domain, each with at least 80% of an even share of the rows."""
     for domain, levels in (("math", MATH_LEVELS), ("code", CODE_LEVELS)):
         for split in ("train", "test"):
             name = f"{domain}_{split}"
@@ -101,6 +106,7 @@ def test_every_level_in_both_splits_and_roughly_even(rows):
 
 
 def test_splits_are_shuffled_across_levels(rows):
+    """The first quarter of each file holds every level, so a run that reads only the first rows sees them all."""
     # A loader that reads the first rows of a file (a small CPU run) must still see every level.
     for name in FILES:
         first = rows[name][:len(rows[name]) // 4]
@@ -188,6 +194,7 @@ def rederive(question: str) -> Fraction:
 
 
 def test_math_answers_are_canonical_and_correct(rows):
+    """Math answers are canonical, equal the value re-derived from the question, and have their level's form."""
     for name in ("math_train", "math_test"):
         for row in rows[name]:
             where = f"{row['id']} {row['question']!r}"
@@ -202,6 +209,7 @@ def test_math_answers_are_canonical_and_correct(rows):
 
 
 def test_math_levels_get_harder(rows):
+    """Math levels get harder: level 1 answers are at most 18, word problems longer, level 6 has non-integers."""
     # A crude difficulty proxy that needs no model: the numbers grow and the questions lengthen.
     by_level = {lv: [r for r in rows["math_train"] if r["level"] == lv] for lv in MATH_LEVELS}
     assert all(0 <= int(r["answer"]) <= 18 for r in by_level[1]), "level 1 is single-digit + and - only"
@@ -269,6 +277,7 @@ def func_name(row) -> str:
 
 
 def test_code_rows_are_well_formed(rows):
+    """A code row has 4 or more `f(...) == LITERAL` cases, a question naming f and a solution defining it."""
     for name in ("code_train", "code_test"):
         for row in rows[name]:
             fn = func_name(row)
@@ -282,6 +291,7 @@ def test_code_rows_are_well_formed(rows):
 
 
 def test_code_solutions_pass_their_tests(rows):
+    """Every code row's own solution passes all of its test cases, compared with exact types."""
     for name in ("code_train", "code_test"):
         for row in rows[name]:
             err = run_program(row["solution"], row["tests"])
@@ -290,6 +300,7 @@ def test_code_solutions_pass_their_tests(rows):
 
 @pytest.mark.parametrize("body", ["pass", "return args[0] if args else None"], ids=["none", "identity"])
 def test_code_tests_reject_wrong_stubs(rows, body):
+    """A stub returning None or its first argument fails every code row's tests: the tests tell wrong apart."""
     for name in ("code_train", "code_test"):
         for row in rows[name]:
             stub = f"def {func_name(row)}(*args, **kwargs):\n    {body}\n"
@@ -301,6 +312,7 @@ def test_code_tests_reject_wrong_stubs(rows, body):
 
 
 def test_rewards_score_reference_answers_as_correct(rows):
+    """The trainer's rewards give sampled reference answers 1, and an answer off by one or a stub 0."""
     if not os.path.exists(os.path.join(ROOT, "rewards.py")):
         pytest.skip("rewards.py is not written yet")
     import rewards

@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 
 import model as model_mod  # noqa: E402
 import rollout  # noqa: E402
+import plumbing  # noqa: E402
 import srpo  # noqa: E402
 from model import Transformer, num_params  # noqa: E402
 from rollout import KVCache, decode_core, generate  # noqa: E402
@@ -73,9 +74,9 @@ def test_precision_for_every_device_world_and_sharding(device_type, world, shard
     """Issue 11.1: who casts to bf16 depends on sharding alone (one GPU under torchrun trained in fp32)."""
     if world > 1 and not sharded:
         with pytest.raises(ValueError, match="shards"):
-            srpo.decide_precision(device_type, world, sharded, dtype)
+            plumbing.decide_precision(device_type, world, sharded, dtype)
         return
-    p = srpo.decide_precision(device_type, world, sharded, dtype)
+    p = plumbing.decide_precision(device_type, world, sharded, dtype)
     want = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and device_type == "cuda") else torch.float32
     assert p.compute == want, f"{device_type} x{world} sharded={sharded} --dtype {dtype}: computes in {p.compute}"
     assert p.autocast == (want != torch.float32 and not sharded), \
@@ -85,7 +86,9 @@ def test_precision_for_every_device_world_and_sharding(device_type, world, shard
 
 
 def test_one_process_under_torchrun_updates_in_the_compute_dtype(tmp_path):
-    """Issue 11.1: with a process group of one, the update and trainer_logp ran fp32 (no autocast), handing flash-attn fp32."""
+    """With a process group of one, the update and trainer_logp compute in the chosen dtype (issue 11.1).
+
+    They ran fp32 there (no autocast), handing flash-attn fp32."""
     # A one-process gloo group and --dtype bf16 on the CPU stand in for torchrun on one GPU.
     import torch.distributed as dist
     m = tiny(seed=1).train()
@@ -97,7 +100,8 @@ def test_one_process_under_torchrun_updates_in_the_compute_dtype(tmp_path):
     cfg = srpo.Config(dtype="bf16", update_epochs=2, reference_loss=True, micro_tokens=64, lr=0.0)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples, cfg, "cpu", world=1)
+        srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples, srpo.UpdateSettings.from_config(cfg),
+                           plumbing.decide_precision("cpu", 1, False, cfg.dtype), "cpu", world=1)
     finally:
         dist.destroy_process_group()
     assert {g for g, _ in seen} == {True, False}, "expected both the update's forwards and trainer_logp's"
@@ -106,7 +110,9 @@ def test_one_process_under_torchrun_updates_in_the_compute_dtype(tmp_path):
 
 
 def test_flash_attn_is_never_chosen_for_fp32(monkeypatch):
-    """Issue 11.1: flash-attn was picked whatever the dtype, and flash_attn_varlen_func rejects fp32."""
+    """An fp32 forward never goes to flash-attn: flex is picked, or a forced flash is an error (issue 11.1).
+
+    flash-attn was picked whatever the dtype, and flash_attn_varlen_func rejects fp32."""
     monkeypatch.setattr(model_mod, "flash_attn_varlen_func", lambda *a, **k: None)  # "installed"
     pick = model_mod._packed_attention
     assert pick(True, torch.bfloat16) == "flash" and pick(True, torch.float16) == "flash"
@@ -152,7 +158,9 @@ def stand_in_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_
 
 @pytest.mark.parametrize("use_flash", [False, True], ids=["sdpa", "flash"])
 def test_decode_step_is_one_graph(use_flash, monkeypatch):
-    """Issue 11.2: a bare flash_attn_with_kvcache broke the compiled decode step's graph; both branches must be one graph."""
+    """The decode step compiles to one graph without breaks, with flash-attn's kernel or SDPA (issue 11.2).
+
+    A bare flash_attn_with_kvcache broke the compiled decode step's graph."""
     monkeypatch.setattr(rollout, "flash_attn_with_kvcache", stand_in_flash_attn_with_kvcache)
     m = tiny()
     c = KVCache.for_model(m, max_len=80, max_slots=4)
@@ -168,7 +176,7 @@ def test_decode_step_is_one_graph(use_flash, monkeypatch):
 
 @pytest.mark.parametrize("backend", [False, "aot_eager"], ids=["eager", "compiled"])
 def test_flash_decode_op_samples_what_sdpa_samples(backend, monkeypatch):
-    """Issue 11.2: the registered flash op keeps flash-attn's semantics, eager and compiled: the same rollouts as SDPA."""
+    """The registered flash op keeps flash-attn's semantics: eager or compiled, it samples as SDPA (issue 11.2)."""
     monkeypatch.setattr(rollout, "flash_attn_with_kvcache", stand_in_flash_attn_with_kvcache)
     m = tiny(seed=3)
     kw = dict(n=2, max_new_tokens=12, temperature=1.0, top_p=0.9, eos_ids=(3,), seed=5)
@@ -185,7 +193,7 @@ def test_flash_decode_op_samples_what_sdpa_samples(backend, monkeypatch):
 
 @pytest.mark.cxx
 def test_compiled_flash_decode_writes_the_cache_in_place(monkeypatch):
-    """Issue 11.2: the mutating op must get the cache tensors themselves from inductor, not a per-step copy of the cache."""
+    """Inductor hands the mutating flash op the cache tensors themselves, not a per-step copy (issue 11.2)."""
     from torch._inductor.utils import run_and_get_code
     monkeypatch.setattr(rollout, "flash_attn_with_kvcache", stand_in_flash_attn_with_kvcache)
     m = tiny()
@@ -223,7 +231,10 @@ SWEEP = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=1.0, top
 
 
 def test_decode_step_stays_compiled_across_a_settings_sweep(monkeypatch):
-    """Issue 11.6: past dynamo's recompile limit the decode step silently ran eagerly; it must stay compiled, or warn."""
+    """The decode step stays compiled over a sampling-settings sweep, and warns past DECODE_VARIANTS (issue 11.6).
+
+    Past dynamo's recompile limit the decode step silently ran eagerly; it must stay compiled, or warn.
+    Past the limit, the uncompiled fallback samples what the eager step samples."""
     torch._dynamo.reset()
     counts = {"graphs": 0, "calls": 0}
     backend = counting_backend(counts)
@@ -254,7 +265,7 @@ def test_decode_step_stays_compiled_across_a_settings_sweep(monkeypatch):
 
 
 def test_equivalent_sampling_settings_share_a_mode():
-    """Issue 11.6: settings that sample alike share a compiled variant: five canonical modes, not one per setting."""
+    """Settings that sample alike share a compiled variant: five canonical modes, not one each (issue 11.6)."""
     modes = {(greedy, top_k > 0, top_p) for greedy, top_k, top_p, _ in
              (rollout.decode_mode(t, k, p, False) for t in (0.0, 0.7, 1.0) for k in (0, 1, 2, 5, 50) for p in (0.5, 1.0))}
     assert len(modes) == 5, f"{len(modes)} modes: {sorted(modes)}"
@@ -290,7 +301,7 @@ def test_no_dense_mask_unless_sdpa_reads_it(impl, monkeypatch):
     cu = torch.tensor([0, 1, 200, 333, 640])
     log = ShapeLog()
     with log:
-        a = m._attention_inputs(ids, None, cu, None, None, torch.bfloat16)
+        a = m._attention_inputs(ids, None, cu, torch.bfloat16)
     if impl == "sdpa":
         assert a.mask is not None and a.mask.shape[-2:] == (T, T), "SDPA needs its dense document mask"
         return
@@ -328,8 +339,9 @@ def measure_peak(H, L, I, nh, nkv, V, T, ckpt, mode):
                   num_key_value_heads=nkv, vocab_size=V, tie_word_embeddings=True))
     if mode == "bf16":
         m = m.to(torch.bfloat16)        # what FSDP2's policy computes in: bf16 weights, no autocast
-    prec = srpo.Precision("cpu", torch.float32 if mode == "fp32" else torch.bfloat16, mode == "autocast", False)
+    prec = plumbing.Precision("cpu", torch.float32 if mode == "fp32" else torch.bfloat16, mode == "autocast", False)
     cfg = srpo.Config(micro_tokens=T, reference_loss=True, grad_clip=0.0, grad_ckpt="on" if ckpt else "off")
+    u = srpo.UpdateSettings.from_config(cfg)
     m.grad_ckpt = ckpt
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
 
@@ -341,15 +353,15 @@ def measure_peak(H, L, I, nh, nkv, V, T, ckpt, mode):
 
     def status(field):
         return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-    srpo.policy_update(m, opt, samples(64, 8), cfg, "cpu", prec=prec)   # one-time initialisation, small
+    srpo.policy_update(m, opt, samples(64, 8), u, prec, "cpu")   # one-time initialisation, small
     opt.zero_grad(set_to_none=True)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                    # VmHWM := VmRSS
     before = status("VmRSS")
-    srpo.policy_update(m, opt, samples(2 * T, 8), cfg, "cpu", prec=prec)
+    srpo.policy_update(m, opt, samples(2 * T, 8), u, prec, "cpu")
     peak = status("VmHWM") - before
     grads = sum(p.numel() * p.element_size() for p in m.parameters())
-    plan = srpo.plan_memory(m.config, num_params(m), cfg, prec, 1, max_len=T // 4 + 1, capacity=None)
+    plan = plan_memory(m, cfg, prec, 1, max_len=T // 4 + 1, capacity=None)
     return {"measured": peak - grads, "planned": plan.activations}
 
 
@@ -361,7 +373,9 @@ MEASURED = [(256, 6, 704, 8, 2, 2048, 1024, False, "fp32"), (256, 6, 704, 8, 2, 
 
 
 def test_memory_plan_matches_measured_peaks():
-    """Issue 11.3: the activation estimate that picks checkpointing and the micro-batch is within 25% of measured peaks."""
+    """The memory plan's activation estimate is within 25% of peaks measured on a CPU (issue 11.3).
+
+    That estimate is what picks checkpointing and the micro-batch."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("measuring a peak needs Linux's /proc/self/clear_refs")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -375,6 +389,13 @@ def test_memory_plan_matches_measured_peaks():
             f"{case}: planned {r['planned'] / 2**20:.1f} MiB of activations, measured {r['measured'] / 2**20:.1f} MiB"
 
 
+def plan_memory(m, cfg, prec, world, max_len, capacity):
+    """plumbing.plan_memory for model m with the options of cfg, as srpo.main passes them."""
+    return plumbing.plan_memory(m.config, num_params(m), prec, world, max_len, capacity, micro_tokens=cfg.micro_tokens,
+                                grad_ckpt=cfg.grad_ckpt, gen_slots=cfg.gen_slots, gen_mem=cfg.gen_mem,
+                                kl_coef=cfg.kl_coef, reference_loss=cfg.reference_loss)
+
+
 def train_sh_args(what: str, model_path: str) -> list[str]:
     """The srpo.py options that `bash train.sh WHAT MODEL` passes, read from train.sh itself."""
     text = open(os.path.join(ROOT, "train.sh")).read().replace("\\\n", " ")
@@ -386,26 +407,28 @@ def train_sh_args(what: str, model_path: str) -> list[str]:
 
 @pytest.mark.parametrize("shape,size", [(QWEN_1_5B, "1.5B"), (QWEN_7B, "7B")])
 def test_qwen_launch_fits_8x80gb(shape, size):
-    """Issue 11.3: `train.sh qwen` (16k-token micro-batches, no checkpointing: ~100 GiB for 7B) must plan to fit 8x80 GB."""
+    """`train.sh qwen` plans to fit 8x80 GB for Qwen2.5-1.5B and 7B, checkpointing where needed (issue 11.3).
+
+    It asked for 16k-token micro-batches without checkpointing: ~100 GiB for 7B."""
     cfg = srpo.parse_config(train_sh_args("qwen", "/models/qwen"))
     with torch.device("meta"):
         m = qwen(shape, device="meta")
-    prec = srpo.decide_precision("cuda", 8, sharded=True, dtype=cfg.dtype)
+    prec = plumbing.decide_precision("cuda", 8, sharded=True, dtype=cfg.dtype)
     usable = int(0.9 * 80e9)
     max_len = 1024 + cfg.max_new_tokens  # a generous one-shot prompt, plus a whole response
-    plan = srpo.plan_memory(m.config, num_params(m), cfg, prec, 8, max_len=max_len, capacity=usable)
+    plan = plan_memory(m, cfg, prec, 8, max_len=max_len, capacity=usable)
     assert plan.total <= usable, f"Qwen2.5-{size}, train.sh qwen: {plan}"
     assert plan.grad_ckpt and plan.micro_tokens == cfg.micro_tokens, \
         f"Qwen2.5-{size}: expected checkpointing at the asked budget: {plan}"
     if size == "7B":
         assert plan.act_plain > 80 * GiB, f"without checkpointing 16k tokens of 7B should not fit: {plan}"
         with pytest.raises(MemoryError, match="--grad_ckpt"):
-            srpo.plan_memory(m.config, num_params(m), srpo.parse_config(train_sh_args("qwen", "/m") + ["--grad_ckpt", "off"]),
-                             prec, 8, max_len=max_len, capacity=usable)
+            plan_memory(m, srpo.parse_config(train_sh_args("qwen", "/m") + ["--grad_ckpt", "off"]), prec, 8,
+                        max_len=max_len, capacity=usable)
     # One 80 GB GPU with a 1.5B model: over the edge as asked; checkpointing brings it back.
     if size == "1.5B":
-        one = srpo.decide_precision("cuda", 1, sharded=False, dtype=cfg.dtype)
-        plan1 = srpo.plan_memory(m.config, num_params(m), cfg, one, 1, max_len=max_len, capacity=usable)
+        one = plumbing.decide_precision("cuda", 1, sharded=False, dtype=cfg.dtype)
+        plan1 = plan_memory(m, cfg, one, 1, max_len=max_len, capacity=usable)
         assert plan1.grad_ckpt and plan1.total <= usable, f"Qwen2.5-1.5B on one GPU: {plan1}"
         assert plan1.casts > 0 and plan1.sampler > 0, "one GPU: autocast's bf16 casts and the sampler's bf16 copy"
 
@@ -504,7 +527,9 @@ def compile_kernels():
 
 
 def test_triton_kernels_compile_for_sm80_and_sm90(tmp_path):
-    """Every Triton specialisation the launchers produce compiles for sm_80 and sm_90, without spills, within shared memory."""
+    """Every Triton specialisation the launchers produce compiles for sm_80 and sm_90, within the limits.
+
+    Without register spills, within the shared memory of a block, and within the 64K registers of a block."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1")  # nothing cached between runs
     p = subprocess.run([sys.executable, __file__, "compile"], capture_output=True, text=True, env=env, timeout=600)

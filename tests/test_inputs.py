@@ -52,7 +52,9 @@ def tiny_slot_bytes(max_len: int) -> int:
 
 
 def test_cpu_cache_slots_follow_available_memory(world):
-    """Issue 15: on a CPU the cache took max_slots slots whatever their size (one long prompt: ~64 GB, OOM-killed)."""
+    """On a CPU the KV cache takes as many slots as its share of free memory holds, not max_slots (issue 15).
+
+    The cache took max_slots slots whatever their size (one long prompt: ~64 GB, OOM-killed)."""
     if os.path.exists("/proc/meminfo"):  # the measure itself: Linux's MemAvailable, or less in a container
         line = next(x for x in open("/proc/meminfo") if x.startswith("MemAvailable:"))
         assert 0 < mem_available() <= int(line.split()[1]) * 1024, "free memory should be at most MemAvailable"
@@ -66,7 +68,9 @@ def test_cpu_cache_slots_follow_available_memory(world):
 
 
 def test_prompt_beyond_the_models_positions_names_its_row(world, tmp_path):
-    """Issue 15: a prompt longer than max_position_embeddings was decoded past the trained positions, silently."""
+    """A prompt longer than max_position_embeddings is refused, naming its file:line, id and the limit (issue 15).
+
+    Such a prompt was decoded past the trained positions, silently."""
     r = rows(f"{world}/math_train.jsonl")
     r[1]["question"] = "1 " * 1000                  # ~2700 tokens with the template; the model has 2048
     train = write_rows(tmp_path / "math_train.jsonl", r)
@@ -98,7 +102,9 @@ def test_fewer_slots_than_asked_is_said_once(world, tmp_path, capsys):
 
 @pytest.mark.parametrize("clash", ["train_and_test", "math_and_code"])
 def test_an_id_in_two_files_names_both_files_and_lines(world, tmp_path, clash):
-    """Issue 16: a shared id silently mixed problems (the test question trained with the train answer)."""
+    """An id in two data files is refused, naming both files and both lines (issue 16).
+
+    A shared id silently mixed problems (the test question trained with the train answer)."""
     if clash == "train_and_test":
         name, other, line, their_line = "math_test", "math_train", 1, 3
     else:
@@ -134,7 +140,9 @@ BAD = [("max_prompts", -1), ("max_level", -1), ("seed", -1), ("seed", 2**40), ("
 
 @pytest.mark.parametrize("name,value", BAD, ids=[f"{n}={v}" for n, v in BAD])
 def test_bad_option_is_refused_naming_option_and_range(name, value):
-    """Issue 17: bad options were accepted and failed late (ZeroDivisionError) or silently (negative lr)."""
+    """A bad option value is refused at parse time, naming the option and its range or choices (issue 17).
+
+    Bad options were accepted and failed late (ZeroDivisionError) or silently (negative lr)."""
     f = {f.name: f for f in dataclasses.fields(srpo.Config)}[name]
     with pytest.raises(ValueError) as e:
         srpo.parse_config([f"--{name}", str(value)])
@@ -144,7 +152,9 @@ def test_bad_option_is_refused_naming_option_and_range(name, value):
 
 
 def test_every_option_has_a_rule_and_a_bad_value_here():
-    """Issue 17: a new numeric option without a range (or missing from BAD above) would go unchecked."""
+    """Every option but flags and free text has a range or choices in Config, and a bad value in BAD (issue 17).
+
+    A new numeric option without a range (or missing from BAD above) would go unchecked."""
     tested = {n for n, _ in BAD}
     for f in dataclasses.fields(srpo.Config):
         if f.type is bool or f.name in FREE_TEXT:
@@ -177,7 +187,9 @@ def test_help_shows_every_range(capsys):
 
 
 def test_non_utf8_row_names_file_and_line(tmp_path):
-    """Issue 18: bytes that are not UTF-8 raised a bare UnicodeDecodeError, no file or line."""
+    """A data row that is not valid UTF-8 is an error naming its file and line (issue 18).
+
+    Bytes that are not UTF-8 raised a bare UnicodeDecodeError, no file or line."""
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"id": "1", "question": "q", "answer": "1"}\n{"id": "2", "question": "q\xff", "answer": "2"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid UTF-8"):
@@ -186,7 +198,9 @@ def test_non_utf8_row_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("level", ["easy", None, True])
 def test_level_that_is_not_a_number_names_file_line_and_field(tmp_path, level):
-    """Issue 18: a string or null 'level' raised a bare TypeError under --max_level."""
+    """Under --max_level a 'level' that is not a number is an error naming file, line and field (issue 18).
+
+    A string or null 'level' raised a bare TypeError under --max_level."""
     bad = write_rows(tmp_path / "bad.jsonl", [{"id": "1", "question": "q", "answer": "1", "level": 1},
                                               {"id": "2", "question": "q", "answer": "2", "level": level}])
     with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'level'"):
@@ -195,7 +209,9 @@ def test_level_that_is_not_a_number_names_file_line_and_field(tmp_path, level):
 
 
 def test_resume_on_regenerated_data_names_checkpoint_ids_and_files(world, tmp_path):
-    """Issue 18: resuming after the data was regenerated with other ids was a KeyError on a prompt id."""
+    """A resume on data without the checkpoint's ids is refused, naming the checkpoint, files and ids (issue 18).
+
+    Resuming after the data was regenerated with other ids was a KeyError on a prompt id."""
     train = write_rows(tmp_path / "math_train.jsonl", rows(f"{world}/math_train.jsonl"))
     out = tmp_path / "out"
     run(world, out, math_train=train, total_steps=2, stage1_steps=10)
@@ -208,7 +224,9 @@ def test_resume_on_regenerated_data_names_checkpoint_ids_and_files(world, tmp_pa
 
 
 def test_truncated_gguf_names_the_file(tmp_path):
-    """Issue 19: a truncated GGUF failed with numpy's "cannot reshape array", no file named."""
+    """A truncated GGUF, or a file that is not GGUF at all, is an error naming the file and the fault (issue 19).
+
+    A truncated GGUF failed with numpy's "cannot reshape array", no file named."""
     import gguf
     path = str(tmp_path / "tiny.gguf")
     w = gguf.GGUFWriter(path, "llama")
@@ -230,7 +248,9 @@ def test_truncated_gguf_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_broken_safetensors_names_the_file(world, tmp_path, damage):
-    """Issue 19: truncated or garbage safetensors failed with "Error while deserializing header", no file named."""
+    """A truncated, garbage or empty model.safetensors is an error naming the file (issue 19).
+
+    Truncated or garbage safetensors failed with "Error while deserializing header", no file named."""
     folder = tmp_path / "ck"
     shutil.copytree(f"{world}/model", folder)
     weights = folder / "model.safetensors"
@@ -242,7 +262,9 @@ def test_broken_safetensors_names_the_file(world, tmp_path, damage):
 
 
 def test_folder_without_a_tokenizer_says_so(world, tmp_path):
-    """Issue 19: a folder with only config.json gave a message about sentencepiece."""
+    """A model folder with only config.json says it has no tokenizer and no *.safetensors weights (issue 19).
+
+    A folder with only config.json gave a message about sentencepiece."""
     folder = tmp_path / "only_config"
     folder.mkdir()
     shutil.copy(f"{world}/model/config.json", folder)
@@ -253,7 +275,9 @@ def test_folder_without_a_tokenizer_says_so(world, tmp_path):
 
 
 def test_damaged_tokenizer_json_names_the_file(world, tmp_path):
-    """Issue 19: a truncated tokenizer.json failed as a bare JSONDecodeError, no file named."""
+    """A truncated tokenizer.json is an error naming the file as not valid JSON (issue 19).
+
+    A truncated tokenizer.json failed as a bare JSONDecodeError, no file named."""
     folder = tmp_path / "ck"
     shutil.copytree(f"{world}/model", folder)
     text = (folder / "tokenizer.json").read_text()

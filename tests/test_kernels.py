@@ -70,6 +70,7 @@ def rollout_inputs(logp_now, N, n_masked_rows=3):
 
 @pytest.mark.parametrize("N,H,V,temperature", [(1, 8, 5, 1.0), (37, 24, 203, 0.7), (19, 16, 64, 1.3)])
 def test_token_logprobs_matches_naive(N, H, V, temperature):
+    """token_logprobs' log-probs, entropies and their gradients equal naive float64 math on irregular shapes."""
     h, W, targets = make_policy(N, H, V, scale=3.0)
     logp, ent = kernels.token_logprobs(h, W, targets, temperature, return_entropy=True,
                                        chunk_size=max(1, N // 3))
@@ -85,6 +86,7 @@ def test_token_logprobs_matches_naive(N, H, V, temperature):
 
 
 def test_token_logprobs_reference_matches_naive():
+    """The chunked torch reference, token_logprobs_reference, equals naive float64 log-probs and dW."""
     N, H, V = 23, 12, 97
     h, W, targets = make_policy(N, H, V, scale=2.0)
     logp = kernels.token_logprobs_reference(h, W, targets, 0.9, chunk_size=5)
@@ -94,6 +96,7 @@ def test_token_logprobs_reference_matches_naive():
 
 
 def test_token_logprobs_large_logits_stay_finite_and_exact():
+    """At logits of 1e3..1e4 the log-probs, entropy and dh stay finite and exact (no overflow, no cancellation)."""
     # Logits of order 1e3..1e4: a logsumexp without the running max overflows exp() at ~88,
     # and an entropy computed as lse - E[z] loses every digit to cancellation.
     N, H, V = 9, 16, 150
@@ -114,6 +117,7 @@ def test_token_logprobs_large_logits_stay_finite_and_exact():
 # grpo_loss
 
 def test_grpo_loss_matches_naive_and_reference():
+    """grpo_loss and its reference equal the naive clipped loss, stats and dlogp, with eps_low != eps_high."""
     N = 300                                    # > BLOCK? no: 1024; still several partial lanes
     logp = (torch.randn(N) - 2).requires_grad_()
     logp_old, adv, mask = rollout_inputs(logp, N)
@@ -134,6 +138,7 @@ def test_grpo_loss_matches_naive_and_reference():
 
 
 def test_grpo_loss_long_batch_loops_inside_one_program():
+    """grpo_loss over more than two BLOCKs, looped in one program, still equals the naive loss and dlogp."""
     N = 2500                                   # > 2 x BLOCK: the forward's loop takes 3 steps
     logp = (torch.randn(N) - 1).requires_grad_()
     logp_old, adv, mask = rollout_inputs(logp, N)
@@ -144,6 +149,7 @@ def test_grpo_loss_long_batch_loops_inside_one_program():
 
 
 def test_grpo_loss_per_sequence_advantage():
+    """Per-sequence advantages indexed by seq_idx give the loss, clip_frac and dlogp of the same ones per token."""
     B, T = 5, 13
     logp = (torch.randn(B * T) - 2).requires_grad_()
     logp_old, _, mask = rollout_inputs(logp, B * T)
@@ -157,6 +163,7 @@ def test_grpo_loss_per_sequence_advantage():
 
 
 def test_grpo_loss_k3_kl_term():
+    """The k3 KL term matches the naive loss and dlogp, and kl_coef without logp_ref is a ValueError."""
     N = 77
     logp = (torch.randn(N) - 2).requires_grad_()
     logp_old, adv, mask = rollout_inputs(logp, N)
@@ -172,6 +179,7 @@ def test_grpo_loss_k3_kl_term():
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, on the inf inputs
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 def test_grpo_loss_all_masked_is_zero_not_nan(impl):
+    """An all-masked batch gives loss, stats and grad of exactly 0, not NaN, even with inf or NaN in logp_old."""
     N = 40
     logp = torch.randn(N).requires_grad_()
     logp_old = torch.full((N,), float("-inf"))                # padding garbage: ratio = inf
@@ -187,6 +195,7 @@ def test_grpo_loss_all_masked_is_zero_not_nan(impl):
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, on the inf inputs
 def test_grpo_loss_masked_garbage_does_not_leak():
+    """inf in logp_old at masked tokens (padding) changes neither the loss nor dlogp."""
     N = 50
     logp = (torch.randn(N) - 2).requires_grad_()
     logp_old, adv, mask = rollout_inputs(logp, N)
@@ -232,6 +241,7 @@ def naive_fused(h, W, targets, logp_old, adv, mask, kw):
     (29, 12, 100, 1.0, True, True),      # k3 KL and per-sequence advantages
 ])
 def test_fused_grpo_loss_matches_naive(impl, N, H, V, temperature, kl, per_seq):
+    """fused_grpo_loss and its reference equal naive float64 loss, stats, dh and dW, grad_output != 1 included."""
     h, W, targets, logp_old, adv, mask, kw = fused_case(N, H, V, temperature, kl, per_seq)
     if N == 1:
         mask[:] = 1.0
@@ -250,6 +260,7 @@ def test_fused_grpo_loss_matches_naive(impl, N, H, V, temperature, kl, per_seq):
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy, on the inf inputs
 def test_fused_grpo_loss_all_masked_is_zero_not_nan():
+    """fused_grpo_loss on an all-masked batch with inf logp_old gives loss, stats, dh and dW of exactly 0."""
     h, W, targets, logp_old, adv, mask, kw = fused_case(21, 8, 90, 1.0)
     mask.zero_()
     logp_old[:] = float("inf")
@@ -262,6 +273,7 @@ def test_fused_grpo_loss_all_masked_is_zero_not_nan():
 
 
 def test_fused_grpo_loss_without_grad_gives_the_same_value():
+    """Under no_grad fused_grpo_loss (the NEED_GRAD=False kernel) gives the same loss as naive math."""
     h, W, targets, logp_old, adv, mask, kw = fused_case(17, 8, 77, 1.0)
     with torch.no_grad():
         loss, _ = kernels.fused_grpo_loss(h, W, targets, logp_old, adv, mask, **kw, chunk_size=5)
@@ -270,6 +282,7 @@ def test_fused_grpo_loss_without_grad_gives_the_same_value():
 
 
 def test_cpu_without_interpreter_dispatches_to_reference(monkeypatch):
+    """On CPU without TRITON_INTERPRET, fused_grpo_loss runs the torch reference, and its loss is right."""
     # Device dispatch: CPU tensors and no TRITON_INTERPRET -> the torch reference, by design.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     calls = []
@@ -284,6 +297,7 @@ def test_cpu_without_interpreter_dispatches_to_reference(monkeypatch):
 
 
 def test_chunk_rows_bounds_memory_and_covers_batch():
+    """chunk_rows picks 1..N rows whose logits fit the byte budget, or one row when a single row exceeds it."""
     for n, v, budget in [(16384, 151936, 1 << 30), (262144, 151936, 1 << 30), (5, 10, 1000), (1000, 7, 10**9)]:
         rows = chunk_rows(n, v, 2, budget)
         assert 1 <= rows <= n, f"chunk of {rows} rows for a batch of {n}"
@@ -299,6 +313,7 @@ def rel_err(a, b):
 
 @pytest.mark.gpu
 def test_gpu_bf16_close_to_fp32_reference():
+    """On a GPU, Triton's fused loss, dh and dW in bf16 and in fp32 are within 1% of the fp32 torch reference."""
     torch.manual_seed(0)
     N, H, V = 4096, 1024, 32003
     h32 = torch.randn(N, H, device="cuda")
@@ -326,6 +341,7 @@ def test_gpu_bf16_close_to_fp32_reference():
 
 @pytest.mark.gpu
 def test_gpu_long_input_256k_tokens():
+    """At 256k tokens no grid overflows: the fused loss and grads match the reference, the others stay finite."""
     # 262144 tokens: every grid is 1-D over a chunk or over token blocks, so nothing overflows
     # CUDA's 65535 limit on grid y/z (Liger's (B, L) grid does at L >= 65536).
     torch.manual_seed(0)

@@ -126,28 +126,30 @@ def test_hidden_states_and_head_give_the_logits():
     assert torch.allclose(via_head, logits, atol=1e-5), "head(hidden, W) != logits"
 
 
-class _Cache:
-    def __init__(self, model, B, S):
-        c = model.config
-        self.k = [torch.zeros(B, c.n_kv_heads, S, c.head_dim) for _ in range(c.n_layers)]
-        self.v = [torch.zeros(B, c.n_kv_heads, S, c.head_dim) for _ in range(c.n_layers)]
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_incremental_decoding_matches_full_forward(arch):
+    """The sampler's path through the model (rollout.prefill into a KVCache, then one decode step per
+    token, each row at its own position) gives transformers' full-forward logits at every position."""
+    from rollout import KVCache, decode_logits, prefill
     hf = tiny_hf(arch)
     ours = ours_from(hf)
-    B, T0, steps = 3, 6, 5
-    ids = torch.randint(0, 97, (B, T0 + steps))
-    cache = _Cache(ours, B, 32)
+    steps = 5
+    ids = torch.randint(0, 97, (4, 9 + steps))
+    ids[1, :6] = ids[0, :6]                       # rows 0 and 1: two samples of one prompt
+    lengths = torch.tensor([6, 6, 3, 9])          # each row's prompt; the rest is its response
+    cache = KVCache(ours.config, n_slots=4, max_len=32, dtype=torch.float32)
+    rows = torch.arange(4)
     with torch.no_grad():
-        full = hf(input_ids=ids).logits
-        pos = torch.arange(T0)[None].expand(B, T0)
-        out = ours(ids[:, :T0], positions=pos, kv_cache=cache)
-        assert_close(out, full[:, :T0], f"{arch} prefill into the cache")
-        for t in range(T0, T0 + steps):
-            out = ours(ids[:, t:t + 1], positions=torch.full((B, 1), t), kv_cache=cache)
-            assert_close(out[:, 0], full[:, t], f"{arch} decode step at position {t}")
+        full = hf(input_ids=ids).logits                                  # (4, T, V)
+        # Three distinct prompts, right-padded into one prefill; prompt 0 goes into slots 0 and 1.
+        out = prefill(ours, cache, [ids[0, :6].tolist(), ids[2, :3].tolist(), ids[3, :9].tolist()],
+                      dst_slots=[0, 1, 2, 3], src=[0, 0, 1, 2])            # (3, V)
+        assert_close(out, full[[0, 2, 3], lengths[[0, 2, 3]] - 1], f"{arch} prefill into the cache")
+        for t in range(steps):
+            pos = lengths + t
+            out = decode_logits(ours, cache.k, cache.v, ids[rows, pos], pos, attn_len=cache.max_len,
+                                use_flash=False)                           # (4, V)
+            assert_close(out, full[rows, pos], f"{arch} decode step {t} at positions {pos.tolist()}")
 
 
 def test_save_pretrained_loads_in_transformers(tmp_path):
@@ -196,6 +198,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="at most one"):
         ours_from(tiny_hf("llama"))(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3),
                                     cu_seqlens=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="attend and positions"):
+        ours_from(tiny_hf("llama"))(torch.zeros(1, 3, dtype=torch.long), attend=lambda i, q, k, v: q)
 
 
 def test_bf16_move_keeps_rope_frequencies_fp32():

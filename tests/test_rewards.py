@@ -29,6 +29,7 @@ def fenced(program):
 # The template
 
 def test_format_prompt_has_instructions_and_question():
+    """Each domain's prompt shows the four tags and its answer form (box, fence) and ends with the question."""
     for domain in ("math", "code"):
         p = format_prompt("What is 2+2?", domain)
         assert p.endswith("What is 2+2?"), f"{domain} prompt must end with the question: {p!r}"
@@ -39,6 +40,7 @@ def test_format_prompt_has_instructions_and_question():
 
 
 def test_parse_response():
+    """parse_response splits reasoning and answer despite prefilled, missing or cut-off tags; last answer wins."""
     cases = [
         ("<think>r</think><answer>a</answer>", ("r", "a")),
         ("  <think> r </think>\n<answer> a </answer> ", ("r", "a")),
@@ -54,6 +56,7 @@ def test_parse_response():
 
 
 def test_format_reward():
+    """format_reward is 1 only for one non-empty think block, then one non-empty answer, nothing around them."""
     good = ["<think>r</think><answer>a</answer>", "\n<think>r\ns</think>\n\n<answer>a</answer>\n"]
     bad = ["", "<think>r</think>", "<answer>a</answer>", "<think></think><answer>a</answer>",
            "<think>r</think><answer> </answer>", "pre <think>r</think><answer>a</answer>",
@@ -103,6 +106,7 @@ def test_format_reward_is_linear_and_agrees_with_the_regex():
 
 
 def test_bad_input_raises_clear_value_error():
+    """Bad arguments raise a ValueError that names the argument (and its index); an empty batch scores to []."""
     with pytest.raises(ValueError, match="domain"):
         format_prompt("q", "physics")
     with pytest.raises(ValueError, match="question must be a str"):
@@ -150,6 +154,7 @@ def math_scores():
 
 @pytest.mark.parametrize("i", range(len(MATH)), ids=[f"{r}|{p}" for r, p, _ in MATH])
 def test_math_equivalence(math_scores, i):
+    """A MATH pair scores 1 exactly when equivalent, with no error, format 1 and the reward equal to accuracy."""
     ref, pred, same = MATH[i]
     s = math_scores[i]
     assert s.accuracy == float(same), f"reference {ref!r} vs answer {pred!r}: expected " \
@@ -159,6 +164,7 @@ def test_math_equivalence(math_scores, i):
 
 
 def test_math_labels_agree_with_math_verify_called_directly():
+    """math-verify called directly agrees with every MATH label: the table tests our pipeline, not its labels."""
     # The peer: math-verify on the bare boxed strings, in this process. Our pipeline (template
     # parsing, box extraction, worker processes) must not change its verdicts.
     from math_verify import parse, verify
@@ -168,6 +174,7 @@ def test_math_labels_agree_with_math_verify_called_directly():
 
 
 def test_math_answer_location():
+    """The answer part's last box counts (else its text, or the last box if untagged), never the reasoning's."""
     cases = [  # (completion, reference, expected accuracy)
         (answer("So the width is \\boxed{12} cm, as required."), "12", 1.0),
         (answer("The answer is 7."), "7", 1.0),                       # no box: the answer part
@@ -183,6 +190,7 @@ def test_math_answer_location():
 
 
 def test_no_answer_scores_zero():
+    """A response with no usable answer scores 0 as a wrong answer, not as an error."""
     comps = ["", "<think>the answer is 4</think>", "I think it is 4", answer(""),
              answer("\\boxed{}"), answer("\\boxed{4"), "<think>4</think><answer>   </answer>"]
     scores = score_batch(comps, ["math"] * len(comps), ["4"] * len(comps))
@@ -200,6 +208,7 @@ def test_no_answer_scores_zero():
     ("100k_text", "x " * 50_000),
 ], ids=["nested_frac", "nested_braces", "100k_sum", "100k_text"])
 def test_pathological_math_returns_within_deadline(name, pred):
+    """Deeply nested or 100k-character math answers score 0 within the deadline; a timeout or error is counted."""
     timeout = 2.0
     before = rewards.error_counts["timeout"]
     t0 = time.monotonic()
@@ -216,6 +225,7 @@ def test_pathological_math_returns_within_deadline(name, pred):
 
 
 def test_math_reward_uses_reference_wrapping():
+    """A reference wrapped in $...$ or already boxed is understood by math_reward."""
     assert math_reward(answer("\\boxed{\\frac{1}{2}}"), "$\\frac{1}{2}$") == 1.0, \
         "a reference in $...$ must be understood"
     assert math_reward(answer("\\boxed{2}"), "\\boxed{2}") == 1.0, \
@@ -226,6 +236,7 @@ def test_math_reward_uses_reference_wrapping():
 # The pool: crashes, deadlines, reuse
 
 def test_worker_crash_costs_one_item():
+    """A worker crash zeroes only its own item, marked worker_crash, and the same pool keeps scoring after it."""
     pool_before = rewards._pool
     comps = [answer("\\boxed{4}")] * 4
     refs = ["4", "4", CRASH_FOR_TESTS, "5"]
@@ -242,7 +253,9 @@ def test_worker_crash_costs_one_item():
 
 
 def test_stop_signals_to_the_process_group_do_not_kill_reward_workers():
-    """Past bug: a scheduler's SIGTERM (or SIGHUP) to the whole job killed the reward workers, so
+    """Reward workers survive SIGTERM, SIGHUP and SIGINT, even while starting, and keep scoring.
+
+    Past bug: a scheduler's SIGTERM (or SIGHUP) to the whole job killed the reward workers, so
     the step the trainer was finishing before its checkpoint scored its rollouts 0."""
     rewards.shutdown()
     pool = rewards._get_pool(2)  # signalled at once: a worker still starting must not die either
@@ -256,6 +269,7 @@ def test_stop_signals_to_the_process_group_do_not_kill_reward_workers():
 
 
 def test_hanging_program_in_a_batch_only_times_out_itself():
+    """A looping program times out alone: the rest of its batch scores, and the batch returns soon after."""
     comps = [fenced("while True: pass"), fenced("def f(): return 1"), answer("\\boxed{2}")]
     t0 = time.monotonic()
     scores = score_batch(comps, ["code", "code", "math"],
@@ -267,6 +281,7 @@ def test_hanging_program_in_a_batch_only_times_out_itself():
 
 
 def test_pool_shutdown_and_restart():
+    """shutdown() stops every worker and drops the pool, is safe twice, and a new pool starts on demand."""
     score_batch([answer("\\boxed{1}")], ["math"], ["1"])
     procs = [w.proc for w in rewards._pool.workers]
     rewards.shutdown()
@@ -277,6 +292,7 @@ def test_pool_shutdown_and_restart():
 
 
 def test_inline_mode_matches_pool():
+    """Scoring inline (workers=0) gives the same verdicts as scoring on the worker pool."""
     comps = [answer("\\boxed{0.5}"), answer("\\boxed{0.4}"), fenced("x = 1")]
     refs = ["\\frac12", "\\frac12", "assert x == 1"]
     domains = ["math", "math", "code"]
@@ -286,6 +302,7 @@ def test_inline_mode_matches_pool():
 
 
 def test_language_penalty_is_optional():
+    """The mixed-language penalty is off by default, hits only mixed English and Chinese, and spares accuracy."""
     en = answer("The two sides are equal, so the answer is \\boxed{4}.")
     mixed = answer("The two sides are equal, 所以两边相等，答案是四，我们可以确认这个结果是正确的。"
                    "So the final answer is \\boxed{4}.")
@@ -306,6 +323,7 @@ def test_language_penalty_is_optional():
 # Code: extraction and code_reward
 
 def test_extract_code():
+    """extract_code takes the last closed fenced block, language named or not; else it gives an empty program."""
     assert extract_code("```python\na = 1\n```") == "a = 1\n"
     assert extract_code("```\nb = 2\n```") == "b = 2\n", "a fence without a language counts"
     assert extract_code("```python\nold\n```\ntext\n```py\nnew\n```") == "new\n", "last block wins"
@@ -314,6 +332,7 @@ def test_extract_code():
 
 
 def test_code_reward_basic():
+    """code_reward passes a right program, fails a wrong one or a syntax error; stdlib and site-packages import."""
     prog = "def add(a, b):\n    return a + b"
     assert code_reward(prog, "assert add(1, 2) == 3") == 1.0, "a correct program must pass"
     assert code_reward(prog, "assert add(1, 2) == 4") == 0.0, "a failing assert must give 0"

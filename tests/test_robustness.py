@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import harness
+import plumbing
 import srpo
 from model import Transformer
 from rollout import inference_copy
@@ -90,7 +91,7 @@ def finish(world, out, *opts):
 
 def step_of(out) -> int:
     """The step of out's checkpoint, whichever kind it is."""
-    path = srpo.find_checkpoint(str(out))
+    path = plumbing.find_checkpoint(str(out))
     return torch.load(os.path.join(path, "train_state.pt") if os.path.isdir(path) else path, weights_only=False)["state"]["step"]
 
 
@@ -99,7 +100,7 @@ def as_folder_checkpoint(out):
     one here, which DCP allows)."""
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["has_optimizer_state"], "the run should have trained, so that AdamW's state is in the folder too"
-    srpo._save_folder(str(out / "checkpoint"), {"model": ck["model"], "optimizer": ck["optimizer"]},
+    plumbing._save_folder(str(out / "checkpoint"), {"model": ck["model"], "optimizer": ck["optimizer"]},
                       {k: ck[k] for k in ("scheduler", "config", "state", "rng", "has_optimizer_state")}, rank=0, world=1)
     (out / "checkpoint.pt").unlink()
 
@@ -109,9 +110,10 @@ def as_folder_checkpoint(out):
 
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_resumes_the_same_run(world, tmp_path):
-    """Issue 15.9: SIGTERM (a scheduler's notice before preemption) ended the run silently, saving
-    nothing. It must finish the step, save, say how to resume and exit 143; resumed, the run equals
-    an uninterrupted one."""
+    """A SIGTERM finishes the step and saves; resumed, the run equals an uninterrupted one (issue 15.9).
+
+    SIGTERM (a scheduler's notice before preemption) ended the run silently, saving nothing. It must
+    finish the step, save, say how to resume and exit 143; resumed, the run equals an uninterrupted one."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     finish(world, whole, *COMMON)
     p = launch(world, cut, *COMMON)
@@ -133,8 +135,10 @@ def test_sigterm_finishes_the_step_saves_and_resumes_the_same_run(world, tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
 def test_ctrl_c_and_sighup_stop_with_a_checkpoint_too(world, tmp_path, sig):
-    """Issue 15.9: Ctrl-C (SIGINT) printed a raw traceback and saved nothing; SIGHUP (the terminal
-    closed) ended the run silently. Both must stop like SIGTERM: a checkpoint, exit 128 + N."""
+    """Ctrl-C (SIGINT) and SIGHUP stop like SIGTERM: a checkpoint, exit 128 + N, no traceback (issue 15.9).
+
+    Ctrl-C printed a raw traceback and saved nothing; SIGHUP (the terminal closed) ended the run
+    silently. Both must stop like SIGTERM: a checkpoint, exit 128 + N."""
     out = tmp_path / "run"
     p = launch(world, out, *COMMON)
     read_until(p, "step 1 |")
@@ -147,8 +151,10 @@ def test_ctrl_c_and_sighup_stop_with_a_checkpoint_too(world, tmp_path, sig):
 
 @pytest.mark.slow
 def test_a_second_signal_ends_the_run_at_once(world, tmp_path):
-    """Issue 15.9: the first signal asks for a stop at the end of the step; a second one must end the
-    process at once, even while it is stuck (here asleep right after a save)."""
+    """A second signal ends the process at once, even while it is stuck after a save (issue 15.9).
+
+    The first signal asks for a stop at the end of the step; a second one must end the process at
+    once, even while it is stuck (here asleep right after a save)."""
     p = launch(world, tmp_path / "run", *COMMON, "--save_every", "1", "--pause_after_save", "1")
     try:
         read_until(p, "PAUSED")
@@ -165,9 +171,11 @@ def test_a_second_signal_ends_the_run_at_once(world, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_stop_at_one_step_and_resume_in_one_process(world, tmp_path):
-    """Issues 15.9 and 11.4 under torchrun: a scheduler's SIGTERM reaches every process of the job,
-    and each worker again from torchrun; taken as one request, the ranks agree on the step to stop
-    after and save one checkpoint of DCP shards, which a single process then resumes and finishes."""
+    """SIGTERM to a 2-process job stops both ranks after one step, and one process resumes (issues 15.9, 11.4).
+
+    Under torchrun a scheduler's SIGTERM reaches every process of the job, and each worker again from
+    torchrun; taken as one request, the ranks agree on the step to stop after and save one checkpoint
+    of DCP shards, which a single process then resumes and finishes."""
     out = tmp_path / "two"
     p = launch(world, out, *COMMON, procs=2)
     read_until(p, "step 1 |")
@@ -188,9 +196,11 @@ def test_two_processes_stop_at_one_step_and_resume_in_one_process(world, tmp_pat
 
 
 def test_building_the_model_draws_no_random_initialisation(world):
-    """Issue 11.4: every model (the policy, the sampler's copy) was first built with random weights
-    on the CPU, a whole throwaway copy, then overwritten. Built on the meta device, it draws no
-    random numbers, and the rotary table (computed, not loaded) is still right."""
+    """Building a model to load into draws no random numbers, and its rotary table is still right (issue 11.4).
+
+    Every model (the policy, the sampler's copy) was first built with random weights on the CPU, a
+    whole throwaway copy, then overwritten. Built on the meta device, it draws no random numbers, and
+    the rotary table (computed, not loaded) is still right."""
     state = torch.get_rng_state()
     model = Transformer.from_pretrained(f"{world}/model")
     copy = inference_copy(model, dtype=torch.float32)
@@ -202,24 +212,28 @@ def test_building_the_model_draws_no_random_initialisation(world):
 
 
 def test_a_save_before_adamw_has_state_leaves_it_without(world, tmp_path):
-    """AdamW has no state until a step has had gradients (every group of the steps so far had zero
+    """Saving, or resuming, before AdamW has state leaves the optimizer without state, as it was.
+
+    AdamW has no state until a step has had gradients (every group of the steps so far had zero
     advantage). Asked for its state then, torch makes one up by a step on zero gradients, which
     changed the next update of a run that had saved, and of one resumed from that save."""
     model = Transformer.from_pretrained(f"{world}/model")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     cfg = srpo.Config()
-    srpo.save_checkpoint(str(tmp_path), model, opt, sched, srpo.TrainState(step=1), 0, cfg)
+    plumbing.save_checkpoint(str(tmp_path), model, opt, sched, {"step": 1} | srpo.Curriculum().state_dict(), 0, cfg)
     assert not opt.state, "saving gave the running optimizer a state"
     path = str(tmp_path / "checkpoint.pt")
-    srpo.load_checkpoint(path, srpo.open_checkpoint(path, cfg, 0, 1), model, opt, sched, 0)
+    plumbing.load_checkpoint(path, plumbing.open_checkpoint(path, cfg, 0, 1), model, opt, sched, 0)
     assert not opt.state, "resuming gave the optimizer a state it did not have when saved"
 
 
 @pytest.mark.slow
 def test_checkpoints_move_exactly_between_process_counts(world, tmp_path):
-    """Issue 11.4: a checkpoint of 2 processes (a folder of DCP shards) resumes on 1, and one of 1 (a
-    file, which rank 0 alone reads and broadcasts) on 2, weights and AdamW state bit for bit."""
+    """A checkpoint moves between 1 and 2 processes with its weights and AdamW state bit for bit (issue 11.4).
+
+    A checkpoint of 2 processes (a folder of DCP shards) resumes on 1, and one of 1 (a file, which
+    rank 0 alone reads and broadcasts) on 2."""
     from dist_checkpoint_check import check
     script = os.path.join(ROOT, "tests", "dist_checkpoint_check.py")
 
@@ -255,7 +269,9 @@ def test_checkpoints_move_exactly_between_process_counts(world, tmp_path):
 
 
 def test_torn_last_metrics_line_is_dropped_on_resume(world, trained, tmp_path, capsys):
-    """Issue 15.10: a full disk tore the last line of metrics.jsonl, and every later resume failed on it."""
+    """A torn last line of metrics.jsonl is dropped on resume, and the drop is reported (issue 15.10).
+
+    A full disk tore the last line of metrics.jsonl, and every later resume failed on it."""
     out = copy_run(trained, tmp_path / "torn")
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"type": "step", "step": 3, "rew')  # what a write cut off by ENOSPC leaves
@@ -290,9 +306,11 @@ def small_disk(path, size: int):
 
 
 def test_full_disk_during_a_save_names_path_and_free_space_and_keeps_the_last_checkpoint(world, trained, tmp_path):
-    """Issue 15.10: a full disk mid-save raised torch's bare "unexpected pos 576 vs 534" and left the
-    partial checkpoint.pt.tmp behind. Both kinds of checkpoint must say where and how much space is
-    free, remove the partial one and keep the previous one."""
+    """A save on a full disk says where and how much is free, and keeps the previous checkpoint (issue 15.10).
+
+    A full disk mid-save raised torch's bare "unexpected pos 576 vs 534" and left the partial
+    checkpoint.pt.tmp behind. Both kinds of checkpoint must say where and how much space is free,
+    remove the partial one and keep the previous one."""
     first = trained
     size = (first / "checkpoint.pt").stat().st_size
     with small_disk(tmp_path / "disk", size * 3 // 2) as disk:  # room for one checkpoint, not for a second
@@ -310,7 +328,7 @@ def test_full_disk_during_a_save_names_path_and_free_space_and_keeps_the_last_ch
         # The folder that several processes save: the same, for DCP's errors
         ck = torch.load(first / "checkpoint.pt", weights_only=False)
         with pytest.raises(OSError, match=full.format("checkpoint")):
-            srpo._save_folder(str(out / "checkpoint"), {"model": ck["model"], "optimizer": ck["optimizer"]},
+            plumbing._save_folder(str(out / "checkpoint"), {"model": ck["model"], "optimizer": ck["optimizer"]},
                               {"state": ck["state"]}, rank=0, world=1)
         assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint").exists()
 
@@ -329,8 +347,10 @@ def flip_a_byte_in(path, tensor: torch.Tensor):
 
 @pytest.mark.parametrize("damage", ["flipped", "empty", "garbage", "truncated"])
 def test_damaged_checkpoint_file_is_refused_with_one_clear_message(world, trained, tmp_path, damage):
-    """Issue 15.11: a checkpoint with a flipped byte in AdamW's state loaded silently; an empty, garbage
-    or truncated one failed deep inside torch.load. All must be refused by name, saying how to start afresh."""
+    """A damaged checkpoint file is refused by name, with a way to start afresh that works (issue 15.11).
+
+    A checkpoint with a flipped byte in AdamW's state loaded silently; an empty, garbage or truncated
+    one failed deep inside torch.load. All must be refused by name, saying how to start afresh."""
     out = copy_run(trained, tmp_path / damage)
     ck = out / "checkpoint.pt"
     if damage == "flipped":
@@ -347,8 +367,10 @@ def test_damaged_checkpoint_file_is_refused_with_one_clear_message(world, traine
 
 
 def test_damaged_checkpoint_folder_is_refused_naming_the_file(world, trained, tmp_path):
-    """Issue 15.11 for the folder of DCP shards that several processes save: a shard with a flipped
-    byte, or a folder without its manifest, is refused before anything is loaded from it."""
+    """A folder checkpoint with a corrupt shard or no manifest is refused, naming the file (issue 15.11).
+
+    The same for the folder of DCP shards that several processes save: a shard with a flipped byte,
+    or a folder without its manifest, is refused before anything is loaded from it."""
     out = copy_run(trained, tmp_path / "folder")
     as_folder_checkpoint(out)
     shard = next(p for p in (out / "checkpoint").iterdir() if p.suffix == ".distcp")
@@ -367,9 +389,11 @@ def test_damaged_checkpoint_folder_is_refused_naming_the_file(world, trained, tm
 
 @pytest.mark.parametrize("where", ["equal", "inside", "symlink", "holds"])
 def test_out_dir_overlapping_the_model_is_refused_and_the_model_untouched(world, tmp_path, where):
-    """Issue 15.12: --out_dir equal to the model's folder overwrote the model's config.json before
-    the model was loaded, destroying it. An --out_dir that is, is inside, links to or holds the
-    model's folder must be refused, with nothing written there."""
+    """An --out_dir overlapping the model's folder is refused before anything is written there (issue 15.12).
+
+    --out_dir equal to the model's folder overwrote the model's config.json before the model was
+    loaded, destroying it. An --out_dir that is, is inside, links to or holds the model's folder
+    must be refused, with nothing written there."""
     model = tmp_path / "m" / "model"
     shutil.copytree(f"{world}/model", model)
     before = {p.name: p.read_bytes() for p in model.iterdir()}
@@ -382,7 +406,9 @@ def test_out_dir_overlapping_the_model_is_refused_and_the_model_untouched(world,
 
 
 def test_refused_resume_leaves_config_json_as_it_was(world, trained, tmp_path):
-    """Issue 15.13: a resume refused for changed options still overwrote config.json with them."""
+    """A resume refused for changed options leaves the run's config.json as it was (issue 15.13).
+
+    Such a resume still overwrote config.json with the changed options."""
     out = copy_run(trained, tmp_path / "r")
     before = (out / "config.json").read_text()
     with pytest.raises(ValueError, match=r"other options \(prompts_per_step: 2 then, 3 now\)"):
@@ -392,9 +418,11 @@ def test_refused_resume_leaves_config_json_as_it_was(world, trained, tmp_path):
 
 @pytest.mark.slow
 def test_a_second_run_in_the_same_out_dir_is_refused_until_the_first_is_gone(world, tmp_path):
-    """Issue 15.14: two runs could share an --out_dir, doubling its metrics. The second (here the same
-    command) must stop, naming the first one's process; the lock must go with that process, even
-    when it is killed by SIGKILL."""
+    """A second run in a busy --out_dir is refused, naming the first; the lock dies with it (issue 15.14).
+
+    Two runs could share an --out_dir, doubling its metrics. The second (here the same command) must
+    stop, naming the first one's process; the lock must go with that process, even when it is
+    killed by SIGKILL."""
     out = tmp_path / "shared"
     same = dict(total_steps=5, stage1_steps=3, eval_every=2)
     p = launch(world, out, *COMMON, "--save_every", "1", "--pause_after_save", "1")
@@ -411,7 +439,9 @@ def test_a_second_run_in_the_same_out_dir_is_refused_until_the_first_is_gone(wor
 
 
 def test_partial_checkpoints_of_a_killed_save_are_removed_at_start(world, tmp_path):
-    """Issue 15.20: a save killed mid-write left checkpoint.pt.tmp (up to 1.6 GB) until the next save."""
+    """The partial checkpoints of a killed save (file or folder) are removed when a run starts (issue 15.20).
+
+    A save killed mid-write left checkpoint.pt.tmp (up to 1.6 GB) until the next save."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "checkpoint.pt.tmp").write_bytes(os.urandom(1 << 16))
@@ -427,7 +457,9 @@ def test_partial_checkpoints_of_a_killed_save_are_removed_at_start(world, tmp_pa
 
 
 def test_folder_checkpoint_cut_off_between_its_renames_is_put_back(world, trained, tmp_path, capsys):
-    """A folder checkpoint cannot be renamed over its predecessor, which steps aside first as
+    """A folder checkpoint left as checkpoint.old/ by a crash between its renames is put back and resumed.
+
+    A folder checkpoint cannot be renamed over its predecessor, which steps aside first as
     checkpoint.old/; a crash before the new one is renamed in must not lose both."""
     out = copy_run(trained, tmp_path / "o")
     as_folder_checkpoint(out)

@@ -215,21 +215,27 @@ class CharTokenizer:
 
 
 def test_stop_strings():
+    """A stop string ends a response right after the token that completes it (finish "stop"), however
+    far the device ran past it before the host looked; its slot is refilled; other responses are untouched."""
     _, ours = tiny_pair("llama", seed=5)
     tok = CharTokenizer()
-    free = generate(ours, PROMPTS, max_new_tokens=24, temperature=0.0, eos_ids=())
-    stop = tok.decode(free[1].tokens[6:8])            # occurs in prompt 1's response, ends at 8 or earlier
-    got = generate(ours, PROMPTS, max_new_tokens=24, temperature=0.0, eos_ids=(), stop_strings=(stop,),
-                   tokenizer=tok, sync_every=5)
-    for i, (ro, ref) in enumerate(zip(got, free)):
-        text = tok.decode(ref.tokens)
-        if stop in text:
-            m = next(m for m in range(1, 25) if stop in tok.decode(ref.tokens[:m]))
-            assert ro.tokens == ref.tokens[:m] and ro.finish == "stop", \
-                f"prompt {i}: expected a stop after {m} tokens at {stop!r}, got {len(ro.tokens)} ({ro.finish})"
-        else:
-            assert ro.tokens == ref.tokens and ro.finish == "length", f"prompt {i}: no stop string, cut anyway"
-    assert got[1].finish == "stop" and len(got[1].tokens) <= 8
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, n=2, seed=3)):
+        for sync_every, max_slots in ((5, 2), (1, 256)):     # 2 slots: refills after stop-string hits
+            kw.update(max_new_tokens=24, eos_ids=(), max_slots=max_slots)
+            free = generate(ours, PROMPTS, **kw)
+            stop = tok.decode(free[2].tokens[6:8])           # occurs in request 2's response, ends by token 8
+            got = generate(ours, PROMPTS, stop_strings=(stop,), tokenizer=tok, sync_every=sync_every, **kw)
+            for r, (ro, ref) in enumerate(zip(got, free)):
+                where = f"{kw}, sync_every {sync_every}, request {r}"
+                if stop in tok.decode(ref.tokens):
+                    m = next(m for m in range(1, 25) if stop in tok.decode(ref.tokens[:m]))
+                    assert ro.tokens == ref.tokens[:m] and ro.finish == "stop", \
+                        f"{where}: expected a stop after {m} tokens at {stop!r}, got {len(ro.tokens)} ({ro.finish})"
+                else:
+                    assert ro.tokens == ref.tokens and ro.finish == "length", f"{where}: no stop string, cut anyway"
+                assert len(ro.logprobs) == len(ro.tokens), f"{where}: {len(ro.logprobs)} log-probs for {len(ro.tokens)}"
+                assert max(abs(a - b) for a, b in zip(ro.logprobs, ref.logprobs)) < 1e-4, f"{where}: log-probs differ"
+            assert got[2].finish == "stop" and len(got[2].tokens) <= 8, f"{kw}: request 2 should stop at {stop!r}"
 
 
 def test_max_new_tokens_and_cache_length_checks():

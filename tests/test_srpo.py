@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import harness
+import plumbing
 import rewards
 import srpo
 from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FP32 = plumbing.decide_precision("cpu", 1, sharded=False)  # how one CPU process computes
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,7 @@ def run(world, out, reward=harness.contains_reference, **over):
 
 
 def test_history_resampling_drops_all_correct_keeps_mixed_and_all_wrong():
+    """HR drops a prompt only if every rollout of the epoch was correct, and empties its buffer for the next."""
     h = srpo.History()
     h.record("easy", [True, True, True, True])
     h.record("mixed", [True, False, False, True])
@@ -45,6 +48,7 @@ def test_history_resampling_drops_all_correct_keeps_mixed_and_all_wrong():
 
 
 def test_dropped_prompts_return_after_n_epochs_only_when_asked():
+    """A dropped prompt stays out for the stage, unless --hr_return_after N brings it back after N epochs."""
     for return_after, back_at in ((0, None), (2, 3)):   # dropped for epoch 1: back at 1 + 2 = 3
         h = srpo.History()
         h.record("easy", [True] * 4)
@@ -60,6 +64,7 @@ def test_dropped_prompts_return_after_n_epochs_only_when_asked():
 
 
 def test_group_advantages_follow_the_formula_and_zero_groups():
+    """A = (R - mean) / (std + eps) within a group; a group of equal rewards is flagged and gets exactly 0."""
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.3, 0.1, 0.9, 0.5]])
     adv, zero = srpo.group_advantages(r, eps=1e-4)
     expect = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)
@@ -69,6 +74,7 @@ def test_group_advantages_follow_the_formula_and_zero_groups():
 
 
 def test_micro_batches_hold_every_response_token_once():
+    """Packing keeps every sample once, within budget, with targets, mask, logp_old and advantage aligned."""
     samples = [srpo.Sample(list(range(10 + i)), 4 + i % 3, [-0.1 * j for j in range(6 + i - i % 3)], float(i))
                for i in range(7)]
     groups = srpo.pack_micro_batches(samples, budget=25)
@@ -104,6 +110,7 @@ def naive_loss(model, samples, eps_low, eps_high):
 
 
 def test_update_equals_the_naive_objective_across_micro_batches(world):
+    """policy_update over micro-batches equals the loss and gradients of the objective written out naively."""
     from dist_update_check import global_batch
     cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.0, eps_low=0.2, eps_high=0.28)
     a = Transformer.from_pretrained(f"{world}/model")
@@ -113,12 +120,12 @@ def test_update_equals_the_naive_objective_across_micro_batches(world):
     assert len(srpo.pack_micro_batches(samples, cfg.micro_tokens)) > 2, "test needs several micro-batches"
     # SGD, not Adam: Adam turns float-noise-sized gradients into lr-sized steps, hiding the comparison.
     opt_a = torch.optim.SGD(a.parameters(), lr=cfg.lr)
-    stats = srpo.policy_update(a, opt_a, samples, cfg, "cpu")
+    stats = srpo.policy_update(a, opt_a, samples, srpo.UpdateSettings.from_config(cfg), FP32, "cpu")
     opt_b = torch.optim.SGD(b.parameters(), lr=cfg.lr)
     loss = naive_loss(b, samples, cfg.eps_low, cfg.eps_high)
     loss.backward()
-    assert abs(stats["loss"] - loss.item()) < 1e-5, f"loss {stats['loss']} vs naive {loss.item()}"
-    assert stats["clip_frac"] > 0, "the test batch should clip some tokens"
+    assert abs(stats.loss - loss.item()) < 1e-5, f"loss {stats.loss} vs naive {loss.item()}"
+    assert stats.clip_frac > 0, "the test batch should clip some tokens"
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-4), f"gradient of {n} differs from naive"
     opt_b.step()
@@ -128,16 +135,19 @@ def test_update_equals_the_naive_objective_across_micro_batches(world):
 
 @pytest.mark.gpu
 def test_gpu_update_close_to_cpu_fp32(world):
-    """policy_update on a GPU (bf16 autocast, flex_attention's document mask, the fused Triton
-    loss) against the fp32 CPU update of the same batch: same loss and gradient directions."""
+    """The GPU update (bf16, flex_attention, fused Triton loss) matches the fp32 CPU update's loss and gradients.
+
+    Same batch on both: the loss within 2%, each parameter's gradient at cosine > 0.99."""
     from dist_update_check import global_batch
     cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.0)
     cpu = Transformer.from_pretrained(f"{world}/model")
     gpu = Transformer.from_pretrained(f"{world}/model", device="cuda")
     samples = global_batch(cpu.config.vocab_size)
-    ref = srpo.policy_update(cpu, torch.optim.SGD(cpu.parameters(), lr=cfg.lr), samples, cfg, "cpu")
-    got = srpo.policy_update(gpu, torch.optim.SGD(gpu.parameters(), lr=cfg.lr), samples, cfg, "cuda")
-    assert abs(got["loss"] - ref["loss"]) < 2e-2 * abs(ref["loss"]) + 1e-4, (got, ref)
+    u = srpo.UpdateSettings.from_config(cfg)
+    ref = srpo.policy_update(cpu, torch.optim.SGD(cpu.parameters(), lr=cfg.lr), samples, u, FP32, "cpu")
+    got = srpo.policy_update(gpu, torch.optim.SGD(gpu.parameters(), lr=cfg.lr), samples, u,
+                             plumbing.decide_precision("cuda", 1, False), "cuda")
+    assert abs(got.loss - ref.loss) < 2e-2 * abs(ref.loss) + 1e-4, (got, ref)
     for (n, pc), pg in zip(cpu.named_parameters(), gpu.parameters()):
         cos = F.cosine_similarity(pc.grad.flatten(), pg.grad.float().cpu().flatten(), dim=0).item()
         assert cos > 0.99, f"gradient of {n}: cosine {cos:.4f} to the fp32 CPU gradient"
@@ -166,32 +176,64 @@ def test_two_fsdp_processes_equal_one(world, tmp_path):
 # Whole runs
 
 
-def test_run_stages_history_resampling_and_export(world, tmp_path):
-    out = tmp_path / "run"
-    # 8 math prompts, 2 per step -> an epoch every 4 steps; stage 2 from step 6.
+@pytest.fixture(scope="module")
+def whole_run(world, tmp_path_factory):
+    """One run shared by the tests below: 8 math prompts, 2 a step (an epoch every 4 steps), stage 2
+    from step 6, 8 steps, evaluations every 4. Returns (out_dir, records, step records)."""
+    out = tmp_path_factory.mktemp("whole") / "run"
     recs = run(world, out, total_steps=8, stage1_steps=6, eval_every=4)
-    steps = [r for r in recs if r["type"] == "step"]
+    return out, recs, [r for r in recs if r["type"] == "step"]
+
+
+def test_run_logs_every_step_and_switches_stage_on_time(whole_run):
+    """Steps 1-8 each log one record; stage 2 begins at --stage1_steps, and stage 1 is math only."""
+    _, recs, steps = whole_run
     assert [r["step"] for r in steps] == list(range(1, 9))
     assert [r["stage"] for r in steps] == [1] * 6 + [2] * 2, "stage switch at the configured step"
     assert all(r["n_code"] == 0 for r in steps[:6]), "stage 1 must be math only"
+    assert any(r["type"] == "stage" and r["step"] == 6 for r in recs)
+
+
+def test_run_resamples_history_at_the_first_epoch_end(whole_run):
+    """HR acts at the end of epoch 1 (step 4), and its counts account for every prompt of the stage."""
+    _, recs, _ = whole_run
     epochs = [r for r in recs if r["type"] == "epoch"]
     assert epochs and epochs[0]["step"] == 4, f"expected HR at the end of epoch 1 (step 4): {epochs}"
     e = epochs[0]
     assert e["dropped"] + e["kept_mixed"] + e["kept_all_wrong"] + e["kept_unseen"] == 8
     assert e["prompts"] == 8 - e["dropped"]
-    assert any(r["type"] == "stage" and r["step"] == 6 for r in recs)
+
+
+def test_run_evaluates_before_periodically_and_after(whole_run):
+    """Held-out evaluations come before training, every --eval_every steps, and after the last step."""
+    _, recs, _ = whole_run
     assert [r["tag"] for r in recs if r["type"] == "eval"] == ["before", "periodic", "after"]
+
+
+def test_run_metrics_are_present_finite_and_named(whole_run):
+    """Every step record carries its metrics, none NaN, and the rollout count is logged, not inferred."""
+    _, _, steps = whole_run
     assert 0 < sum(r["zero_adv"] for r in steps) / len(steps) < 1, "the tiny world should give some signal"
     for r in steps:
         for k in ("reward", "acc_math", "zero_adv", "resp_len", "clip_frac", "entropy", "t_gen", "tok_s"):
             assert k in r and r[k] == r[k], f"metric {k} missing or NaN in {r}"
+        assert r["rollouts"] == 2 * 4, f"2 prompts x G 4 rollouts a step: {r}"
+        assert r["resp_len"] == r["gen_tokens"] / r["rollouts"]
+
+
+def test_run_plot_and_compare_read_its_metrics(whole_run):
+    """run.png is written, and bench/compare.py reads the run's evaluations with the tokens generated by then."""
+    out, recs, steps = whole_run
     assert (out / "run.png").stat().st_size > 10_000, "the run's plot was not written"
-    # bench/compare.py reads what this run logged: its evaluations, with the tokens generated by then.
     cmp = harness.bench_module("compare").load_run(str(out))
     assert [(s, t) for s, t, _ in cmp.evals] == [(0, 0), (4, sum(r["gen_tokens"] for r in steps[:4])),
                                                  (8, sum(r["gen_tokens"] for r in steps))]
-    assert cmp.dropped == sum(r.get("dropped", 0) for r in epochs)
-    # The exported policy loads in transformers and equals the trained weights.
+    assert cmp.dropped == sum(r.get("dropped", 0) for r in recs if r["type"] == "epoch")
+
+
+def test_run_exports_a_trained_policy_that_transformers_loads(world, whole_run):
+    """The exported policy loads in transformers with the same logits, and differs from the untrained one."""
+    out, _, _ = whole_run
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(out / "policy", dtype=torch.float32)
     ours = Transformer.from_pretrained(str(out / "policy"))
@@ -204,8 +246,9 @@ def test_run_stages_history_resampling_and_export(world, tmp_path):
 
 @pytest.mark.gpu
 def test_tiny_run_on_gpu(world, tmp_path):
-    """The whole loop on a GPU: compiled sampler with CUDA graphs, bf16 sampler copy, the fused
-    Triton loss, flex_attention; it must finish with finite metrics and a policy that moved."""
+    """The whole loop runs on a GPU to finite metrics and a policy that moved.
+
+    On the GPU path: compiled sampler with CUDA graphs, bf16 sampler copy, the fused Triton loss, flex_attention."""
     out = tmp_path / "gpu"
     recs = run(world, out, total_steps=4, stage1_steps=2, eval_every=2, reference_loss=False)
     steps = [r for r in recs if r["type"] == "step"]
@@ -216,11 +259,13 @@ def test_tiny_run_on_gpu(world, tmp_path):
     assert moved > 1e-4, "the exported policy is the untrained one"
 
 
-def test_hr_off_is_plain_grpo(world, tmp_path):
+def test_hr_off_is_plain_grpo(world, whole_run, tmp_path):
+    """--no_hr keeps every prompt each epoch; its epoch records have HR's keys, counting what HR would drop."""
     recs = run(world, tmp_path / "grpo", hr=False, total_steps=6, stage1_steps=10)
     epochs = [r for r in recs if r["type"] == "epoch"]
     assert epochs and all(r["prompts"] == 8 for r in epochs), "without HR every epoch has all prompts"
-    assert all("dropped" not in r for r in epochs)
+    hr_keys = {k for r in whole_run[1] if r["type"] == "epoch" for k in r}
+    assert all(set(r) == hr_keys for r in epochs), f"epoch records with --no_hr: {epochs}, with HR: {hr_keys}"
 
 
 def always_right(tok, problems, rolls, cfg):
@@ -228,7 +273,9 @@ def always_right(tok, problems, rolls, cfg):
 
 
 def test_a_stage_that_runs_dry_ends_or_waits_for_returning_prompts(world, tmp_path):
-    """Every rollout correct: HR drops all 8 prompts at the end of epoch 0 (step 4). By default the
+    """A stage that HR empties ends at once, or with --hr_return_after waits (no steps) for prompts to return.
+
+    Every rollout correct: HR drops all 8 prompts at the end of epoch 0 (step 4). By default the
     stage has nothing left and stage 2 begins at once; with --hr_return_after 2 the stage passes
     two empty epochs (no steps) and gets all 8 back for epoch 3."""
     recs = run(world, tmp_path / "dry", reward=always_right, total_steps=6, stage1_steps=10)
@@ -243,8 +290,9 @@ def test_a_stage_that_runs_dry_ends_or_waits_for_returning_prompts(world, tmp_pa
 
 
 def test_loss_variants_run_kl_clip_higher_and_extra_passes(world, tmp_path):
-    """The options a fork reaches for first: a KL term to the initial policy, DAPO's clip-higher,
-    several update passes (logp_old recomputed by the trainer) and top-p sampling."""
+    """KL to the initial policy, clip-higher, extra update passes and top-p run and show in the metrics.
+
+    The options a fork reaches for first; with several passes (and top-p) the trainer recomputes logp_old."""
     recs = run(world, tmp_path / "v", total_steps=3, kl_coef=0.1, eps_high=0.28, update_epochs=2, top_p=0.9)
     steps = [r for r in recs if r["type"] == "step"]
     assert len(steps) == 3 and all(r["loss"] == r["loss"] for r in steps)
@@ -253,6 +301,7 @@ def test_loss_variants_run_kl_clip_higher_and_extra_passes(world, tmp_path):
 
 
 def test_resume_after_sigkill_continues_the_same_run(world, tmp_path):
+    """A run SIGKILLed after a checkpoint and resumed logs the same metrics and weights as an uninterrupted one."""
     script = os.path.join(ROOT, "tests", "harness.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     common = ["--total_steps", "5", "--stage1_steps", "3", "--save_every", "2", "--eval_every", "0"]
@@ -287,9 +336,10 @@ def test_resume_after_sigkill_continues_the_same_run(world, tmp_path):
 
 
 def test_two_process_run_stops_and_resumes_exactly(world, tmp_path):
-    """The whole loop on 2 CPU processes (FSDP2 over gloo): rollouts split across ranks, HR's
-    buffer shared, the sampler's copy of sharded weights, evaluation, sharded checkpoint, export.
-    Stopped after 4 steps and resumed, it equals an uninterrupted 2-process run."""
+    """A 2-process run (FSDP2 over gloo) stopped after 4 steps and resumed equals an uninterrupted one.
+
+    The whole loop: rollouts split across ranks, HR's buffer shared, the sampler's copy of sharded
+    weights, evaluation, sharded checkpoint, export."""
     def launch(out, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                os.path.join(ROOT, "tests", "harness.py"), world, str(out), "--total_steps", "7",
@@ -316,6 +366,7 @@ def test_two_process_run_stops_and_resumes_exactly(world, tmp_path):
 
 
 def test_bad_data_and_config_stop_with_clear_errors(world, tmp_path):
+    """A missing, empty or malformed data file, or an option out of range, stops the run naming what is wrong."""
     with pytest.raises(FileNotFoundError, match="math data file .*nope.jsonl.* does not exist"):
         run(world, tmp_path / "a", math_train=str(tmp_path / "nope.jsonl"))
     (tmp_path / "empty.jsonl").write_text("\n")
@@ -333,8 +384,9 @@ def test_bad_data_and_config_stop_with_clear_errors(world, tmp_path):
 
 
 def test_a_sandbox_that_cannot_run_here_stops_the_run_before_training(world, tmp_path):
-    """Issue 15.1: the code sandbox asked for (--sandbox) is checked at start-up, and a mode that
-    cannot run here stops the run naming the option; nothing falls back to a weaker mode."""
+    """A --sandbox mode that cannot run here stops the run at start-up, naming the option (issue 15.1).
+
+    Nothing falls back to a weaker mode, and no training step runs before the check."""
     out = tmp_path / "sb"
     # Without `unshare` on PATH the namespace modes cannot run (the interpreter's path is absolute).
     env = dict(os.environ, PATH="/nonexistent")
@@ -347,6 +399,7 @@ def test_a_sandbox_that_cannot_run_here_stops_the_run_before_training(world, tmp
 
 
 def test_resuming_with_other_options_is_refused(world, tmp_path):
+    """A checkpoint resumes only with its own options (more steps allowed), else an error names the change."""
     out = tmp_path / "r"
     run(world, out, total_steps=2)
     with pytest.raises(ValueError, match=r"other options \(prompts_per_step: 2 then, 3 now\).*--no_resume"):
@@ -356,19 +409,22 @@ def test_resuming_with_other_options_is_refused(world, tmp_path):
 
 
 def test_wandb_flag_without_wandb_says_how_to_install(world, tmp_path, monkeypatch):
+    """--wandb_project without the wandb package stops with the pip command, not a bare ImportError."""
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed
     with pytest.raises(ImportError, match="pip install wandb"):
         run(world, tmp_path / "w", wandb_project="srpo-test")
 
 
 def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
-    # A model whose vocabulary is smaller than its tokenizer's.
+    """A tokenizer with more tokens than the model's vocabulary is refused at start-up, with both sizes."""
+    # a model whose vocabulary is smaller than its tokenizer's
     w = harness.make_world(str(tmp_path / "w"), vocab_extra=-3)
     with pytest.raises(ValueError, match="tokenizer has 13 tokens but the model's vocabulary is 10"):
         run(w, tmp_path / "out")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    """A non-finite loss stops the run before the optimizer step; the last checkpoint stays finite and current."""
     out = tmp_path / "nan"
     run(world, out, total_steps=2, save_every=1)
     real = srpo.fused_grpo_loss
@@ -386,6 +442,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
 
 
 def test_reward_worker_crash_scores_zero_and_training_goes_on(tmp_path):
+    """A reward worker that dies scores 0 for its rollouts, counted in reward_errors, and training goes on."""
     # Real rewards (no harness reward): one math answer is the hook that kills its worker.
     w = harness.make_world(str(tmp_path / "w"), math_answers=["1", rewards.CRASH_FOR_TESTS])
     out = tmp_path / "out"
