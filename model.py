@@ -245,12 +245,16 @@ class Transformer(nn.Module):
     def lm_head_weight(self):  # (V, H)
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx, *, attention_mask=None, cu_seqlens=None, attend=None, positions=None,
+    def forward(self, idx, *, attention_mask=None, cu_seqlens=None, branches=None, attend=None, positions=None,
                 return_hidden=False, head=None):
         """idx: (B, T) token ids. At most one of:
           attention_mask (B, T): 1 = real token, 0 = padding (left or right); padding is never attended.
           cu_seqlens (n+1,): packed sequences in one row (B = 1), boundaries at cu_seqlens[i];
               positions restart at 0 for each, and no token attends across a boundary.
+              With branches (T,) int: each sequence is a trunk (branches 0, first) and branches after
+              it (1, 2, ..., each a contiguous run): a branch token attends to the whole trunk and to
+              its own branch, and its positions continue from the trunk's end. The G responses to one
+              prompt, sharing the prompt's forward (srpo.policy_update).
           attend + positions (B, T): the caller's attention, e.g. against a KV cache (rollout.py). Row b's
               tokens sit at positions[b]; each layer calls attend(layer, q, k, v) -> y with q (B, nh, T, D),
               k and v (B, nkv, T, D) after rotary, y (B, nh, T, D).
@@ -260,6 +264,8 @@ class Transformer(nn.Module):
             idx = idx[None]
         if sum(x is not None for x in (attention_mask, cu_seqlens, attend)) > 1:
             raise ValueError("pass at most one of attention_mask, cu_seqlens, attend")
+        if branches is not None and cu_seqlens is None:
+            raise ValueError("branches (T,) describe packed sequences: pass cu_seqlens with them")
         if (attend is None) != (positions is None):
             raise ValueError("attend and positions (B, T) go together: the positions of the caller's attention")
         x = self.embed_tokens(idx)                                   # (B, T, H)
@@ -268,7 +274,7 @@ class Transformer(nn.Module):
             # the weights' (bf16 under FSDP2's mixed precision, fp32 on a CPU).
             dev = idx.device.type
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            a = self._attention_inputs(idx, attention_mask, cu_seqlens, dtype)
+            a = self._attention_inputs(idx, attention_mask, cu_seqlens, dtype, branches)
             attend, positions = a.attend, a.positions
         cos, sin = self.rotary(positions, x.dtype)                   # (B, 1, T, D) each
         for block in self.layers:  # the one layer loop: training, scoring and sampling all come here
@@ -283,7 +289,7 @@ class Transformer(nn.Module):
             return x
         return F.linear(x, self.lm_head_weight).float()              # (B, T, V)
 
-    def _attention_inputs(self, idx, attention_mask, cu_seqlens, dtype) -> AttnInputs:
+    def _attention_inputs(self, idx, attention_mask, cu_seqlens, dtype, branches=None) -> AttnInputs:
         """Only what the chosen kernel reads: a dense (T, T) mask is built for SDPA alone (at 16k
         packed tokens it is 256 MiB of bools, plus as much again in temporaries while it is built)."""
         B, T = idx.shape
@@ -297,13 +303,23 @@ class Transformer(nn.Module):
             lengths = cu_seqlens.diff()
             doc = torch.repeat_interleave(torch.arange(len(lengths), device=dev), lengths)  # (T,)
             positions = (torch.arange(T, device=dev) - cu_seqlens[:-1].long()[doc])[None]   # (1, T)
+            if branches is not None:
+                branches = branches.to(dev)
+                positions = branch_positions(doc, branches, positions[0])[None]
             impl = _packed_attention(idx.is_cuda, dtype)
-            if impl == "flash":  # flash-attn reads the document boundaries themselves
+            if impl == "flash" and branches is None:  # flash-attn reads the document boundaries themselves
                 return AttnInputs(positions=positions, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
-            if impl == "flex":  # a block-sparse document mask
-                return AttnInputs(positions=positions, block_mask=document_block_mask(doc))
+            if impl in ("flash", "flex"):  # a block-sparse document mask (flash-attn has no mask for branches)
+                # Always with branches (none: all trunk), so that every call has the same mask_mod and
+                # the compiled flex_attention is not recompiled for a second one (inductor's CPU code
+                # for that recompile fails to build on torch 2.13).
+                trunk = branches if branches is not None else torch.zeros_like(doc)
+                return AttnInputs(positions=positions, block_mask=document_block_mask(doc, branches=trunk))
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()               # (T, T)
-            return AttnInputs(positions=positions, mask=(causal & (doc[:, None] == doc[None, :]))[None, None])
+            mask = causal & (doc[:, None] == doc[None, :])
+            if branches is not None:  # a branch sees the trunk and itself
+                mask &= (branches[None, :] == 0) | (branches[None, :] == branches[:, None])
+            return AttnInputs(positions=positions, mask=mask[None, None])
         if attention_mask is not None:
             valid = attention_mask.to(dev).bool()                                      # (B, T)
             positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # left padding: the first real token is 0
@@ -411,11 +427,26 @@ def _packed_attention(on_gpu: bool, dtype: torch.dtype) -> str:
     return PACKED_ATTENTION
 
 
-def document_block_mask(doc: torch.Tensor, block: int = 128):
+def branch_positions(doc: torch.Tensor, branches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(T,) positions of packed documents made of a trunk and branches (Transformer.forward): a trunk
+    token keeps its place in its document; a branch token is at the trunk's length plus its place in
+    its branch. doc, branches and positions (the place in the document) are (T,)."""
+    T = doc.shape[0]
+    start = torch.ones(T, dtype=torch.bool, device=doc.device)          # where a run of one branch begins
+    start[1:] = (branches[1:] != branches[:-1]) | (doc[1:] != doc[:-1])
+    run_start = torch.nonzero(start).squeeze(1)[start.long().cumsum(0) - 1]          # (T,)
+    trunk = torch.zeros(int(doc[-1]) + 1, dtype=torch.long, device=doc.device).index_add_(
+        0, doc, (branches == 0).long())                                  # (n_docs,) trunk lengths
+    in_branch = torch.arange(T, device=doc.device) - run_start
+    return torch.where(branches == 0, positions, trunk[doc] + in_branch)
+
+
+def document_block_mask(doc: torch.Tensor, block: int = 128, branches: torch.Tensor | None = None):
     """flex_attention's BlockMask for causal attention within documents, worked out per pair of
     128-token tiles from the documents the tiles hold. torch's create_block_mask would evaluate the
     mask at all (T, T) pairs first: 256 MiB at 16k tokens, and several times that in temporaries.
-    doc: (T,) the document of each token, non-decreasing (documents are contiguous runs)."""
+    doc: (T,) the document of each token, non-decreasing (documents are contiguous runs).
+    branches: (T,) or None, as in Transformer.forward: a branch token sees the trunk and its branch."""
     from torch.nn.attention.flex_attention import BlockMask
     T = doc.shape[0]
     n = -(-T // block)                                                # tiles per side
@@ -430,6 +461,10 @@ def document_block_mask(doc: torch.Tensor, block: int = 128):
     # lie in one document, the same one: then flex skips the mask there.
     one = (first == last) & (start + block <= T)                     # (n,)
     full = (j < i) & one[:, None] & one[None, :] & (first[:, None] == first[None, :])
+    if branches is not None:  # a key tile is seen whole only if it is all trunk
+        pad = torch.zeros(n * block - T, dtype=branches.dtype, device=doc.device)
+        trunk = torch.cat([branches, pad]).view(n, block).eq(0).all(-1)                # (n,)
+        full &= trunk[None, :]
     partial = seen & ~full
 
     def ordered(tiles):  # (n, n) bool -> tiles per row (1, 1, n), their columns first (1, 1, n, n)
@@ -437,8 +472,14 @@ def document_block_mask(doc: torch.Tensor, block: int = 128):
         cols = torch.argsort(t, dim=-1, descending=True, stable=True)
         return t.sum(-1).to(torch.int32)[None, None], cols.to(torch.int32)[None, None]
 
+    if branches is None:
+        def mask_mod(b, h, q, k):
+            return (doc[q] == doc[k]) & (k <= q)
+    else:
+        def mask_mod(b, h, q, k):
+            return (doc[q] == doc[k]) & (k <= q) & ((branches[k] == 0) | (branches[k] == branches[q]))
     return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block, seq_lengths=(T, T),
-                                    mask_mod=lambda b, h, q, k: (doc[q] == doc[k]) & (k <= q))
+                                    mask_mod=mask_mod)
 
 
 _compiled_flex = None

@@ -2,6 +2,7 @@
 The plumbing of a training run, kept out of srpo.py so that srpo.py reads as the algorithm. A first
 read can skip this file. In order:
   - the command line: a dataclass of options becomes argparse flags, each value checked against its rule;
+  - the data files' reader, and the packing of rollouts into micro-batches for the update;
   - processes: one, or torchrun with FSDP2 (one process per GPU, or CPU processes over gloo);
   - precision and the memory plan, decided once at start-up;
   - the sampler's KV cache, sized for the longest prompt;
@@ -142,6 +143,116 @@ def check_unique_ids(*problem_lists: list):
             raise ValueError(f"{p.source}: field 'id' {p.id!r} is also the id of {first[p.id].source}; "
                              f"ids must be unique across all train and test files")
         first.setdefault(p.id, p)
+
+
+# -----------------------------------------------------------------------------
+# Packing rollouts into micro-batches for the update (srpo.policy_update): each rollout whole, or
+# with shared prompts a prompt once and its responses after it. Samples are srpo.Sample.
+
+
+@dataclass
+class MicroBatch:
+    ids: torch.Tensor       # (1, T) packed inputs: each sequence without its last token
+    cu: torch.Tensor        # (n+1,) sequence boundaries in ids
+    targets: torch.Tensor   # (N,) next tokens: N = T, or with shared prompts the response tokens
+    mask: torch.Tensor      # (N,) 1.0 where the target is a sampled response token
+    adv: torch.Tensor       # (N,) the sequence's advantage on each of its tokens
+    logp_old: torch.Tensor  # (N,)
+    samples: list           # indices into the step's samples
+    logp_ref: torch.Tensor | None = None  # (N,) under the initial policy, only for the KL term
+    # Shared prompts (make_shared_micro_batch): each sequence is a prompt (branch 0) and responses
+    # (branches 1, 2, ...) that attend to it (model.Transformer.forward), and rows (N,) says which
+    # input row predicts each target. None: every row predicts the next one.
+    branches: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+
+def pack_micro_batches(samples: list, budget: int) -> list[list[int]]:
+    """Greedy first-fit in sample order: sequences are never split, so one longer than the
+    budget gets a micro-batch of its own."""
+    return first_fit([len(s.tokens) - 1 for s in samples], budget)
+
+
+def first_fit(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices of `sizes`, in order, cut into runs whose sizes sum to at most budget (an item larger
+    than the budget is a run of its own)."""
+    groups, cur, used = [], [], 0
+    for i, n in enumerate(sizes):
+        if cur and used + n > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def make_micro_batch(samples: list, idx: list[int], device) -> MicroBatch:
+    ids, targets, mask, adv, logp_old, lengths = [], [], [], [], [], [0]
+    for i in idx:
+        s = samples[i]
+        n = len(s.tokens) - 1
+        ids += s.tokens[:-1]
+        targets += s.tokens[1:]
+        # target j is token j+1 of the sequence: a response token iff j+1 >= n_prompt
+        is_resp = [1.0 if j + 1 >= s.n_prompt else 0.0 for j in range(n)]
+        mask += is_resp
+        adv += [s.adv] * n
+        logp_old += [0.0] * (s.n_prompt - 1) + list(s.logp_old)
+        lengths.append(n)
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
+    return MicroBatch(t(ids, torch.long)[None], t(lengths, torch.int32).cumsum(0).to(torch.int32),
+                      t(targets, torch.long), t(mask, torch.float32), t(adv, torch.float32),
+                      t(logp_old, torch.float32), idx)
+
+
+def prompt_units(samples: list, budget: int) -> list[list[int]]:
+    """The rollouts grouped by prompt, in order of first appearance: each unit (a list of sample
+    indices) is one prompt and as many of its responses as fit the budget with it, at least one."""
+    by_prompt = {}
+    for i, s in enumerate(samples):
+        by_prompt.setdefault(tuple(s.tokens[:s.n_prompt]), []).append(i)
+    units = []
+    for idx in by_prompt.values():
+        P = samples[idx[0]].n_prompt
+        rows = [len(samples[i].tokens) - P - 1 for i in idx]  # a response's input rows: all but its last token
+        units += [[idx[k] for k in run] for run in first_fit(rows, budget - P)]
+    return units
+
+
+def make_shared_micro_batch(samples: list, units: list[list[int]], device) -> MicroBatch:
+    """Each unit packed as [prompt, response 1 (less its last token), response 2, ...]: the prompt is
+    computed once for all its responses. A response's first token is predicted at the prompt's
+    last row, each later token at the row of the token before it."""
+    ids, branches, rows, targets, adv, logp_old, lengths, order = [], [], [], [], [], [], [0], []
+    for unit in units:
+        P, base = samples[unit[0]].n_prompt, len(ids)
+        ids += samples[unit[0]].tokens[:P]
+        branches += [0] * P
+        for b, i in enumerate(unit, 1):
+            s = samples[i]
+            resp, start = s.tokens[P:], len(ids)
+            ids += resp[:-1]
+            branches += [b] * (len(resp) - 1)
+            rows += [base + P - 1] + list(range(start, start + len(resp) - 1))
+            targets += resp
+            adv += [s.adv] * len(resp)
+            logp_old += list(s.logp_old)
+        lengths.append(len(ids) - base)
+        order += unit
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
+    return MicroBatch(t(ids, torch.long)[None], t(lengths, torch.int32).cumsum(0).to(torch.int32),
+                      t(targets, torch.long), torch.ones(len(targets), device=device), t(adv, torch.float32),
+                      t(logp_old, torch.float32), order, branches=t(branches, torch.long), rows=t(rows, torch.long))
+
+
+def empty_micro_batch(device) -> MicroBatch:
+    # A rank with fewer micro-batches than the others still has to join every FSDP collective:
+    # it runs this two-token batch whose mask is zero, so it adds nothing to loss or gradients.
+    z = torch.zeros
+    return MicroBatch(z(1, 2, dtype=torch.long, device=device), torch.tensor([0, 2], dtype=torch.int32, device=device),
+                      z(2, dtype=torch.long, device=device), z(2, device=device), z(2, device=device), z(2, device=device), [])
 
 
 # -----------------------------------------------------------------------------

@@ -184,6 +184,9 @@ class KVCache:
         self.graphs = {}         # (batch, S_b, DecodeMode) -> torch.cuda.CUDAGraph
         self.weights_key = None  # which parameter tensors the graphs were recorded with
         self.stats = GenStats()  # what the last generate() did
+        # Prompts admitted together that start alike (RL: the same chat template and instructions)
+        # prefill their shared start once (prefill's `shared`); set False to prefill each whole.
+        self.share_prefix = True
         if self.use_graphs:
             self.pool = torch.cuda.graph_pool_handle()  # graphs share memory: they never overlap
             self.stream = torch.cuda.Stream(device=dev)
@@ -265,35 +268,69 @@ def free_memory(device) -> int | None:
 # The model against the cache: model.py's forward with our attention (attend=)
 
 
-def prefill(model, cache: KVCache, prompts: list, dst_slots: list, src: list):
+def prefill(model, cache: KVCache, prompts: list, dst_slots: list, src: list, shared: int = 0):
     """Run the prompts once; write prompt src[j]'s keys/values into cache slot dst_slots[j] (a prompt
     appears in several slots when several of its samples were admitted together). Returns the
-    next-token logits after each prompt, (P, V) fp32."""
+    next-token logits after each prompt, (P, V) fp32. shared > 0: every prompt starts with the same
+    `shared` tokens (the chat template and instructions, in RL), computed once, the rest of each
+    prompt attending to them; shorter than every prompt."""
     dev = cache.device
+    dst = torch.tensor(dst_slots, device=dev)
+    src = torch.tensor(src, device=dev)
+    head = []                            # per layer: the shared prefix's (k, v), (1, nkv, shared, D)
+    if shared:
+        def attend_prefix(i, q, k, v):
+            cache.k[i][dst, :, :shared] = k.to(cache.dtype)              # (1, ...) -> every slot
+            cache.v[i][dst, :, :shared] = v.to(cache.dtype)
+            head.append((k, v))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        idx = torch.tensor(prompts[0][:shared], device=dev)[None]
+        model(idx, attend=attend_prefix, positions=torch.arange(shared, device=dev)[None], return_hidden=True)
+        prompts = [p[shared:] for p in prompts]
     P, T = len(prompts), max(len(p) for p in prompts)
     idx = torch.zeros(P, T, dtype=torch.long)
     for i, p in enumerate(prompts):
         idx[i, :len(p)] = torch.tensor(p)        # right padding: real tokens sit at 0..len-1
     idx = idx.to(dev)
-    positions = torch.arange(T, device=dev).expand(P, T)                 # (P, T)
-    dst = torch.tensor(dst_slots, device=dev)
-    src = torch.tensor(src, device=dev)
+    positions = shared + torch.arange(T, device=dev).expand(P, T)        # (P, T)
+    # after a shared prefix: all of it, then causal within the prompt's own tokens
+    mask = torch.ones(T, shared + T, dtype=torch.bool, device=dev).tril(shared) if shared else None
 
     def attend(i, q, k, v):
         # Copy this prompt's k/v into each of its slots. Padding positions get junk k/v; decoding
         # overwrites position len first, and a query never sees positions beyond its own.
-        cache.k[i][dst, :, :T] = k[src].to(cache.dtype)                  # (n_dst, nkv, T, D)
-        cache.v[i][dst, :, :T] = v[src].to(cache.dtype)
-        # Plain causal attention within the prompt: no mask tensor, so torch can pick its flash
-        # kernel, which does grouped-query attention natively.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        cache.k[i][dst, :, shared:shared + T] = k[src].to(cache.dtype)   # (n_dst, nkv, T, D)
+        cache.v[i][dst, :, shared:shared + T] = v[src].to(cache.dtype)
+        gqa = q.shape[1] != k.shape[1]
+        if not shared:
+            # Plain causal attention within the prompt: no mask tensor, so torch can pick its flash
+            # kernel, which does grouped-query attention natively.
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        hk, hv = head[i]
+        k = torch.cat([hk.expand(P, -1, -1, -1), k], dim=2)              # (P, nkv, shared + T, D)
+        v = torch.cat([hv.expand(P, -1, -1, -1), v], dim=2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
     h = model(idx, attend=attend, positions=positions, return_hidden=True)  # (P, T, H)
     last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
     h = h[torch.arange(P, device=dev), last]                             # (P, H): last real token
     # Only the last position's logits: the (P, T, V) tensor would be huge for a 150k vocabulary.
     return F.linear(h, model.lm_head_weight).float()                     # (P, V)
+
+
+def shared_prefix(prompts: list, least: int = 32) -> int:
+    """How many leading tokens all the prompts share, if at least `least` (else 0), leaving each
+    prompt at least one token of its own."""
+    if len(prompts) < 2:
+        return 0
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        m = 0
+        while m < n and p[m] == first[m]:
+            m += 1
+        n = m
+    return n if n >= least else 0
 
 
 @torch.library.custom_op("srpo::flash_decode", mutates_args=("k_cache", "v_cache"))
@@ -612,8 +649,10 @@ def _admit(model, cache: KVCache, prompts, n, reqs, slots, mode: DecodeMode):
             continue
         at = {p: j for j, p in enumerate(chunk)}
         mine = [(r, s) for r, s in zip(reqs, slots) if r // n in at]
-        out = prefill(model, cache, [prompts[p] for p in chunk], [s for _, s in mine],
-                      [at[r // n] for r, _ in mine])                     # (P, V)
+        chunk_prompts = [prompts[p] for p in chunk]
+        shared = shared_prefix(chunk_prompts) if cache.share_prefix else 0
+        out = prefill(model, cache, chunk_prompts, [s for _, s in mine], [at[r // n] for r, _ in mine],
+                      shared)                                            # (P, V)
         for p, j in at.items():
             logits[p] = out[j]
         cache.stats.prefills += 1

@@ -45,8 +45,9 @@ import torch
 
 import rewards
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
-from plumbing import (Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids, eos_ids,
-                      exit_torchrun, parse_options, print0, read_rows)
+from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,  # noqa: F401
+                      empty_micro_batch, eos_ids, exit_torchrun, first_fit, make_micro_batch, make_shared_micro_batch,
+                      pack_micro_batches, parse_options, print0, prompt_units, read_rows)
 from rollout import generate
 
 # -----------------------------------------------------------------------------
@@ -86,6 +87,7 @@ class Config:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)", "range": "[0, inf)"})
     update_epochs: int = field(default=1, metadata={"help": "update passes over each step's rollouts; > 1 recomputes logp_old with the trainer", "range": "[1, inf)"})
+    shared_prompts: bool = field(default=True, metadata={"help": "in the update, the G responses of a prompt share one forward and backward of the prompt (each attends to it and to itself); --no_shared_prompts packs every rollout whole, the prompt computed G times"})
     micro_tokens: int = field(default=16384, metadata={"help": "token budget of one packed micro-batch (gradient accumulation over them); lowered at start-up if the memory plan says it does not fit the GPU", "range": "[1, inf)"})
     grad_ckpt: str = field(default="auto", metadata={"help": "activation checkpointing per transformer block (less memory, ~1/3 more compute): on, off, or auto = on when the start-up memory plan says the micro-batch would not fit the GPU", "choices": ("auto", "on", "off")})
     reference_loss: bool = field(default=False, metadata={"help": "plain-torch loss instead of the Triton kernels, for debugging (CPU tensors use it anyway)"})
@@ -302,7 +304,8 @@ def group_advantages(rewards_: torch.Tensor, eps: float) -> tuple[torch.Tensor, 
     return adv, zero
 
 # -----------------------------------------------------------------------------
-# The policy update: packed micro-batches by token budget, the fused clipped loss, one optimizer step.
+# The policy update: packed micro-batches by token budget (plumbing.py packs them; with shared
+# prompts a prompt is computed once for all its responses), the fused clipped loss, one optimizer step.
 
 
 @dataclass
@@ -312,61 +315,6 @@ class Sample:
     n_prompt: int
     logp_old: list[float]  # per response token: log-prob under the policy that sampled it
     adv: float
-
-
-@dataclass
-class MicroBatch:
-    ids: torch.Tensor       # (1, T) packed inputs: each sequence without its last token
-    cu: torch.Tensor        # (n+1,) sequence boundaries in ids
-    targets: torch.Tensor   # (T,) next tokens
-    mask: torch.Tensor      # (T,) 1.0 where the target is a sampled response token
-    adv: torch.Tensor       # (T,) the sequence's advantage on each of its tokens
-    logp_old: torch.Tensor  # (T,)
-    samples: list           # indices into the step's samples
-    logp_ref: torch.Tensor | None = None  # (T,) under the initial policy, only for the KL term
-
-
-def pack_micro_batches(samples: list[Sample], budget: int) -> list[list[int]]:
-    """Greedy first-fit in sample order: sequences are never split, so one longer than the
-    budget gets a micro-batch of its own."""
-    groups, cur, used = [], [], 0
-    for i, s in enumerate(samples):
-        n = len(s.tokens) - 1
-        if cur and used + n > budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-def make_micro_batch(samples: list[Sample], idx: list[int], device) -> MicroBatch:
-    ids, targets, mask, adv, logp_old, lengths = [], [], [], [], [], [0]
-    for i in idx:
-        s = samples[i]
-        n = len(s.tokens) - 1
-        ids += s.tokens[:-1]
-        targets += s.tokens[1:]
-        # target j is token j+1 of the sequence: a response token iff j+1 >= n_prompt
-        is_resp = [1.0 if j + 1 >= s.n_prompt else 0.0 for j in range(n)]
-        mask += is_resp
-        adv += [s.adv] * n
-        logp_old += [0.0] * (s.n_prompt - 1) + list(s.logp_old)
-        lengths.append(n)
-    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
-    return MicroBatch(t(ids, torch.long)[None], t(lengths, torch.int32).cumsum(0).to(torch.int32),
-                      t(targets, torch.long), t(mask, torch.float32), t(adv, torch.float32),
-                      t(logp_old, torch.float32), idx)
-
-
-def empty_micro_batch(device) -> MicroBatch:
-    # A rank with fewer micro-batches than the others still has to join every FSDP collective:
-    # it runs this two-token batch whose mask is zero, so it adds nothing to loss or gradients.
-    z = torch.zeros
-    return MicroBatch(z(1, 2, dtype=torch.long, device=device), torch.tensor([0, 2], dtype=torch.int32, device=device),
-                      z(2, dtype=torch.long, device=device), z(2, device=device), z(2, device=device), z(2, device=device), [])
 
 
 @dataclass(frozen=True)
@@ -381,6 +329,7 @@ class UpdateSettings:
     micro_tokens: int        # the memory plan's budget of one micro-batch
     recompute_old: bool      # logp_old from the trainer rather than from the sampler
     reference_loss: bool     # the plain-torch loss instead of the Triton kernels
+    shared_prompts: bool = True  # a prompt's responses share its forward and backward
 
     @classmethod
     def from_config(cls, cfg: Config, micro_tokens: int | None = None) -> "UpdateSettings":
@@ -389,7 +338,7 @@ class UpdateSettings:
         # trainer recomputes logp_old.
         recompute = cfg.update_epochs > 1 or cfg.top_p < 1.0 or cfg.top_k > 0
         return cls(cfg.eps_low, cfg.eps_high, cfg.temperature, cfg.kl_coef, cfg.grad_clip, cfg.update_epochs,
-                   micro_tokens or cfg.micro_tokens, recompute, cfg.reference_loss)
+                   micro_tokens or cfg.micro_tokens, recompute, cfg.reference_loss, cfg.shared_prompts)
 
 
 @dataclass
@@ -412,8 +361,13 @@ def trainer_logp(model, mb: MicroBatch, temperature: float, prec: Precision, ref
     update's precision: an fp32 model without autocast would also send fp32 to flash-attn."""
     fn = token_logprobs_reference if reference_loss else token_logprobs
     with torch.no_grad(), prec.cast():
-        return model(mb.ids, cu_seqlens=mb.cu, head=lambda h, W: fn(
-            h[0], W.to(h.dtype), mb.targets, temperature=temperature)).float()
+        return model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches, head=lambda h, W: fn(
+            predicting(h, mb), W.to(h.dtype), mb.targets, temperature=temperature)).float()
+
+
+def predicting(h: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """(1, T, H) hidden states -> (N, H), the row that predicts each target."""
+    return h[0] if mb.rows is None else h[0, mb.rows]
 
 
 def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Precision, device, ref_model=None,
@@ -429,9 +383,14 @@ def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Pr
                      "tokens_trained": sum(len(s.tokens) - s.n_prompt for s in trained)}, device)  # global
     stats = UpdateStats(**count)
     n_tokens = count["tokens"]
-    local = pack_micro_batches(trained, u.micro_tokens)
-    n_micro = all_max(len(local), device)
-    mbs = [make_micro_batch(trained, g, device) for g in local]
+    if u.shared_prompts:
+        units = prompt_units(trained, u.micro_tokens)
+        sizes = [trained[unit[0]].n_prompt + sum(len(trained[i].tokens) - trained[i].n_prompt - 1 for i in unit)
+                 for unit in units]
+        mbs = [make_shared_micro_batch(trained, [units[k] for k in g], device) for g in first_fit(sizes, u.micro_tokens)]
+    else:
+        mbs = [make_micro_batch(trained, g, device) for g in pack_micro_batches(trained, u.micro_tokens)]
+    n_micro = all_max(len(mbs), device)
     mbs += [empty_micro_batch(device) for _ in range(n_micro - len(mbs))]
     for mb in mbs:
         if u.kl_coef > 0:
@@ -444,7 +403,7 @@ def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Pr
             # Under autocast the final norm hands back fp32 h; the kernels' matmuls run in the
             # dtype they are given, so hand them the compute dtype (bf16: the tensor-core rate).
             dt = prec.compute if prec.autocast else h.dtype
-            return fused_grpo_loss(h[0].to(dt), W.to(dt), mb.targets, mb.logp_old, mb.adv, mb.mask,
+            return fused_grpo_loss(predicting(h, mb).to(dt), W.to(dt), mb.targets, mb.logp_old, mb.adv, mb.mask,
                                    eps_low=u.eps_low, eps_high=u.eps_high, temperature=u.temperature,
                                    kl_coef=u.kl_coef, logp_ref=mb.logp_ref, reference=u.reference_loss)
         return loss_fn
@@ -456,7 +415,7 @@ def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Pr
         for mb in mbs:
             weight = mb.mask.sum() / max(n_tokens, 1.0) * world  # this micro-batch's share of the mean
             with prec.cast():   # bf16 compute over fp32 master weights, in one process (FSDP2 casts when sharded)
-                loss, st = model(mb.ids, cu_seqlens=mb.cu, head=head(mb))
+                loss, st = model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches, head=head(mb))
             (loss * weight).backward()
             ntok = mb.mask.sum()
             totals += torch.stack([loss.detach() * ntok, st.clip_frac * ntok, st.ratio_mean * ntok,

@@ -93,6 +93,48 @@ def test_packed_documents_do_not_see_each_other():
     assert torch.equal(out1, out2), "changing document 2 changed document 1's logits: attention leaks"
 
 
+def test_branches_equal_each_response_run_whole():
+    """A packed prompt with branches gives each response the logits it gets packed whole after its prompt."""
+    ours = ours_from(tiny_hf("qwen2", seed=3))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (n,), generator=g) for n in (6, 3)]
+    resps = [[torch.randint(0, 97, (n,), generator=g) for n in (4, 1, 7)], [torch.randint(0, 97, (5,), generator=g)]]
+    ids, branches, lengths = [], [], []
+    for p, rs in zip(prompts, resps):
+        parts = [p] + rs
+        ids += parts
+        branches += [torch.full((len(x),), b) for b, x in enumerate(parts)]
+        lengths.append(sum(len(x) for x in parts))
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    with torch.no_grad():
+        out = ours(torch.cat(ids)[None], cu_seqlens=cu, branches=torch.cat(branches))[0]
+        at = 0
+        for p, rs in zip(prompts, resps):
+            at += len(p)
+            for r in rs:
+                whole = ours(torch.cat([p, r])[None])[0, len(p):]
+                assert_close(out[at:at + len(r)], whole, "a branch vs its response packed whole")
+                at += len(r)
+    with pytest.raises(ValueError, match="pass cu_seqlens"):
+        ours(torch.cat(ids)[None], branches=torch.cat(branches))
+
+
+@pytest.mark.cxx
+def test_flex_attention_branch_mask_matches_dense(monkeypatch):
+    """flex_attention's block mask with branches (the GPU's shared-prompt update) equals the dense mask, forward."""
+    ours = ours_from(tiny_hf("qwen2", seed=4))
+    cu = torch.tensor([0, 150, 200, 331])
+    branches = torch.cat([torch.zeros(130), torch.full((8,), 1), torch.full((12,), 2),          # trunk straddles a block
+                          torch.zeros(20), torch.full((30,), 1),
+                          torch.zeros(1), torch.full((129,), 1), torch.full((1,), 2)]).long()
+    idx = torch.randint(0, 97, (1, 331))
+    with torch.no_grad():
+        dense = ours(idx, cu_seqlens=cu, branches=branches)
+        monkeypatch.setattr("model.PACKED_ATTENTION", "flex")
+        flex = ours(idx, cu_seqlens=cu, branches=branches)
+    assert_close(flex, dense, "flex_attention with branches vs dense mask")
+
+
 @pytest.mark.cxx
 def test_flex_attention_document_mask_matches_dense(monkeypatch):
     """The GPU's packed path (flex_attention with a block-sparse document mask) against the dense

@@ -206,6 +206,28 @@ def test_continuous_batching_matches_one_at_a_time(temperature):
             assert max(abs(a - b) for a, b in zip(x.logprobs, y.logprobs)) < 1e-4, f"request {r}: log-probs"
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_a_shared_prompt_start_prefilled_once_gives_the_same_rollouts(temperature):
+    """Prompts that start alike prefill the common start once; the rollouts equal those of whole prefills.
+
+    Tokens exactly; log-probs within 1e-5 (the shared start's attention runs as one masked product)."""
+    _, ours = tiny_pair("llama", seed=5, sharpen=3.0)
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(0, V, (40,), generator=g).tolist()            # a chat template + instructions
+    prompts = [start + torch.randint(0, V, (k,), generator=g).tolist() for k in (1, 5, 9, 3, 7)]
+    assert rollout.shared_prefix(prompts) == 40 and rollout.shared_prefix(prompts[:1]) == 0
+    assert rollout.shared_prefix([start + [1], start[:10] + [2]]) == 0, "a short common start is not worth it"
+    out = {}
+    for share in (False, True):
+        cache = KVCache.for_model(ours, max_len=80, max_slots=16)
+        cache.share_prefix = share
+        out[share] = generate(ours, prompts, n=3, max_new_tokens=20, temperature=temperature, seed=3,
+                              cache=cache, eos_ids=())
+    for r, (x, y) in enumerate(zip(out[False], out[True])):
+        assert x.tokens == y.tokens, f"request {r}: {x.tokens} vs shared start {y.tokens}"
+        assert max(abs(a - b) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5, f"request {r}: log-probs"
+
+
 class CharTokenizer:
     """Token i decodes to one letter, so stop strings are easy to place."""
     eos_token_id = None

@@ -133,6 +133,56 @@ def test_update_equals_the_naive_objective_across_micro_batches(world):
         assert torch.allclose(pa, pb, atol=1e-6), f"updated {n} differs"
 
 
+@pytest.mark.parametrize("variant", [{}, {"kl_coef": 0.1}, {"update_epochs": 2}, {"micro_tokens": 12}],
+                         ids=["plain", "kl", "two-passes", "prompt-fills-the-budget"])
+def test_shared_prompt_update_equals_unshared(world, variant):
+    """The shared-prompt update's loss, statistics, gradients and new weights equal the unshared update's (fp32).
+
+    Zero-advantage groups included (skipped, or trained under KL); with a budget no larger than the
+    longest prompt, each response is a unit of its own. Tolerance: 1e-6 relative (matmul shapes differ)."""
+    from dist_update_check import grouped_batch
+    base = Transformer.from_pretrained(f"{world}/model")
+    samples = grouped_batch(base.config.vocab_size)
+    out = {}
+    for shared in (False, True):
+        cfg = srpo.Config(lr=1e-2, grad_clip=0.0, reference_loss=True, shared_prompts=shared,
+                          **({"micro_tokens": 64} | variant))
+        m = Transformer.from_pretrained(f"{world}/model")
+        stats = srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=cfg.lr), samples,
+                                   srpo.UpdateSettings.from_config(cfg), FP32, "cpu", ref_model=base)
+        out[shared] = stats, {n: (p.grad, p.detach()) for n, p in m.named_parameters()}
+    (a, pa), (b, pb) = out[False], out[True]
+    assert (a.tokens, a.tokens_trained) == (b.tokens, b.tokens_trained) == (54, 54 if variant.get("kl_coef") else 36)
+    for k in ("loss", "clip_frac", "ratio", "kl", "entropy", "grad_norm"):
+        assert getattr(b, k) == pytest.approx(getattr(a, k), rel=1e-6, abs=1e-7), f"{k}: {b} vs unshared {a}"
+    for n in pa:
+        assert torch.allclose(pb[n][0], pa[n][0], rtol=1e-5, atol=1e-7), f"gradient of {n}"
+        assert torch.allclose(pb[n][1], pa[n][1], rtol=0, atol=1e-7), f"updated weight {n}"
+    assert a.grad_norm > 0, "nothing trained: the comparison would be vacuous"
+    # (with two passes the trainer recomputes logp_old, so the last pass starts at ratio 1 and clips nothing)
+    assert a.clip_frac > 0 or "update_epochs" in variant, "the batch should clip some tokens"
+
+
+def test_shared_micro_batches_predict_every_response_token_from_the_right_row():
+    """A shared micro-batch holds each prompt once; each response token is predicted at its predecessor's row."""
+    from dist_update_check import grouped_batch
+    samples = grouped_batch(50)
+    units = srpo.prompt_units(samples, budget=20)
+    assert sorted(i for u in units for i in u) == list(range(12)), "a sample was lost or repeated"
+    mb = srpo.make_shared_micro_batch(samples, units, "cpu")
+    ids, rows = mb.ids[0], mb.rows
+    for k, i in enumerate(mb.samples):
+        s = samples[i]
+        at = sum(len(samples[j].tokens) - samples[j].n_prompt for j in mb.samples[:k])
+        resp = s.tokens[s.n_prompt:]
+        assert mb.targets[at:at + len(resp)].tolist() == resp
+        # the predicting rows: the prompt's last token, then the response's own tokens but its last
+        assert ids[rows[at:at + len(resp)]].tolist() == [s.tokens[s.n_prompt - 1]] + resp[:-1]
+        assert torch.allclose(mb.logp_old[at:at + len(resp)], torch.tensor(s.logp_old))
+    assert mb.ids.shape[1] == sum(samples[u[0]].n_prompt for u in units) + sum(
+        len(s.tokens) - s.n_prompt - 1 for s in samples), "each unit's prompt once, each response less its last token"
+
+
 @pytest.mark.gpu
 def test_gpu_update_close_to_cpu_fp32(world):
     """The GPU update (bf16, flex_attention, fused Triton loss) matches the fp32 CPU update's loss and gradients.
@@ -153,14 +203,20 @@ def test_gpu_update_close_to_cpu_fp32(world):
         assert cos > 0.99, f"gradient of {n}: cosine {cos:.4f} to the fp32 CPU gradient"
 
 
-def test_two_fsdp_processes_equal_one(world, tmp_path):
-    """One step on 2 CPU processes (FSDP2 over gloo) equals one process on the same global batch."""
+@pytest.mark.parametrize("one_mode,two_mode,batch", [("shared", "shared", "global"),
+                                                      ("unshared", "shared", "grouped")])
+def test_two_fsdp_processes_equal_one(world, tmp_path, one_mode, two_mode, batch):
+    """One step on 2 CPU processes (FSDP2 over gloo) equals one process on the same global batch.
+
+    Also: the shared-prompt update on 2 processes equals the unshared update in one, on grouped responses."""
     script = os.path.join(ROOT, "tests", "dist_update_check.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run([sys.executable, script, f"{world}/model", str(one)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, script, f"{world}/model", str(one), one_mode, batch], check=True, env=env,
+                   timeout=300)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                        script, f"{world}/model", str(two)], env=env, timeout=300, capture_output=True, text=True)
+                        script, f"{world}/model", str(two), two_mode, batch], env=env, timeout=300,
+                       capture_output=True, text=True)
     assert p.returncode == 0, f"the 2-process run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     r1, r2 = torch.load(one), torch.load(two)
     assert abs(r1["stats"]["loss"] - r2["stats"]["loss"]) < 1e-6, (r1["stats"], r2["stats"])
