@@ -45,7 +45,7 @@ import torch
 
 import rewards
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
-from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,  # noqa: F401
+from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,
                       empty_micro_batch, eos_ids, exit_torchrun, first_fit, make_micro_batch, make_shared_micro_batch,
                       pack_micro_batches, parse_options, print0, prompt_units, read_rows)
 from rollout import generate
