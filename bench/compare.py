@@ -19,7 +19,9 @@ one line style per seed.
 
 With two or more labels it also prints the pre-registered primary metrics of the first two (final
 pass@1 and the area under the accuracy-vs-step curve): each arm's mean with its 95% t-interval over
-seeds, their difference, Welch's t test and an exact permutation test, both two-sided.
+seeds, their difference, Welch's t test and an exact permutation test, both two-sided. Where both
+arms ran the same seeds (config.json), it adds the difference paired seed by seed, marked
+exploratory: the protocol registered the unpaired tests.
 
 Evaluations are what the comparison rests on, so runs need several (srpo.py --eval_every N). The
 accuracy is `--metric`: pass1_math, pass1_code, or pass1_mean (their mean, the default).
@@ -41,6 +43,7 @@ class Run:
     steps: list[dict]                     # the step records, in order
     dropped: int                          # prompts history resampling dropped, in all
     final: dict                           # the last evaluation's pass1_* fields
+    seed: int | None = None               # from config.json, where the run has one
 
     @property
     def tokens(self) -> int:
@@ -91,11 +94,12 @@ def load_run(path: str, metric: str = "pass1_mean") -> Run:
         raise ValueError(f"{f} has {len(evals)} evaluation(s): a comparison needs the one before training "
                          f"and at least one after (run srpo.py with --eval_every N)")
     config = os.path.join(path, "config.json")
-    hr = json.load(open(config)).get("hr", True) if os.path.exists(config) else True
+    cfg = json.load(open(config)) if os.path.exists(config) else {}
+    hr = cfg.get("hr", True)
     # With --no_hr an epoch record counts what HR *would* have dropped: nothing was.
     dropped = sum(r.get("dropped", 0) for r in records if r["type"] == "epoch") if hr else 0
     final = {k: v for k, v in [r for r in records if r["type"] == "eval"][-1].items() if k.startswith("pass1_")}
-    return Run(path, evals, steps, dropped, final)
+    return Run(path, evals, steps, dropped, final, cfg.get("seed"))
 
 
 def first_reach(run: Run, target: float) -> tuple[int, int] | None:
@@ -246,15 +250,44 @@ def auc(run: Run) -> float:
     return area / max(pts[-1][0] - pts[0][0], 1)
 
 
+def paired_t(d: list[float]) -> tuple[float, float, float, float]:
+    """The paired t test of mean(d) = 0 on per-seed differences: (mean, low, high, two-sided p)."""
+    m, lo, hi = mean_ci(d)
+    sd = statistics.stdev(d)
+    if sd == 0:
+        return m, lo, hi, 1.0 if m == 0 else 0.0
+    return m, lo, hi, t_sf2(m / (sd / math.sqrt(len(d))), len(d) - 1)
+
+
+PRIMARY = (("final pass@1", lambda r: r.evals[-1][2]), ("area under curve", auc))
+
+
+def paired(groups: dict[str, list[Run]]) -> str | None:
+    """Exploratory, not pre-registered: where both arms ran the same seeds, the difference seed by
+    seed (same evaluation stream; HR only acts from the second epoch, so a seed's two runs agree
+    until then), with its 95% t-interval and the paired t test. None where the seeds do not pair."""
+    labels = list(groups)[:2]
+    by_seed = [{r.seed: r for r in groups[l]} for l in labels]
+    seeds = sorted(set(by_seed[0]) & set(by_seed[1]) - {None})
+    if len(seeds) < 2:
+        return None
+    lines = [f"| metric | {labels[0]} - {labels[1]}, paired over seeds {seeds} [95% CI] | paired t p |", "|---|---|---|"]
+    for name, value in PRIMARY:
+        m, lo, hi, p = paired_t([value(by_seed[0][s]) - value(by_seed[1][s]) for s in seeds])
+        lines.append(f"| {name} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | {p:.3f} |")
+    return "\n".join(lines)
+
+
 def significance(groups: dict[str, list[Run]]) -> str:
     """The pre-registered primary metrics, final pass@1 and the area under the curve: each arm's
     mean with its 95% interval over seeds, then the first arm against the second."""
     labels = list(groups)
     lines = ["| metric | " + " | ".join(f"{l} mean [95% CI]" for l in labels[:2])
              + " | difference | Welch t (df), p | permutation p |", "|---" * 6 + "|"]
-    for name, value in (("final pass@1", lambda r: r.evals[-1][2]), ("area under curve", auc)):
+    for name, value in PRIMARY:
         xs = [[value(r) for r in groups[l]] for l in labels[:2]]
-        cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in map(mean_ci, xs)]
+        cells = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if len(x) > 1 else f"{m:.3f} (one seed)"
+                 for x, (m, lo, hi) in zip(xs, map(mean_ci, xs))]
         if min(map(len, xs)) < 2:
             test = "n/a (one seed)", "n/a"
         else:
@@ -330,6 +363,9 @@ def main(argv=None) -> str:
     if len(groups) >= 2:
         text += (f"\n\n{list(groups)[0]} against {list(groups)[1]} on {args.metric} (intervals: t over seeds; "
                  f"tests two-sided):\n\n" + significance(groups))
+        extra = paired(groups)
+        if extra:
+            text += "\n\nExploratory, not pre-registered: the same difference paired by seed\n\n" + extra
     print(text)
     if args.png:
         plot(groups, target, args.metric, args.png)

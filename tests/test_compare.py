@@ -138,3 +138,32 @@ def test_significance_table_in_the_report(tmp_path):
     # AUC over steps 0..4 of (0.2, 0.4+d, 0.6+d): ((0.6 + d) + (1.0 + 2d)) / 4 = 0.4 + 0.75d, mean d 0.02
     assert rows["area under curve"][0].startswith("0.415 ["), rows["area under curve"]
     assert rows["area under curve"][2] == "+0.100", "GRPO's curve: 0.3 + 0.75d"
+
+
+def test_paired_by_seed_is_exploratory_and_matches_scipy(tmp_path):
+    """Arms with the same seeds get a seed-paired difference whose p equals scipy's ttest_rel; unpaired seeds get none."""
+    stats = pytest.importorskip("scipy.stats")
+    finals_a, finals_b = (0.50, 0.41, 0.62), (0.45, 0.40, 0.52)
+
+    def arm(name, finals, seeds):
+        dirs = []
+        for seed, f in zip(seeds, finals):
+            d = write_run(tmp_path / f"{name}{seed}", 10, {0: (0.2, 0.0), 4: (f, 0.0)})
+            with open(os.path.join(d, "config.json"), "w") as fh:
+                json.dump({"seed": seed, "hr": name == "a"}, fh)
+            dirs.append(d)
+        return ",".join(dirs)
+
+    # Listed in a different seed order in the second arm: pairing goes by seed, not by position.
+    text = compare.main([f"A={arm('a', finals_a, (1, 2, 3))}",
+                         f"B={arm('b', finals_b[::-1], (3, 2, 1))}", "--metric", "pass1_math"])
+    assert "Exploratory, not pre-registered" in text
+    row = next(line for line in text.splitlines() if line.startswith("| final pass@1 | +") and "paired" not in line
+               and line.count("|") == 4)
+    ref = stats.ttest_rel(finals_a, finals_b)
+    d = [x - y for x, y in zip(finals_a, finals_b)]
+    assert row.split("|")[2].strip().startswith(f"{sum(d) / 3:+.3f} ["), row
+    assert row.split("|")[3].strip() == f"{ref.pvalue:.3f}", (row, ref.pvalue)
+    text = compare.main([f"A={arm('c', finals_a, (4, 5, 6))}", f"B={arm('e', finals_b, (7, 8, 9))}",
+                         "--metric", "pass1_math"])
+    assert "paired" not in text, "no seeds in common: nothing to pair"
