@@ -11,8 +11,8 @@ is the reference of the ratios. Printed, as a markdown table per label:
     evaluation (--target; by default the best accuracy that every run reached, so that it is
     defined for all of them), and the ratio of tokens needed to the first label's;
   - the fraction of all groups that had zero advantage (weighted by rollouts: with HR a step may
-    hold fewer prompts), the share of generated tokens that carried a gradient, the mean
-    response length, the tokens generated in all, and the prompts history resampling dropped.
+    hold fewer prompts), the share of generated tokens that carried a gradient, the training
+    reward and the policy's entropy over the last quarter of the steps, the mean response length, the tokens generated in all, and the prompts history resampling dropped.
 The plot has accuracy against steps and against generated tokens (what a step costs differs when
 HR shrinks an epoch), the zero-advantage fraction and the response length: one colour per label,
 one line style per seed.
@@ -115,6 +115,13 @@ def default_target(runs: list[Run]) -> float:
     return min(max(acc for _, _, acc in r.evals[1:]) for r in runs)
 
 
+def late(run: Run, key: str) -> float:
+    """The mean of a step field over the last quarter of the steps (nan where the logs lack it):
+    where a run ended up, e.g. its training reward or its entropy."""
+    tail = run.steps[-max(len(run.steps) // 4, 1):]
+    return statistics.mean(s[key] for s in tail) if all(key in s for s in tail) else float("nan")
+
+
 def _spread(xs: list[float], fmt: str) -> str:
     if len(xs) == 1:
         return format(xs[0], fmt)
@@ -145,6 +152,8 @@ def summarize(groups: dict[str, list[Run]], target: float) -> list[dict]:
             "tokens vs first": ratio,
             "zero-adv groups": _spread([r.zero_adv() for r in runs], ".2f"),
             "tokens with a gradient": _spread([r.trained_share() for r in runs], ".2f"),
+            "train reward, last quarter": _spread([late(r, "reward") for r in runs], ".2f"),
+            "entropy, last quarter": _spread([late(r, "entropy") for r in runs], ".3f"),
             "response length": _spread([statistics.mean(s["resp_len"] for s in r.steps) for r in runs], ".1f"),
             "tokens generated": _spread([r.tokens for r in runs], ",.0f"),
             "prompts dropped by HR": ", ".join(str(r.dropped) for r in runs),

@@ -20,7 +20,7 @@ def write_run(path, tokens_per_step, evals, zero_adv=0.5, dropped=(), rollouts=8
         za = zero_adv(s) if callable(zero_adv) else zero_adv
         recs.append({"type": "step", "step": s, "gen_tokens": tokens_per_step, "zero_adv": za,
                      "resp_len": tokens_per_step / n, "tokens": tokens_per_step,
-                     "tokens_trained": round(tokens_per_step * (1 - za))})
+                     "tokens_trained": round(tokens_per_step * (1 - za)), "reward": s / 10, "entropy": 1 / s})
         if s in dropped:
             recs.append({"type": "epoch", "step": s, "prompts": 5, "dropped": dropped[s]})
         if s in evals:
@@ -50,6 +50,8 @@ def test_steps_and_tokens_to_target_and_their_ratio(tmp_path, capsys):
     assert rows["tokens with a gradient"] == ["0.50 (0.50..0.50)", "0.25"]
     assert rows["prompts dropped by HR"] == ["3, 3", "0"]
     assert rows["tokens generated"] == ["400 (400..400)", "600"]
+    assert rows["train reward, last quarter"] == ["0.40 (0.40..0.40)", "0.40"], "4 steps: the last one, reward 4/10"
+    assert rows["entropy, last quarter"] == ["0.250 (0.250..0.250)", "0.250"]
     assert (tmp_path / "c.png").stat().st_size > 10_000, "the plot was not written"
 
 
