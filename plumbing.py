@@ -221,6 +221,15 @@ def prompt_units(samples: list, budget: int) -> list[list[int]]:
     return units
 
 
+def pack_shared_micro_batches(samples: list, budget: int) -> list[list[list[int]]]:
+    """prompt_units cut into micro-batches by first fit: each micro-batch is a list of units, and a
+    unit costs its prompt's rows once plus each response's rows (all but its last token)."""
+    units = prompt_units(samples, budget)
+    sizes = [samples[u[0]].n_prompt + sum(len(samples[i].tokens) - samples[i].n_prompt - 1 for i in u)
+             for u in units]
+    return [[units[k] for k in g] for g in first_fit(sizes, budget)]
+
+
 def make_shared_micro_batch(samples: list, units: list[list[int]], device) -> MicroBatch:
     """Each unit packed as [prompt, response 1 (less its last token), response 2, ...]: the prompt is
     computed once for all its responses. A response's first token is predicted at the prompt's

@@ -46,8 +46,8 @@ import torch
 import rewards
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
 from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,
-                      empty_micro_batch, eos_ids, exit_torchrun, first_fit, make_micro_batch, make_shared_micro_batch,
-                      pack_micro_batches, parse_options, print0, prompt_units, read_rows)
+                      empty_micro_batch, eos_ids, exit_torchrun, make_micro_batch, make_shared_micro_batch,
+                      pack_micro_batches, pack_shared_micro_batches, parse_options, print0, read_rows)
 from rollout import generate
 
 # -----------------------------------------------------------------------------
@@ -384,10 +384,7 @@ def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Pr
     stats = UpdateStats(**count)
     n_tokens = count["tokens"]
     if u.shared_prompts:
-        units = prompt_units(trained, u.micro_tokens)
-        sizes = [trained[unit[0]].n_prompt + sum(len(trained[i].tokens) - trained[i].n_prompt - 1 for i in unit)
-                 for unit in units]
-        mbs = [make_shared_micro_batch(trained, [units[k] for k in g], device) for g in first_fit(sizes, u.micro_tokens)]
+        mbs = [make_shared_micro_batch(trained, g, device) for g in pack_shared_micro_batches(trained, u.micro_tokens)]
     else:
         mbs = [make_micro_batch(trained, g, device) for g in pack_micro_batches(trained, u.micro_tokens)]
     n_micro = all_max(len(mbs), device)

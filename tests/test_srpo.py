@@ -167,7 +167,7 @@ def test_shared_micro_batches_predict_every_response_token_from_the_right_row():
     """A shared micro-batch holds each prompt once; each response token is predicted at its predecessor's row."""
     from dist_update_check import grouped_batch
     samples = grouped_batch(50)
-    units = srpo.prompt_units(samples, budget=20)
+    units = plumbing.prompt_units(samples, budget=20)
     assert sorted(i for u in units for i in u) == list(range(12)), "a sample was lost or repeated"
     mb = srpo.make_shared_micro_batch(samples, units, "cpu")
     ids, rows = mb.ids[0], mb.rows
