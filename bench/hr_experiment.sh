@@ -6,8 +6,8 @@
 #   bash bench/hr_experiment.sh            # every run not yet finished, then the comparison
 #   SEEDS="1 2" bash bench/hr_experiment.sh  # a subset of seeds
 #
-# On 2 cores, two instances side by side with one thread each (OMP_NUM_THREADS=1 SEEDS="2 4" ... and
-# OMP_NUM_THREADS=1 SEEDS="3 5" ...) finished about 1.2x sooner than one instance with both cores.
+# On 2 cores, seeds 2-5 ran as two instances side by side with one thread each
+# (OMP_NUM_THREADS=1 SEEDS="2 4" ... and OMP_NUM_THREADS=1 SEEDS="3 5" ...): 1,900-2,400 s a run.
 #
 # Resumable: a finished run (its metrics end with the "after" evaluation) is skipped; a killed run
 # continues from its last checkpoint (every 4 steps), and srpo.py truncates its metrics to that
