@@ -5,8 +5,8 @@ held to (README, "Changing the code"):
     bash train.sh demo --dtype fp32 --no_resume --out_dir runs/identity
     python bench/check_identity.py runs/identity/metrics.jsonl
 
-Every record of the baseline (bench/img/demo-cpu-metrics.jsonl) must appear in the run (matched by type, step and tag):
-every field exactly, except timings (ignored) and the update's float statistics, which may differ
+Every record of the baseline (bench/img/demo-cpu-metrics.jsonl) must appear in the run, matched
+by type, step and tag: every field exactly, except timings (ignored) and the update's float statistics, which may differ
 in the last digits because a change can reorder float sums (relative 1e-4). New record types and
 new fields in the run are allowed; a missing or changed one is not. Exit status 1 on a mismatch.
 """
