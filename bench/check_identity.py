@@ -6,9 +6,10 @@ held to (README, "Changing the code"):
     python bench/check_identity.py runs/identity/metrics.jsonl
 
 Every record of the baseline (bench/img/demo-cpu-metrics.jsonl) must appear in the run, matched
-by type, step and tag: every field exactly, except timings (ignored) and the update's float statistics, which may differ
-in the last digits because a change can reorder float sums (relative 1e-4). New record types and
-new fields in the run are allowed; a missing or changed one is not. Exit status 1 on a mismatch.
+by type, step and tag, with every field equal, except timings (ignored) and the update's float
+statistics, which may differ in the last digits because a change can reorder float sums (relative
+1e-4). New record types and new fields in the run are allowed; a missing or changed one is not.
+Exit status 1 on a mismatch.
 """
 import argparse
 import json
