@@ -511,9 +511,11 @@ FORMATS = {
     "math": Format("math", math_, lambda r: has(r, "problem", "solution", "level"), "problem, solution, level"),
     "deepscaler": Format("math", deepscaler, lambda r: "problem" in r and ("answer" in r or "solution" in r)
                          and "level" not in r, "problem, answer or solution, no level"),
-    "aime": Format("math", aime, lambda r: any(k in r for k in ("problem", "question", "Problem"))
-                   and str(r.get("answer", r.get("Answer", ""))).strip().isdigit() and "####" not in str(r),
-                   "problem or question, an integer answer"),
+    # AIME releases: Problem/Answer (2024), question/answer (2025), or problem/answer with an id or
+    # url (AI-MO's, which DeepScaleR's layout fits too: --format decides).
+    "aime": Format("math", aime, lambda r: ("Problem" in r or "question" in r or ("problem" in r and ("id" in r or "url" in r)))
+                   and str(r.get("answer", r.get("Answer", ""))).strip().isdigit(),
+                   "Problem, question, or problem with an id; an integer answer"),
     "champ": Format("math", champ, lambda r: has(r, "_text", "_answer"), "_text, _answer"),
     "humaneval": Format("code", humaneval, lambda r: has(r, "prompt", "test", "entry_point"),
                         "prompt, test, entry_point"),
@@ -546,20 +548,19 @@ def detect(records: list, path: str) -> str:
 
 
 def validate_row(row: dict) -> None:
-    """Raise Skip unless the row is usable. String tests: sandbox.check_tests (they parse; a case
-    expects a literal). stdin/stdout tests: at least one case, each with a str input and output."""
+    """Raise Skip unless the row's tests are usable. String tests: sandbox.check_tests (they parse;
+    a case expects a literal). stdin/stdout tests: the loader's shape check (plumbing's, imported
+    here only: it brings torch with it)."""
     if row["domain"] == "math":
         return  # every math converter has already required a non-empty answer
-    tests = row["tests"]
-    if isinstance(tests, str):
-        try:
-            sandbox.check_tests(tests)
-        except ValueError as e:
-            raise Skip(f"unusable tests: {e}") from None
-    elif not (isinstance(tests, list) and tests and all(
-            isinstance(c, dict) and set(c) == {"input", "output"} and isinstance(c["input"], str)
-            and isinstance(c["output"], str) for c in tests)):
-        raise Skip("unusable tests: stdin/stdout cases must be a non-empty list of {input, output} strings")
+    try:
+        if isinstance(row["tests"], str):
+            sandbox.check_tests(row["tests"])
+        else:
+            from plumbing import check_stdin_cases
+            check_stdin_cases(row["tests"])
+    except ValueError as e:
+        raise Skip(f"unusable tests: {e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -575,9 +576,9 @@ def split_name(path: str) -> str:
     return safe_id(base.split(".")[0]) or "rows"
 
 
-def convert(path: str, out: str, fmt: str | None = None, log=print) -> dict:
+def convert(path: str, out: str, fmt: str | None = None, no_stdin: bool = False, log=print) -> dict:
     """Convert IN to OUT; returns the counts it reports: written, skipped (reason -> row numbers),
-    levels (level -> count), and the format."""
+    levels (level -> count), and the format. no_stdin skips the problems with stdin/stdout tests."""
     records = read_records(path)
     if not records:
         raise ConvertError(f"{path}: no rows")
@@ -595,6 +596,8 @@ def convert(path: str, out: str, fmt: str | None = None, log=print) -> dict:
             if not isinstance(rec, dict):
                 raise Skip("not a JSON object")
             row = {"id": None, "domain": form.domain} | form.convert(rec, i, split)
+            if no_stdin and isinstance(row.get("tests"), list):
+                raise Skip("stdin/stdout tests (--no_stdin)")
             validate_row(row)
             if row["id"] in seen:
                 raise Skip(f"id {row['id']!r} repeats row {seen[row['id']]}")
@@ -628,11 +631,13 @@ class Parser(argparse.ArgumentParser):
 def main(argv=None) -> int:
     ap = Parser(prog="convert", description=__doc__.split("\n\n")[0].strip())
     ap.add_argument("--format", choices=list(FORMATS), help="the input's format (default: detected from its fields)")
+    ap.add_argument("--no_stdin", action="store_true",
+                    help="skip problems whose tests are stdin/stdout (for a trainer whose sandbox lacks that form)")
     ap.add_argument("input", help=".jsonl, .json, .jsonl.gz or .parquet file")
     ap.add_argument("output", help="the JSONL file to write")
     args = ap.parse_args(argv)
     try:
-        convert(args.input, args.output, args.format)
+        convert(args.input, args.output, args.format, args.no_stdin)
     except ConvertError as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 2
