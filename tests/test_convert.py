@@ -47,17 +47,21 @@ FIXTURES = {
         {"question": "", "answer": "#### 3"},
     ], {"gsm8k-test-000000": {"answer": "1234"}}, ["'#### N'", "no non-empty 'question'"]),
     "math": ([
-        {"problem": "What is $1+1$?", "solution": "So $1+1=\\boxed{2}$.", "level": "Level 1", "type": "Algebra"},
-        {"problem": "Half of 3?", "solution": "\\boxed{\\frac{3}{2}}", "answer": "\\frac{3}{2}", "level": "Level 3",
+        {"problem": "What is $1+1$?", "solution": "So $1+1=\\boxed{2}$.", "level": "Level 1",
+         "type": "Algebra"},
+        {"problem": "Half of 3?", "solution": "\\boxed{\\frac{3}{2}}", "answer": "\\frac{3}{2}",
+         "level": "Level 3",
          "unique_id": "test/algebra/7.json"},
         {"problem": "No box.", "solution": "It is 4.", "level": "Level ?"},
-    ], {"math-test-000000": {"answer": "2", "level": 1}, "math-test-algebra-7.json": {"answer": "\\frac{3}{2}", "level": 3}},
+    ], {"math-test-000000": {"answer": "2", "level": 1},
+        "math-test-algebra-7.json": {"answer": "\\frac{3}{2}", "level": 3}},
        ["no \\boxed{}"]),
     "deepscaler": ([
         {"problem": "Compute 6*7.", "answer": "42", "solution": "6*7=\\boxed{42}"},
         {"problem": "Compute 2^5.", "solution": "That is \\boxed{32}."},
         {"problem": "Nothing to check.", "solution": "no box"},
-    ], {"deepscaler-test-000000": {"answer": "42"}, "deepscaler-test-000001": {"answer": "32"}}, ["no \\boxed{}"]),
+    ], {"deepscaler-test-000000": {"answer": "42"}, "deepscaler-test-000001": {"answer": "32"}},
+       ["no \\boxed{}"]),
     "aime": ([
         {"ID": "2024-I-1", "Problem": "Find the answer.", "Solution": "...", "Answer": 204},
         {"ID": "2024-I-2", "Problem": "Find another.", "Solution": "...", "Answer": 25},
@@ -66,18 +70,22 @@ FIXTURES = {
     "humaneval": ([
         {"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Add a and b.\"\"\"\n",
          "canonical_solution": "    return a + b\n", "entry_point": "add",
-         "test": "METADATA = {}\n\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"},
+         "test": "METADATA = {}\n\n\ndef check(candidate):\n"
+                 "    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"},
         {"task_id": "HumanEval/1", "prompt": "def half(x):\n", "canonical_solution": "    return x / 2\n",
          "entry_point": "half", "test": "def check(candidate):\n    assert abs(candidate(3) - 1.5) < 1e-6\n"},
         {"task_id": "HumanEval/2", "prompt": "def f():\n", "canonical_solution": "    return 1\n",
          "entry_point": "f", "test": "METADATA = {}\n"},
     ], {"humaneval-HumanEval-0": {"tests": "add(1, 2) == 3\nadd(-1, 1) == 0"},
-        "humaneval-HumanEval-1": {"tests": "def check(candidate):\n    assert abs(candidate(3) - 1.5) < 1e-6\n\ncheck(half)"}},
+        "humaneval-HumanEval-1": {"tests": "def check(candidate):\n"
+                                           "    assert abs(candidate(3) - 1.5) < 1e-6\n\ncheck(half)"}},
        ["no check(candidate)"]),
     "mbpp": ([
-        {"task_id": 11, "text": "Write a function to add two numbers.", "code": "def add_nums(a, b):\n    return a + b",
+        {"task_id": 11, "text": "Write a function to add two numbers.",
+         "code": "def add_nums(a, b):\n    return a + b",
          "test_list": ["assert add_nums(1, 2) == 3", "assert add_nums(0, 0) == 0"], "test_setup_code": ""},
-        {"task_id": 12, "text": "Write a function to sort a list.", "code": "def srt(xs):\n    return sorted(xs)",
+        {"task_id": 12, "text": "Write a function to sort a list.",
+         "code": "def srt(xs):\n    return sorted(xs)",
          "test_list": ["assert srt([3, 1]) == [1, 3]"], "test_setup_code": "import math"},
         {"task_id": 13, "text": "Broken.", "code": "", "test_list": [], "test_setup_code": ""},
     ], {"mbpp-11": {"tests": "add_nums(1, 2) == 3\nadd_nums(0, 0) == 0"},
@@ -86,30 +94,37 @@ FIXTURES = {
         {"problem_id": 1, "question": "Return the sum of xs.", "starter_code": "def total(xs):\n    ",
          "input_output": json.dumps({"fn_name": "total", "inputs": [[[1, 2]], [[]]], "outputs": [[3], [0]]}),
          "difficulty": "introductory", "solutions": json.dumps(["def total(xs):\n    return sum(xs)\n"])},
-        {"problem_id": 2, "question": "Double x.", "starter_code": "class Solution:\n    def double(self, x):\n        ",
-         "input_output": json.dumps({"fn_name": "double", "inputs": [[2]], "outputs": [[4]]}), "difficulty": "MEDIUM",
+        {"problem_id": 2, "question": "Double x.",
+         "starter_code": "class Solution:\n    def double(self, x):\n        ",
+         "input_output": json.dumps({"fn_name": "double", "inputs": [[2]], "outputs": [[4]]}),
+         "difficulty": "MEDIUM",
          "solutions": json.dumps(["class Solution:\n    def double(self, x):\n        return 2 * x\n"])},
         {"problem_id": 3, "question": "Read n, print 2n.", "starter_code": "", "difficulty": "competition",
          "input_output": json.dumps({"inputs": ["3\n", "5\n"], "outputs": ["6\n", "10\n"]}),
          "solutions": json.dumps(["print(2 * int(input()))\n"])},
-        {"problem_id": 4, "question": "Bad.", "starter_code": "", "input_output": "{not json", "difficulty": "EASY",
+        {"problem_id": 4, "question": "Bad.", "starter_code": "", "input_output": "{not json",
+         "difficulty": "EASY",
          "solutions": "[]"},
     ], {"apps-1": {"tests": "total([1, 2]) == 3\ntotal([]) == 0", "level": 1},
         "apps-2": {"tests": "Solution().double(2) == 4", "level": 2},
-        "apps-3": {"tests": [{"input": "3\n", "output": "6\n"}, {"input": "5\n", "output": "10\n"}], "level": 3}},
+        "apps-3": {"tests": [{"input": "3\n", "output": "6\n"}, {"input": "5\n", "output": "10\n"}],
+                   "level": 3}},
        ["not valid JSON"]),
     "codecontests": ([
         {"name": "1_A. Double", "description": "Read n, print 2n.", "difficulty": 7,
-         "public_tests": {"input": ["3\n"], "output": ["6\n"]}, "private_tests": {"input": ["5\n"], "output": ["10\n"]},
+         "public_tests": {"input": ["3\n"], "output": ["6\n"]},
+         "private_tests": {"input": ["5\n"], "output": ["10\n"]},
          "generated_tests": {"input": ["0\n"], "output": ["0\n"]},
          "solutions": {"language": [2, 3], "solution": ["int main() {}", "print(2 * int(input()))\n"]}},
         {"name": "2_B. Empty", "description": "No tests at all.", "difficulty": 0,
          "public_tests": {"input": [], "output": []}, "private_tests": {"input": [], "output": []},
          "generated_tests": {"input": [], "output": []}, "solutions": {"language": [], "solution": []}},
         {"name": "3_C. Uneven", "description": "Two inputs, one output.", "difficulty": 1,
-         "public_tests": {"input": ["1\n", "2\n"], "output": ["1\n"]}, "private_tests": {"input": [], "output": []},
+         "public_tests": {"input": ["1\n", "2\n"], "output": ["1\n"]},
+         "private_tests": {"input": [], "output": []},
          "generated_tests": {"input": [], "output": []}, "solutions": {"language": [], "solution": []}},
-    ], {"codecontests-1_A.-Double": {"tests": [{"input": "3\n", "output": "6\n"}, {"input": "5\n", "output": "10\n"},
+    ], {"codecontests-1_A.-Double": {"tests": [{"input": "3\n", "output": "6\n"},
+                                               {"input": "5\n", "output": "10\n"},
                                                {"input": "0\n", "output": "0\n"}], "level": 7}},
        ["no test cases", "same length"]),
     "livecodebench": ([
@@ -126,9 +141,11 @@ FIXTURES = {
          "starter_code": "", "difficulty": "hard", "metadata": "{}",
          "public_test_cases": json.dumps([{"input": "1\n", "output": "1\n", "testtype": "stdin"}]),
          "private_test_cases": "EVIL"},
-    ], {"livecodebench-abc300_a": {"tests": [{"input": "3\n", "output": "6\n"}, {"input": "5\n", "output": "10\n"}],
+    ], {"livecodebench-abc300_a": {"tests": [{"input": "3\n", "output": "6\n"},
+                                             {"input": "5\n", "output": "10\n"}],
                                    "level": 1},
-        "livecodebench-2999": {"tests": "Solution().addK([1, 2], 3) == 6\nSolution().addK([], 0) == 0", "level": 2}},
+        "livecodebench-2999": {"tests": "Solution().addK([1, 2], 3) == 6\nSolution().addK([], 0) == 0",
+                               "level": 2}},
        ["refused to load"]),
     "verl": ([
         {"data_source": "openai/gsm8k", "ability": "math",
@@ -137,9 +154,11 @@ FIXTURES = {
          "extra_info": {"split": "test", "index": 0, "question": "Q1?"}},
         {"data_source": "DigitalLearningGmbH/MATH-lighteval", "ability": "math",
          "prompt": [{"role": "user", "content": "What is 1/2 + 1/2?"}],
-         "reward_model": {"style": "rule", "ground_truth": "1"}, "extra_info": {"split": "test", "index": 1, "question": None}},
+         "reward_model": {"style": "rule", "ground_truth": "1"},
+         "extra_info": {"split": "test", "index": 1, "question": None}},
         {"data_source": "codegen", "ability": "code", "prompt": [{"role": "user", "content": "Write code."}],
-         "reward_model": {"style": "rule", "ground_truth": "{}"}, "extra_info": {"split": "test", "index": 2, "question": None}},
+         "reward_model": {"style": "rule", "ground_truth": "{}"},
+         "extra_info": {"split": "test", "index": 2, "question": None}},
     ], {"verl-openai-gsm8k-test-0": {"question": "Q1?", "answer": "72"},
         "verl-DigitalLearningGmbH-MATH-lighteval-test-1": {"question": "What is 1/2 + 1/2?", "answer": "1"}},
        ["only verl's math rows"]),
@@ -152,7 +171,7 @@ def write(path: str, records: list, extra_lines=()):
     if path.endswith(".parquet"):
         import pyarrow as pa
         import pyarrow.parquet as pq
-        keys = list(dict.fromkeys(k for r in records for k in r))  # from_pylist would read the first row's only
+        keys = list(dict.fromkeys(k for r in records for k in r))  # from_pylist reads the first row's only
         pq.write_table(pa.Table.from_pydict({k: [r.get(k) for r in records] for k in keys}), path)
         return
     if path.endswith(".json"):
@@ -170,7 +189,8 @@ def read(path: str) -> dict:
 @pytest.fixture
 def evil_marker(tmp_path):
     Evil.marker = str(tmp_path / "PWNED")
-    FIXTURES["livecodebench"][0][2]["private_test_cases"] = base64.b64encode(zlib.compress(pickle.dumps(Evil()))).decode()
+    evil = base64.b64encode(zlib.compress(pickle.dumps(Evil()))).decode()
+    FIXTURES["livecodebench"][0][2]["private_test_cases"] = evil
     return Evil.marker
 
 
@@ -202,7 +222,8 @@ def test_every_format_converts_in_every_container(tmp_path, fmt, container, evil
         assert any("not valid JSON" in why for why in skipped), "a bad JSON line is skipped by row"
     if container != "parquet":
         assert "not a JSON object" in skipped, "a row that is not an object is skipped by row"
-    assert res["written"] + sum(map(len, skipped.values())) == len(records) + (len(extra) if container != "json" else 1)
+    n_in = len(records) + (len(extra) if container != "json" else 1)  # .json holds only the 42 of the extras
+    assert res["written"] + sum(map(len, skipped.values())) == n_in, "every row is written or skipped"
     assert any(line.startswith("  skipped") for line in logged) and any("levels:" in line for line in logged)
     assert not os.path.exists(evil_marker), "the hostile pickle ran"
 
@@ -220,7 +241,8 @@ def test_detection_reports_ambiguity_and_unknown_fields(tmp_path):
         convert.convert(src, str(tmp_path / "o.jsonl"), log=lambda *a: None)
 
 
-@pytest.mark.parametrize("case", ["missing", "unknown_format", "no_rows", "not_json", "all_skipped", "container"])
+@pytest.mark.parametrize("case", ["missing", "unknown_format", "no_rows", "not_json", "all_skipped",
+                                  "container"])
 def test_errors_are_one_line_exit_2(tmp_path, case):
     """A bad file, an unknown format, a file with no (usable) rows: `convert: error: ...` on one line,
     exit status 2, no traceback."""
@@ -238,11 +260,13 @@ def test_errors_are_one_line_exit_2(tmp_path, case):
     elif case == "container":
         src = str(tmp_path / "in.csv")
         open(src, "w").write("a,b\n")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "data", "convert.py"), *args, src, str(tmp_path / "o.jsonl")],
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data", "convert.py"), *args, src,
+                        str(tmp_path / "o.jsonl")],
                        capture_output=True, text=True, timeout=300)
     err = p.stderr.strip()
     assert p.returncode == 2, f"{case}: exit {p.returncode}, stderr {err!r}"
-    assert err.startswith("convert: error: ") and "\n" not in err and "Traceback" not in err, f"{case}: {err!r}"
+    one_line = err.startswith("convert: error: ") and "\n" not in err and "Traceback" not in err
+    assert one_line, f"{case}: {err!r}"
     assert not os.path.exists(tmp_path / "o.jsonl"), "nothing is written on an error"
 
 
@@ -265,6 +289,9 @@ def converted(tmp_path, fmt: str, **kw) -> str:
     return out
 
 
+ADD_K = "class Solution:\n    def addK(self, nums, k):\n        return sum(nums) + k\n"
+
+
 def test_converted_code_rows_load_and_score(tmp_path, evil_marker):
     """Case- and assert-form rows of every code format load with srpo.load_problems and score 1 with
     the source's own solution and 0 with a wrong program, through rewards.score_batch."""
@@ -275,24 +302,27 @@ def test_converted_code_rows_load_and_score(tmp_path, evil_marker):
         rows = read(path)
         assert set(problems) == set(rows)
         for rid, row in rows.items():
-            solution = row.get("solution") or "class Solution:\n    def addK(self, nums, k):\n        return sum(nums) + k\n"
+            solution = row.get("solution") or ADD_K  # LiveCodeBench ships no solutions
             programs += [solution, "def nothing():\n    return None\n"]
             refs += [problems[rid].reference] * 2
     texts = [f"<answer>```python\n{p}```</answer>" for p in programs]
     scores = rewards.score_batch(texts, ["code"] * len(texts), refs, workers=1)
     got = [s.accuracy for s in scores]
-    assert got == [1.0, 0.0] * (len(texts) // 2), f"right/wrong programs scored {got}; errors {[s.error for s in scores]}"
+    assert got == [1.0, 0.0] * (len(texts) // 2), \
+        f"right/wrong programs scored {got}; errors {[s.error for s in scores]}"
 
 
 def test_loader_checks_the_stdin_form_shape_and_refuses_it_until_the_sandbox_runs_it(tmp_path):
     """A stdin/stdout row of the right shape stops the loader with a one-line error naming file:line
     and the form (no stand-in judge); a wrong shape is named as a bad 'tests' field."""
     path = converted(tmp_path, "codecontests")
-    with pytest.raises(ValueError, match=r"codecontests\.out\.jsonl:1: field 'tests' is a list of stdin/stdout cases"):
+    with pytest.raises(ValueError,
+                       match=r"codecontests\.out\.jsonl:1: field 'tests' is a list of stdin/stdout cases"):
         srpo.load_problems(path, "code")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "question": "q", "tests": [{"input": "1"}]}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: field 'tests': case 0 is not an object of exactly two strings"):
+    with pytest.raises(ValueError,
+                       match=r"bad\.jsonl:1: field 'tests': case 0 is not an object of exactly two strings"):
         srpo.load_problems(str(bad), "code")
     bad.write_text(json.dumps({"id": "x", "question": "q", "tests": []}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: field 'tests': .* at least one case"):
@@ -304,7 +334,8 @@ def test_converted_math_rows_load_and_score(tmp_path):
     refs = []
     for fmt in ("gsm8k", "math", "deepscaler", "aime", "verl"):
         refs += [p.reference for p in srpo.load_problems(converted(tmp_path, fmt), "math")]
-    scores = rewards.score_batch([f"<answer>\\boxed{{{r}}}</answer>" for r in refs], ["math"] * len(refs), refs, workers=1)
+    scores = rewards.score_batch([f"<answer>\\boxed{{{r}}}</answer>" for r in refs], ["math"] * len(refs),
+                                 refs, workers=1)
     assert all(s.accuracy == 1.0 for s in scores), [(r, s) for r, s in zip(refs, scores) if s.accuracy != 1.0]
 
 
@@ -323,7 +354,8 @@ def test_humaneval_164_convert_and_the_demo_subset_passes(tmp_path):
     assert sum(sandbox.parse_cases(r["tests"]) is not None for r in rows.values()) == 78
     assert len(srpo.load_problems(out, "code")) == 164
     subset = convert.humaneval_benchmark(16)
-    assert [r["id"] for r in subset] == [r["id"] for r in convert.humaneval_benchmark(164)[:16]], "a fixed prefix"
+    whole = convert.humaneval_benchmark(164)
+    assert [r["id"] for r in subset] == [r["id"] for r in whole[:16]], "not a prefix of one order"
     assert all(sandbox.parse_cases(r["tests"]) is not None for r in subset), "the demo subset is case form"
     texts = [f"<answer>```python\n{rows[r['id']]['solution']}```</answer>" for r in subset]
     scores = rewards.score_batch(texts, ["code"] * 16, [r["tests"] for r in subset], workers=1)
@@ -334,7 +366,7 @@ def test_champ_270_convert_with_checkable_answers(tmp_path):
     """CHAMP's v0.json (champ-dataset) holds 270 problems; 115 have one value as the final answer and
     convert, each verified against itself by the math reward; 155 are sentences (142) or several
     values or relations (13), skipped with that reason."""
-    champ_dataset = pytest.importorskip("champ_dataset", reason="pip install champ-dataset (requirements.txt)")
+    import champ_dataset  # requirements.txt: champ-dataset
     src = os.path.join(os.path.dirname(champ_dataset.__file__), "dataset_files", "v0.json")
     out = str(tmp_path / "champ.jsonl")
     res = convert.convert(src, out, log=lambda *a: None)
@@ -344,8 +376,10 @@ def test_champ_270_convert_with_checkable_answers(tmp_path):
                       "the answer is several values or a relation, not one value": 13}, counts
     problems = srpo.load_problems(out, "math")
     refs = [p.reference for p in problems]
-    scores = rewards.score_batch([f"<answer>\\boxed{{{r}}}</answer>" for r in refs], ["math"] * 115, refs, workers=1)
-    assert all(s.accuracy == 1.0 for s in scores), [(r, s.error) for r, s in zip(refs, scores) if s.accuracy != 1.0]
+    scores = rewards.score_batch([f"<answer>\\boxed{{{r}}}</answer>" for r in refs], ["math"] * 115, refs,
+                                 workers=1)
+    wrong = [(r, s.error) for r, s in zip(refs, scores) if s.accuracy != 1.0]
+    assert not wrong, f"converted answers the math reward cannot verify: {wrong}"
 
 
 # -----------------------------------------------------------------------------
@@ -384,7 +418,8 @@ def test_eval_humaneval_adds_its_field_and_changes_nothing_else(world, tmp_path)
     def run(out, n):
         srpo.main(harness.world_args(world, str(out), total_steps=2, stage1_steps=2, eval_humaneval=n),
                   reward_fn=harness.contains_reference)
-        return [{k: v for k, v in json.loads(x).items() if k not in timing} for x in open(out / "metrics.jsonl")]
+        records = map(json.loads, open(out / "metrics.jsonl"))
+        return [{k: v for k, v in r.items() if k not in timing} for r in records]
 
     plain, with_he = run(tmp_path / "a", 0), run(tmp_path / "b", 2)
     assert all("pass1_humaneval" in r for r in with_he if r["type"] == "eval"), with_he
