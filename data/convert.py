@@ -33,6 +33,7 @@ import argparse
 import ast
 import base64
 import gzip
+import itertools
 import json
 import os
 import pickle
@@ -60,48 +61,62 @@ class Skip(Exception):
 # Reading a file: rows as dicts, whatever the container
 
 
-def read_records(path: str) -> list:
-    """The records of IN as a list (a record that is not a JSON object stays, for the converter to
-    skip by row). A line that is not JSON becomes a Skip, so one bad line does not lose the file."""
+def read_records(path: str):
+    """The records of IN, one at a time (a hub file can hold gigabytes: LiveCodeBench's test.jsonl
+    is 1.25 GB). A record that is not a JSON object is passed on, for the converter to skip by row;
+    a line that is not JSON becomes a Skip, so one bad line does not lose the file."""
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: no such file")
     name = path.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq  # only here: the other containers need nothing outside stdlib
         try:
-            return pq.read_table(path).to_pylist()
+            table = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for a file that is not parquet
             raise ConvertError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        for batch in table.iter_batches(batch_size=256):
+            yield from batch.to_pylist()
+        return
     if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         raise ConvertError(f"{path}: unknown container; expected .jsonl, .json, .jsonl.gz or .parquet")
+    opener = gzip.open if name.endswith(".gz") else open
     try:
-        with (gzip.open if name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            text = f.read()
+        if name.endswith((".json", ".json.gz")):
+            with opener(path, "rt", encoding="utf-8") as f:
+                whole = json.load(f)
+            if isinstance(whole, list):
+                yield from whole
+                return
+            problems = whole.get("problems") if isinstance(whole, dict) else None
+            if not isinstance(problems, dict):
+                raise ConvertError(f"{path}: a JSON value that is neither a list of rows nor CHAMP's "
+                                   f"{{\"problems\": {{id: problem}}}}")
+            for k, v in problems.items():  # CHAMP's v0.json
+                yield dict(v, identifier=v.get("identifier", k)) if isinstance(v, dict) else v
+            return
+    except json.JSONDecodeError:
+        pass  # many hub files named .json are JSON lines: read it as that below
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise ConvertError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-    if name.endswith((".json", ".json.gz")):
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # many hub files named .json are JSON lines: read it as that below
-        if isinstance(whole, list):
-            return whole
-        if isinstance(whole, dict):
-            problems = whole.get("problems")
-            if isinstance(problems, dict):  # CHAMP's v0.json: {"problems": {id: problem}}
-                return [dict(v, identifier=v.get("identifier", k)) if isinstance(v, dict) else v
-                        for k, v in problems.items()]
-            raise ConvertError(f"{path}: a JSON object with no 'problems' map; expected a list of rows")
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                records.append(Skip(f"line {lineno} is not valid JSON ({e.msg})"))
-    if records and all(isinstance(r, Skip) for r in records):
-        raise ConvertError(f"{path}: not JSON or JSON lines ({records[0]})")
-    return records
+    good = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if not good and lineno > 100:  # 100 lines and none JSON: not a JSON lines file
+                        break
+                    yield Skip(f"line {lineno} is not valid JSON ({e.msg})")
+                    continue
+                good += 1
+                yield record
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise ConvertError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if not good:
+        raise ConvertError(f"{path}: no line is JSON")
 
 
 # -----------------------------------------------------------------------------
@@ -547,10 +562,7 @@ FORMATS = {
 }
 
 
-def detect(records: list, path: str) -> str:
-    first = next((r for r in records if isinstance(r, dict)), None)
-    if first is None:
-        raise ConvertError(f"{path}: no row is a JSON object")
+def detect(first: dict, path: str) -> str:
     found = [name for name, f in FORMATS.items() if f.detect(first)]
     if not found:
         raise ConvertError(f"{path}: no known format has the fields {sorted(first)[:12]}; pass --format")
@@ -584,59 +596,78 @@ def validate_row(row: dict) -> None:
 
 
 def split_name(path: str) -> str:
-    """The split a file holds, for ids: train/test/validation when its name says so, else its stem."""
+    """The split a file holds, for ids: train/test/validation when its name says so, else its stem;
+    with the shard's number for a hub shard (train-00003-of-00009.parquet -> train-00003), so the
+    row indices of two shards give different ids."""
     base = os.path.basename(path).lower()
+    shard = re.search(r"-(\d+)-of-\d+", base)
     for s in ("train", "test", "validation", "valid", "dev"):
         if re.search(rf"(^|[^a-z]){s}([^a-z]|$)", base):
-            return s
+            return s + (f"-{shard.group(1)}" if shard else "")
     return safe_id(base.split(".")[0]) or "rows"
 
 
 def convert(path: str, out: str, fmt: str | None = None, no_stdin: bool = False, log=print) -> dict:
     """Convert IN to OUT; returns the counts it reports: written, skipped (reason -> row numbers),
     levels (level -> count), and the format. no_stdin skips the problems with stdin/stdout tests."""
-    records = read_records(path)
-    if not records:
-        raise ConvertError(f"{path}: no rows")
-    if fmt is None:
-        fmt = detect(records, path)
-        log(f"convert: format {fmt} (detected from the fields: {FORMATS[fmt].signature})")
-    elif fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    records, head = read_records(path), []
+    for rec in records:  # up to the first object, which names the format
+        head.append(rec)
+        if isinstance(rec, dict):
+            break
+    if not any(isinstance(r, dict) for r in head):
+        raise ConvertError(f"{path}: no rows" + (" that are JSON objects" if head else ""))
+    if fmt is None:
+        fmt = detect(head[-1], path)
+        log(f"convert: format {fmt} (detected from the fields: {FORMATS[fmt].signature})")
     form, split = FORMATS[fmt], split_name(path)
-    rows, skipped, levels, seen = [], {}, Counter(), {}
-    for i, rec in enumerate(records):
-        try:
-            if isinstance(rec, Skip):
-                raise rec
-            if not isinstance(rec, dict):
-                raise Skip("not a JSON object")
-            row = {"id": None, "domain": form.domain} | form.convert(rec, i, split)
-            if no_stdin and isinstance(row.get("tests"), list):
-                raise Skip("stdin/stdout tests (--no_stdin)")
-            validate_row(row)
-            if row["id"] in seen:
-                raise Skip(f"id {row['id']!r} repeats row {seen[row['id']]}")
-        except Skip as e:
-            skipped.setdefault(str(e), []).append(i)
-            continue
-        seen[row["id"]] = i
-        levels[row.get("level", "none")] += 1
-        rows.append(row)
-    if not rows:
-        reasons = "; ".join(f"{r} ({len(ix)})" for r, ix in skipped.items())
-        raise ConvertError(f"{path}: no row converted as {fmt} ({reasons[:300]})")
+    written, skipped, levels, seen = 0, {}, Counter(), {}
+    # Rows go to a temporary file, renamed to OUT at the end: a failed conversion leaves no OUT.
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i, rec in enumerate(itertools.chain(head, records)):
+                try:
+                    row = convert_one(rec, i, form, split, no_stdin)
+                    if row["id"] in seen:
+                        raise Skip(f"id {row['id']!r} repeats row {seen[row['id']]}")
+                except Skip as e:
+                    skipped.setdefault(str(e), []).append(i)
+                    continue
+                seen[row["id"]] = i
+                levels[row.get("level", "none")] += 1
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                written += 1
+        if not written:
+            reasons = "; ".join(f"{r} ({len(ix)})" for r, ix in skipped.items())
+            raise ConvertError(f"{path}: no row converted as {fmt} ({reasons[:300]})")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     n_skipped = sum(map(len, skipped.values()))
-    log(f"convert: {path} -> {out}: wrote {len(rows)} {form.domain} rows, skipped {n_skipped}")
+    log(f"convert: {path} -> {out}: wrote {written} {form.domain} rows, skipped {n_skipped}")
     for reason, ix in sorted(skipped.items(), key=lambda kv: -len(kv[1])):
         more = ", ..." if len(ix) > 5 else ""
         log(f"  skipped {len(ix)}: {reason} (rows {', '.join(map(str, ix[:5]))}{more})")
     log("  levels: " + ", ".join(f"{k}: {v}" for k, v in sorted(levels.items(), key=lambda kv: str(kv[0]))))
-    return {"format": fmt, "written": len(rows), "skipped": skipped, "levels": dict(levels)}
+    return {"format": fmt, "written": written, "skipped": skipped, "levels": dict(levels)}
+
+
+def convert_one(rec, i: int, form: Format, split: str, no_stdin: bool) -> dict:
+    """Record i as a checked row, or Skip with the reason."""
+    if isinstance(rec, Skip):
+        raise rec
+    if not isinstance(rec, dict):
+        raise Skip("not a JSON object")
+    row = {"id": None, "domain": form.domain} | form.convert(rec, i, split)
+    if no_stdin and isinstance(row.get("tests"), list):
+        raise Skip("stdin/stdout tests (--no_stdin)")
+    validate_row(row)
+    return row
 
 
 class Parser(argparse.ArgumentParser):

@@ -242,7 +242,7 @@ def test_detection_reports_ambiguity_and_unknown_fields(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "unknown_format", "no_rows", "not_json", "all_skipped",
-                                  "container"])
+                                  "container", "bad_parquet"])
 def test_errors_are_one_line_exit_2(tmp_path, case):
     """A bad file, an unknown format, a file with no (usable) rows: `convert: error: ...` on one line,
     exit status 2, no traceback."""
@@ -260,6 +260,9 @@ def test_errors_are_one_line_exit_2(tmp_path, case):
     elif case == "container":
         src = str(tmp_path / "in.csv")
         open(src, "w").write("a,b\n")
+    elif case == "bad_parquet":
+        src = str(tmp_path / "in.parquet")
+        open(src, "w").write("not parquet\n")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "data", "convert.py"), *args, src,
                         str(tmp_path / "o.jsonl")],
                        capture_output=True, text=True, timeout=300)
@@ -268,6 +271,18 @@ def test_errors_are_one_line_exit_2(tmp_path, case):
     one_line = err.startswith("convert: error: ") and "\n" not in err and "Traceback" not in err
     assert one_line, f"{case}: {err!r}"
     assert not os.path.exists(tmp_path / "o.jsonl"), "nothing is written on an error"
+
+
+def test_ids_of_hub_shards_differ(tmp_path):
+    """Rows without an id of their own get the split and the shard in theirs, so two shards of one
+    split (TACO's train-00000-of-00009.parquet, ...) convert into files that load together."""
+    ids = []
+    for shard in ("train-00000-of-00002", "train-00001-of-00002"):
+        src, out = str(tmp_path / f"{shard}.jsonl"), str(tmp_path / f"{shard}.out.jsonl")
+        write(src, FIXTURES["deepscaler"][0][:1])
+        convert.convert(src, out, log=lambda *a: None)
+        ids += list(read(out))
+    assert ids == ["deepscaler-train-00000-000000", "deepscaler-train-00001-000000"], ids
 
 
 def test_no_stdin_skips_stdin_rows(tmp_path):
@@ -425,3 +440,13 @@ def test_eval_humaneval_adds_its_field_and_changes_nothing_else(world, tmp_path)
     assert all("pass1_humaneval" in r for r in with_he if r["type"] == "eval"), with_he
     assert [{k: v for k, v in r.items() if k != "pass1_humaneval"} for r in with_he] == plain, \
         "HumanEval's evaluation changed the run's other records"
+
+
+def test_train_sh_qwen_stops_without_converted_data():
+    """`train.sh qwen MODEL` without the four data files stops (exit 2) naming the missing options,
+    instead of training a 7B model on the shipped arithmetic; given ones are not named."""
+    p = subprocess.run(["bash", os.path.join(ROOT, "train.sh"), "qwen", "/no/model", "--math_train", "m.jsonl",
+                        "--code_test=c.jsonl"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "missing --code_train --math_test:" in p.stderr, p.stderr
+    assert "torchrun" not in p.stdout + p.stderr, "nothing was launched"
