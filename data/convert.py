@@ -17,7 +17,7 @@ The formats and the fields their public releases use:
     gsm8k         question, answer ending in "#### N"
     math          MATH, MATH-500: problem, solution (last \\boxed{} = answer) or answer, level "Level 3"
     deepscaler    DeepScaleR, NuminaMath: problem, answer or solution
-    aime          AIME sets: problem or question (or Problem), answer (or Answer)
+    aime          AIME sets: Problem and Answer, question and answer, or problem, answer and id
     champ         CHAMP (pip install champ-dataset): {"problems": {id: {_text, category, _answer}}}
     humaneval     task_id, prompt, test, entry_point, canonical_solution
     mbpp          task_id, text (or prompt), test_list of asserts, test_setup_code (or test_imports)
@@ -27,7 +27,9 @@ The formats and the fields their public releases use:
     verl          verl's parquet: data_source, prompt (chat messages), reward_model.ground_truth
 
 The readers are the standard library (json, gzip) and pyarrow for parquet, imported only for a
-parquet file: the trainer itself never imports this script (README, "Bring a public set").
+parquet file: the trainer imports this script only for --eval_humaneval (humaneval_benchmark), never
+pyarrow (README, "A public data set"). --no_stdin leaves out the problems with stdin/stdout tests,
+which the trainer refuses until its sandbox runs that form.
 """
 import argparse
 import ast
