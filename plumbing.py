@@ -617,7 +617,8 @@ CKPT_FILE, CKPT_DIR = "checkpoint.pt", "checkpoint"
 # Options that may change between a run and its resumption; any other change makes it another run.
 RESUMABLE = {"total_steps", "max_steps_this_run", "eval_every", "eval_prompts", "eval_k", "save_every",
              "resume", "reward_workers", "eval_domains", "eval_humaneval", "sandbox", "gen_slots", "gen_mem",
-             "out_dir", "grad_ckpt", "micro_tokens"}  # memory knobs: the memory plan may pick others on another GPU
+             "out_dir",
+             "grad_ckpt", "micro_tokens"}  # memory knobs: the memory plan may pick others on another GPU
 
 
 def save_checkpoint(out_dir: str, model, opt, sched, position: dict, rank: int, cfg):
