@@ -274,9 +274,10 @@ def literal(node: ast.expr) -> bool:
         return False
 
 
-def assert_as_case(stmt: ast.stmt, callee: str | None, name: str) -> str | None:
-    """`assert F(LITERALS) == LITERAL` as the case line `NAME(LITERALS) == LITERAL` (F is `callee`,
-    or any plain name when callee is None, and NAME is then F); None for any other statement."""
+def assert_as_case(stmt: ast.stmt, rename: dict | None = None) -> str | None:
+    """`assert F(LITERALS) == LITERAL` as the case line `F(LITERALS) == LITERAL`, None for any other
+    statement. With `rename` ({F: NAME}), F must be one of its keys and is written as NAME (HumanEval
+    calls `candidate`, the function the program defines is its entry point)."""
     if not (isinstance(stmt, ast.Assert) and stmt.msg is None and isinstance(stmt.test, ast.Compare)):
         return None
     cmp = stmt.test
@@ -285,15 +286,16 @@ def assert_as_case(stmt: ast.stmt, callee: str | None, name: str) -> str | None:
             or not isinstance(call.func, ast.Name) or call.keywords or not literal(cmp.comparators[0])
             or not all(literal(a) and not isinstance(a, ast.Starred) for a in call.args)):
         return None
-    if callee is not None and call.func.id != callee:
+    if rename is not None and call.func.id not in rename:
         return None
+    name = call.func.id if rename is None else rename[call.func.id]
     args = ", ".join(ast.unparse(a) for a in call.args)
-    return f"{name if callee is not None else call.func.id}({args}) == {ast.unparse(cmp.comparators[0])}"
+    return f"{name}({args}) == {ast.unparse(cmp.comparators[0])}"
 
 
-def asserts_as_cases(stmts: list, callee: str | None, name: str) -> str | None:
+def asserts_as_cases(stmts: list, rename: dict | None = None) -> str | None:
     """All statements as case lines, or None if any is not such an assert (the forms do not mix)."""
-    lines = [assert_as_case(s, callee, name) for s in stmts]
+    lines = [assert_as_case(s, rename) for s in stmts]
     return "\n".join(lines) if lines and None not in lines else None
 
 
@@ -313,7 +315,7 @@ def humaneval(rec: dict, i: int, split: str) -> dict:
     checks = [s for s in tree.body if isinstance(s, ast.FunctionDef) and s.name == "check"]
     if not checks or not checks[0].args.args:
         raise Skip("'test' defines no check(candidate)")
-    tests = asserts_as_cases(checks[0].body, checks[0].args.args[0].arg, entry)
+    tests = asserts_as_cases(checks[0].body, {checks[0].args.args[0].arg: entry})
     if tests is None:
         tests = f"{test.strip()}\n\ncheck({entry})"
     prompt = text(rec, "prompt")
@@ -350,7 +352,7 @@ def mbpp(rec: dict, i: int, split: str) -> dict:
         stmts = ast.parse(source).body
     except SyntaxError as e:
         raise Skip(f"'test_list' is not valid Python ({e.msg})") from None
-    tests = None if setup.strip() else asserts_as_cases(stmts, None, "")
+    tests = None if setup.strip() else asserts_as_cases(stmts)
     if tests is None:
         tests = f"{setup}\n{source}".strip()
     question = f"{text(rec, 'text', 'prompt')}\nYour code should pass these tests:\n{source}"
