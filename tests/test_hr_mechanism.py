@@ -1,0 +1,132 @@
+"""bench/hr_mechanism.py: pass rates under a policy, what HR's rules drop given them, and that
+prediction beside a run's epoch records. Parts (b) and (c) on synthetic rates, no model."""
+import json
+import math
+import os
+
+import pytest
+
+import rewards
+import srpo
+from harness import bench_module, make_world
+
+mech = bench_module("hr_mechanism")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL, POST = srpo.DropRule("all_correct"), srpo.DropRule("posterior")
+
+
+def close(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-15) for x, y in zip(a, b))
+
+
+def test_drop_schedule_of_the_reports_rule():
+    """all_correct, pass rate p, G = 4: dropped at epoch e with (1 - p^4)^(e-1) p^4; --no_hr would drop p^4 every epoch."""
+    p = 0.7
+    q = p ** 4  # 0.2401: all four right
+    got = mech.drop_schedule(p, 4, 3, ALL)
+    assert close(got, [q, (1 - q) * q, (1 - q) ** 2 * q]), got
+    assert close(mech.drop_schedule(p, 4, 3, ALL, hr=False), [q, q, q]), "with --no_hr nothing leaves the pool"
+    assert close(mech.drop_schedule(1.0, 4, 3, ALL), [1.0, 0.0, 0.0]) and mech.drop_schedule(0.0, 4, 3, ALL) == [0.0] * 3
+
+
+def test_drop_schedule_of_the_posterior_rule_by_hand():
+    """posterior (tau 0.9, q 0.5), G = 4, enumerated by hand: [0, p^8, 0, 8 p^15 (1-p)] with HR; without, [0, p^8, p^12, p^16 + 12 p^15 (1-p)]."""
+    p = 0.7
+    # Epoch 1: 4 of 4 gives P(p > 0.9) = 1 - 0.9^5 = 0.41: never dropped.
+    # Epoch 2: dropped only at 8 of 8 (0.613); 7 of 8 with the last epoch all right is 0.225: kept.
+    # Epoch 3: 12 of 12 was dropped at epoch 2; 11 of 12 gives P(Bin(13, 0.9) <= 11) = 0.379: kept.
+    # Epoch 4: 15 of 16 gives P(Bin(17, 0.9) <= 15) = 0.518: dropped, if the one failure was in epoch 1
+    #   or 2 (in epoch 3 it would have been dropped at epoch 2) and epoch 4 is all right: 2 * 4 p^15 (1-p).
+    #   14 of 16 gives 0.238: kept.
+    want = [0.0, p ** 8, 0.0, 8 * p ** 15 * (1 - p)]
+    got = mech.drop_schedule(p, 4, 4, POST)
+    assert close(got, want), f"{got} != {want}"
+    # Without HR nothing leaves: epoch 3 would drop at 12 of 12; epoch 4 at 16 of 16, or 15 of 16 with the
+    # failure anywhere in epochs 1-3 (12 places) and epoch 4 all right.
+    want = [0.0, p ** 8, p ** 12, p ** 16 + 12 * p ** 15 * (1 - p)]
+    got = mech.drop_schedule(p, 4, 4, POST, hr=False)
+    assert close(got, want), f"--no_hr: {got} != {want}"
+    # G = 32: one all-right epoch already gives 0.969, so the two rules agree at the first epoch end
+    assert close(mech.drop_schedule(0.97, 32, 1, POST), [0.97 ** 32]), "at G = 32 the rules agree"
+
+
+def test_predict_on_synthetic_rates():
+    """predict's shares and weak-prompt probabilities equal the values worked out by hand for four rates."""
+    rates = {"a": 1.0, "b": 0.5, "c": 0.0, "d": 0.95}  # weak (< 0.9): b and c
+    rows = {r["rule"]: r for r in mech.predict(rates, [4], 2, 0.9)}
+    a = rows["all_correct"]
+    # epoch 1: a surely, b 0.5^4 = 0.0625, c never, d 0.95^4 = 0.81450625; epoch 2: the survivors again
+    assert close(a["share_per_epoch"], [(1 + 0.0625 + 0.81450625) / 4,
+                                        (0.9375 * 0.0625 + (1 - 0.81450625) * 0.81450625) / 4]), a
+    assert math.isclose(a["weak_first"], (0.0625 + 0) / 2) and math.isclose(a["weak_within"], (0.0625 + 0.05859375) / 2), a
+    total = 1 + 0.0625 + 0.05859375 + 0.81450625 + 0.18549375 * 0.81450625
+    assert math.isclose(a["weak_share_of_drops"], (0.0625 + 0.05859375) / total), a
+    b = rows["posterior"]
+    # nothing at the first epoch end; at the second, 8 of 8: a surely, b 0.5^8, d 0.95^8
+    assert close(b["share_per_epoch"], [0.0, (1 + 0.5 ** 8 + 0.95 ** 8) / 4]), b
+    assert (b["weak_first"], b["weak_within"]) == (0.0, 0.5 ** 8 / 2), b
+
+
+def write_run(root, cfg: dict, epochs: list[dict]) -> str:
+    os.makedirs(root, exist_ok=True)
+    json.dump(cfg, open(os.path.join(root, "config.json"), "w"))
+    with open(os.path.join(root, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"type": "eval", "step": 0}) + "\n")
+        for r in epochs:
+            f.write(json.dumps({"type": "epoch", "stage": 1} | r) + "\n")
+    return str(root)
+
+
+def test_compare_run_predicts_a_synthetic_run(tmp_path):
+    """compare_run: the run's rule, G and pool give the predicted counts per epoch end; named dropped ids are scored weak or not."""
+    pool = tmp_path / "math.jsonl"
+    pool.write_text("".join(json.dumps({"id": i, "domain": "math", "question": "q", "answer": "1"}) + "\n" for i in "abcd"))
+    rates = {"a": 1.0, "b": 0.5, "c": 0.0, "d": 0.95}
+    cfg = {"G": 4, "hr": True, "hr_rule": "posterior", "hr_tau": 0.9, "hr_q": 0.5, "math_train": str(pool),
+           "max_prompts": 0, "max_level": 0}
+    run = write_run(tmp_path / "run", cfg, [{"epoch": 1, "dropped": 0, "dropped_ids": []},
+                                            {"epoch": 2, "dropped": 2, "dropped_ids": ["a", "b"]}])
+    r = mech.compare_run(rates, run, 0.9)
+    assert r["observed"] == [0, 2] and r["rule"] == "posterior", r
+    assert close(r["predicted"], [0.0, 1 + 0.5 ** 8 + 0.95 ** 8]), r["predicted"]
+    assert r["weak_dropped"] == (1, 2), "b (0.5) is weak, a (1.0) is not"
+    # a run older than --hr_rule used the report's rule; a --no_hr run's counts are would-drops
+    old = write_run(tmp_path / "old", {k: cfg[k] for k in ("G", "math_train", "max_prompts", "max_level")} | {"hr": False},
+                    [{"epoch": 1, "dropped": 2}])
+    r = mech.compare_run(rates, old, 0.9)
+    assert r["rule"] == "all_correct" and close(r["predicted"], [1 + 0.0625 + 0.81450625]) and "weak_dropped" not in r, r
+    with pytest.raises(ValueError, match="is not the rates'"):
+        mech.compare_run({"a": 1.0}, run, 0.9)
+    row = mech.observe_table([r], 0.9).splitlines()[-1]
+    assert row.endswith("| off (would drop) | all_correct | 2 | 1.9 | not logged |"), row
+
+
+def test_observed_reads_the_committed_first_experiment():
+    """The committed G = 4 runs of the first experiment parse: SRPO's drop counts per epoch; GRPO's, logged before would-drop counts, are None."""
+    s1 = mech.observed(os.path.join(ROOT, "bench/hr-exp/srpo-s1"))
+    assert s1["dropped"] == [9, 4, 9, 5] and s1["ids"] is None and s1["cfg"]["G"] == 4, s1["dropped"]
+    g1 = mech.observed(os.path.join(ROOT, "bench/hr-exp/grpo-s1"))
+    assert g1["dropped"] is None and g1["cfg"]["hr"] is False, g1["dropped"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_rates_smoke_on_a_tiny_model(tmp_path):
+    """(a) on a tiny random model: one row per pool prompt, n samples each, the counts of reward_fn's
+    accuracy per prompt (problem-major order); with the trainer's own scorer the file is well formed."""
+    world = make_world(str(tmp_path / "w"), n_math=6)
+    opts = ["--model", f"{world}/model", "--math_train", f"{world}/math_train.jsonl", "--max_new_tokens", "3",
+            "--temperature", "1.0", "--gen_slots", "8", "--reward_workers", "1", "--sandbox", "rlimits"]
+    out = tmp_path / "rates.jsonl"
+
+    def every_other_prompt(tok, problems, rolls, cfg):  # right on prompts 0, 2, 4; right on 1 of each 3 rollouts elsewhere
+        return [rewards.Score(float(r.prompt_idx % 2 == 0 or i % 3 == 0), 0.0, 0.0) for i, r in enumerate(rolls)]
+
+    msg = mech.main(["rates", "--n", "3", "--out", str(out), "--"] + opts, reward_fn=every_other_prompt)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"math-train-{i}" for i in range(6)], rows
+    assert [r["correct"] for r in rows] == [3, 1, 3, 1, 3, 1] and all(r["n"] == 3 for r in rows), rows
+    assert rows[1]["rate"] == 1 / 3 and "6 prompts" in msg, (rows, msg)
+    mech.main(["rates", "--n", "2", "--out", str(out)] + opts)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["n"] == 2 and r["rate"] == r["correct"] / 2 for r in rows), rows
+    assert mech.read_rates(str(out)) == {r["id"]: r["rate"] for r in rows}
