@@ -130,3 +130,82 @@ def test_rates_smoke_on_a_tiny_model(tmp_path):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 6 and all(r["n"] == 2 and r["rate"] == r["correct"] / 2 for r in rows), rows
     assert mech.read_rates(str(out)) == {r["id"]: r["rate"] for r in rows}
+
+# -----------------------------------------------------------------------------
+# bench/hr_stats.py: the second experiment's one-sided tests
+
+hr_stats = bench_module("hr_stats")
+
+
+def enumerated_p(a: list, b: list) -> float:
+    """The one-sided exact permutation p by plain enumeration, the reference for scipy's."""
+    import itertools
+    pooled, obs = a + b, sum(a) / len(a) - sum(b) / len(b)
+    splits = list(itertools.combinations(range(len(pooled)), len(a)))
+    hits = 0
+    for idx in splits:
+        x = [pooled[i] for i in idx]
+        y = [pooled[i] for i in range(len(pooled)) if i not in idx]
+        hits += sum(x) / len(x) - sum(y) / len(y) >= obs - 1e-9
+    return hits / len(splits)
+
+
+def test_noninferiority_by_hand():
+    """Non-inferiority with margin 0.05: difference -0.01, se 0.01, so t = 4 on 8 df and the lower bound -0.01 - t(0.95, 8) * 0.01."""
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [0.40, 0.42, 0.38, 0.41, 0.39], [0.41, 0.43, 0.39, 0.42, 0.40]  # each: variance 0.00025
+    r = hr_stats.noninferiority(a, b, 0.05)
+    assert math.isclose(r["diff"], -0.01) and math.isclose(r["t"], 4.0) and math.isclose(r["df"], 8.0), r
+    assert math.isclose(r["p_welch"], stats.t.sf(4.0, 8)), r
+    assert math.isclose(r["lower"], -0.01 - stats.t.ppf(0.95, 8) * 0.01), r
+    # shifted by the margin, a is the top five of the ten values, with one tie (0.43): 2 of 252 splits
+    assert math.isclose(r["p_perm"], 2 / 252) and math.isclose(r["p_perm"], enumerated_p([x + 0.05 for x in a], b)), r
+    worse = hr_stats.noninferiority([x - 0.10 for x in a], b, 0.05)
+    assert worse["p_welch"] > 0.5 and worse["p_perm"] > 0.5, f"0.11 worse must not pass a 0.05 margin: {worse}"
+
+
+def test_interaction_paired_and_unpaired():
+    """The difference of differences: seed-paired Welch and permutation one-sided; the unpaired contrast reduces to Welch's two-sample test when the G = 4 arms are constant."""
+    stats = pytest.importorskip("scipy.stats")
+    a16, b16 = {1: .30, 2: .35, 3: .32, 4: .31, 5: .36}, {1: .38, 2: .40, 3: .39, 4: .41, 5: .40}
+    a4, b4 = {1: .28, 2: .25, 3: .28, 4: .26, 5: .35}, {1: .40, 2: .41, 3: .36, 4: .42, 5: .39}
+    r = hr_stats.interaction(a16, b16, a4, b4)
+    d16 = [a16[s] - b16[s] for s in range(1, 6)]
+    d4 = [a4[s] - b4[s] for s in range(1, 6)]
+    ref = stats.ttest_ind(d16, d4, equal_var=False, alternative="greater")
+    assert math.isclose(r["dd"], sum(d16) / 5 - sum(d4) / 5) and math.isclose(r["p_welch"], ref.pvalue), r
+    assert math.isclose(r["p_perm"], enumerated_p(d16, d4)), r
+    assert r["low"] < r["dd"] < r["high"], r
+    const = {s: 0.4 for s in range(1, 6)}
+    est, se, df = hr_stats.welch_contrast([list(a16.values()), list(b16.values()), list(const.values()),
+                                           list(const.values())], [1, -1, -1, 1])
+    two = stats.ttest_ind(list(a16.values()), list(b16.values()), equal_var=False)
+    assert math.isclose(est / se, two.statistic) and math.isclose(df, two.df), (est / se, df, two)
+    with pytest.raises(ValueError, match="pairing by seed"):
+        hr_stats.interaction(a16, {9: 0.1}, a4, b4)
+
+
+def fake_run(root, seed: int, final: float) -> str:
+    os.makedirs(root)
+    json.dump({"seed": seed, "hr": True}, open(os.path.join(root, "config.json"), "w"))
+    recs = [{"type": "eval", "step": 0, "pass1_math": 0.3}, {"type": "step", "step": 8, "gen_tokens": 100},
+            {"type": "eval", "step": 8, "pass1_math": final}]
+    open(os.path.join(root, "metrics.jsonl"), "w").write("".join(json.dumps(r) + "\n" for r in recs))
+    return str(root)
+
+
+def test_hr_stats_cli_reads_runs(tmp_path):
+    """hr_stats.main reads arms of run folders through compare.py and prints both primary metrics for each test."""
+    arms = {}
+    for label, finals in {"A": [.40, .42, .38, .41, .39], "B": [.41, .43, .39, .42, .40],
+                          "C": [.30, .31, .29, .33, .32], "D": [.40, .42, .41, .43, .39]}.items():
+        arms[label] = ",".join(fake_run(tmp_path / f"{label}{s}", s, v) for s, v in enumerate(finals, 1))
+    out = hr_stats.main(["noninferior", f"A={arms['A']}", f"B={arms['B']}", "--margin", "0.05"])
+    row = next(x for x in out.splitlines() if x.startswith("| final pass@1"))
+    assert "| -0.010 |" in row and row.endswith("| 0.008 | yes |"), row
+    assert "| area under curve |" in out, out
+    out = hr_stats.main(["interaction", f"A={arms['A']}", f"B={arms['B']}", f"C={arms['C']}", f"D={arms['D']}"])
+    row = next(x for x in out.splitlines() if x.startswith("| final pass@1"))
+    assert "| -0.010 | -0.100 | +0.090 [" in row, row  # A - B = -0.01, C - D = -0.10
+    with pytest.raises(ValueError, match="takes 4"):
+        hr_stats.main(["interaction", f"A={arms['A']}", f"B={arms['B']}"])
