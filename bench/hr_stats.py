@@ -5,6 +5,8 @@ resampling in its own regime: the protocol"), beside bench/compare.py's two-side
     python bench/hr_stats.py noninferior POST=DIR,DIR,... GRPO=DIR,DIR,... --margin 0.05 --metric pass1_math
     # H2: SRPO - GRPO is larger at G = 16 than at G = 4 (one-sided difference of differences)
     python bench/hr_stats.py interaction SRPO16=... GRPO16=... SRPO4=... GRPO4=... --metric pass1_math
+    # the check that decides whether the committed G = 4 runs may serve as controls (exit status 1 if not)
+    python bench/hr_stats.py reproduces runs/hr-exp2/g4/srpo-s2 bench/hr-exp/srpo-s2
 
 Each LABEL=DIR[,DIR...] is one arm, one run folder per seed, read by compare.py. Both primary
 metrics of the first experiment are tested (final held-out pass@1, the area under the pass@1-vs-step
@@ -12,6 +14,7 @@ curve); each test is Welch's t and an exact permutation test, one-sided, at the 
 hypothesis holds on a metric when both give p < 0.05.
 """
 import argparse
+import json
 import math
 import os
 import statistics
@@ -73,6 +76,33 @@ def interaction(a16: dict, b16: dict, a4: dict, b4: dict) -> dict:
             "unpaired": (est, se, df, p_unpaired)}
 
 
+# Wall-clock fields differ from run to run; everything else of a record must come back.
+TIMES = {"t_gen", "t_score", "t_update", "tok_s"}
+# Floats computed from counts (or set by an option): equal exactly, not nearly.
+COUNTED = {"reward", "acc_math", "acc_code", "zero_adv", "resp_len", "tokens", "tokens_trained", "lr"}
+
+
+def reproduces(new: str, old: str) -> list[str]:
+    """Where run folder `new` fails to reproduce the committed run `old`: [] when every record of old's
+    metrics.jsonl comes back in new's, in order, field for field (fields new added are not compared):
+    counts and counted floats (COUNTED, pass1_*) exactly, other floats (loss, ratio, kl, entropy,
+    grad_norm, clip_frac) within 1e-4 relative (1e-6 absolute, for KLs near 0), wall times not at all."""
+    read = lambda d: [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl")) if x.strip()]
+    a, b = read(old), read(new)
+    if len(a) != len(b):
+        return [f"{len(b)} records in {new}, {len(a)} in {old}"]
+    diffs = []
+    for i, (ra, rb) in enumerate(zip(a, b), 1):
+        for k, va in ra.items():
+            vb = rb.get(k)
+            if k in TIMES:
+                continue
+            exact = not isinstance(va, float) or k in COUNTED or k.startswith("pass1_")
+            if (va != vb) if exact else not (isinstance(vb, float) and math.isclose(va, vb, rel_tol=1e-4, abs_tol=1e-6)):
+                diffs.append(f"record {i} ({ra.get('type')} at step {ra.get('step')}): {k} = {vb!r}, committed {va!r}")
+    return diffs
+
+
 def by_seed(runs: list, value) -> dict:
     seeds = [r.seed for r in runs]
     if None in seeds or len(set(seeds)) != len(seeds):
@@ -82,11 +112,22 @@ def by_seed(runs: list, value) -> dict:
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("test", choices=("noninferior", "interaction"))
-    ap.add_argument("groups", nargs="+", help="LABEL=DIR[,DIR...]: noninferior NEW GRPO; interaction SRPO16 GRPO16 SRPO4 GRPO4")
+    ap.add_argument("test", choices=("noninferior", "interaction", "reproduces"))
+    ap.add_argument("groups", nargs="+", help="LABEL=DIR[,DIR...]: noninferior NEW GRPO; interaction SRPO16 GRPO16 "
+                                              "SRPO4 GRPO4; reproduces NEW_DIR COMMITTED_DIR")
     ap.add_argument("--metric", default="pass1_math", help="pass1_math, pass1_code or pass1_mean")
     ap.add_argument("--margin", type=float, default=0.05, help="noninferior: how much worse still counts as not worse")
     args = ap.parse_args(argv)
+    if args.test == "reproduces":
+        if len(args.groups) != 2:
+            raise ValueError(f"reproduces takes a new run folder and a committed one, got {args.groups}")
+        diffs = reproduces(*args.groups)
+        text = (f"{args.groups[0]} reproduces {args.groups[1]}" if not diffs else
+                f"{args.groups[0]} does NOT reproduce {args.groups[1]} ({len(diffs)} differences):\n" + "\n".join(diffs[:20]))
+        print(text)
+        if diffs:
+            raise SystemExit(1)  # the experiment script decides on this status
+        return text
     want = 2 if args.test == "noninferior" else 4
     if len(args.groups) != want:
         raise ValueError(f"{args.test} takes {want} LABEL=DIRS groups, got {len(args.groups)}")

@@ -95,8 +95,10 @@ def test_compare_run_predicts_a_synthetic_run(tmp_path):
                     [{"epoch": 1, "dropped": 2}])
     r = mech.compare_run(rates, old, 0.9)
     assert r["rule"] == "all_correct" and close(r["predicted"], [1 + 0.0625 + 0.81450625]) and "weak_dropped" not in r, r
-    with pytest.raises(ValueError, match="is not the rates'"):
+    with pytest.raises(ValueError, match="3 of its pool's 4 prompts"):
         mech.compare_run({"a": 1.0}, run, 0.9)
+    more = mech.compare_run(rates | {"e": 1.0}, run, 0.9)  # a rate outside the pool is not counted
+    assert close(more["predicted"], [0.0, 1 + 0.5 ** 8 + 0.95 ** 8]), more
     row = mech.observe_table([r], 0.9).splitlines()[-1]
     assert row.endswith("| off (would drop) | all_correct | 2 | 1.9 | not logged |"), row
 
@@ -209,3 +211,29 @@ def test_hr_stats_cli_reads_runs(tmp_path):
     assert "| -0.010 | -0.100 | +0.090 [" in row, row  # A - B = -0.01, C - D = -0.10
     with pytest.raises(ValueError, match="takes 4"):
         hr_stats.main(["interaction", f"A={arms['A']}", f"B={arms['B']}"])
+
+
+def test_reproduces_compares_every_committed_field_but_wall_times(tmp_path):
+    """reproduces: a copy with other wall times and new keys passes; a changed count or a loss off by 1e-3 is named."""
+    old = os.path.join(ROOT, "bench/hr-exp/grpo-s2")
+    recs = [json.loads(x) for x in open(os.path.join(old, "metrics.jsonl"))]
+
+    def variant(name, change):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [dict(r) for r in recs]
+        change(rows)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(d)
+
+    same = variant("same", lambda rows: [r.update(t_gen=1.0, tok_s=9.0, new_key=[1]) for r in rows if r["type"] == "step"])
+    assert hr_stats.reproduces(same, old) == [], "wall times and new keys must not count"
+    tiny = variant("tiny", lambda rows: rows[1].update(loss=rows[1]["loss"] * (1 + 1e-6)))
+    assert hr_stats.reproduces(tiny, old) == [], "a float within 1e-4 relative reproduces"
+    off = variant("off", lambda rows: (rows[1].update(loss=rows[1]["loss"] * 1.001), rows[2].update(gen_tokens=1)))
+    diffs = hr_stats.reproduces(off, old)
+    assert len(diffs) == 2 and "loss" in diffs[0] and "gen_tokens = 1" in diffs[1], diffs
+    short = variant("short", lambda rows: rows.pop())
+    assert "records" in hr_stats.reproduces(short, old)[0]
+    with pytest.raises(SystemExit):
+        hr_stats.main(["reproduces", off, old])
