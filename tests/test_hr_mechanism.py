@@ -237,3 +237,95 @@ def test_reproduces_compares_every_committed_field_but_wall_times(tmp_path):
     assert "records" in hr_stats.reproduces(short, old)[0]
     with pytest.raises(SystemExit):
         hr_stats.main(["reproduces", off, old])
+
+# -----------------------------------------------------------------------------
+# bench/hr_experiment.sh: the order of runs, the controls' decision, the commit check (a fake python3)
+
+FAKE_PYTHON = """#!/bin/bash
+echo "$*" >> "$CALLS"
+if [ "$1" = srpo.py ]; then
+    out=""; prev=""
+    for a in "$@"; do [ "$prev" = --out_dir ] && out=$a; prev=$a; done
+    mkdir -p "$out" && echo '{"type": "eval", "tag": "after"}' > "$out/metrics.jsonl" && echo '{}' > "$out/config.json"
+elif [ "$1" = bench/hr_stats.py ] && [ "$2" = reproduces ]; then
+    exit "$REPRO"
+elif [ "$1" = bench/hr_mechanism.py ] && [ "$2" = rates ]; then
+    touch "$6"
+fi
+"""
+
+
+def experiment(tmp_path, exp: str, seeds: str, repro: int = 0):
+    """Runs bench/hr_experiment.sh EXP in a scratch git repository with a fake python3; its calls and status."""
+    import subprocess
+    repo = tmp_path / "repo"
+    if not repo.exists():
+        (repo / "bench").mkdir(parents=True)
+        (repo / "bench" / "hr_experiment.sh").write_text(open(os.path.join(ROOT, "bench", "hr_experiment.sh")).read())
+        git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True)
+        git("init", "-q")
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "x", "--allow-empty")
+        git("add", "-A")
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "script")
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "python3").write_text(FAKE_PYTHON)
+        (tmp_path / "bin" / "python3").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.write_text("")
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", CALLS=str(calls), REPRO=str(repro), SEEDS=seeds)
+    p = subprocess.run(["bash", "bench/hr_experiment.sh", exp], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    lines = calls.read_text().splitlines()
+    runs = [x.split("--out_dir ")[1].split()[0] for x in lines if x.startswith("srpo.py")]
+    return p, lines, runs, repo
+
+
+def test_experiment_g4_reuses_controls_only_when_they_reproduce(tmp_path):
+    """g4: seed 2 of SRPO and GRPO first; reproduced -> only the posterior arm runs; not -> every control runs again, arms alternating."""
+    p, lines, runs, repo = experiment(tmp_path / "a", "g4", "1 2", repro=0)
+    assert p.returncode == 0, p.stderr
+    g = "runs/hr-exp2/g4/"
+    assert runs == [g + "srpo-s2", g + "grpo-s2", g + "post-s1", g + "post-s2"], runs
+    assert (repo / "bench/hr-exp2/g4/controls").read_text().strip() == "bench/hr-exp"
+    post = next(x for x in lines if "post-s1" in x)
+    assert "--hr --hr_rule posterior --seed 1" in post and "--G 4" in post and "--max_prompts 64" in post, post
+    rates = [x for x in lines if x.startswith("bench/hr_mechanism.py rates")]
+    assert len(rates) == 2 and "--model default" in rates[0] and f"--model {g}srpo-s2/policy" in rates[1], rates
+    assert any(x.startswith("bench/hr_stats.py noninferior POST=bench/hr-exp2/g4/post-s1,bench/hr-exp2/g4/post-s2 "
+                            "GRPO=bench/hr-exp/grpo-s1,bench/hr-exp/grpo-s2") for x in lines), lines
+    p, lines, runs, repo = experiment(tmp_path / "b", "g4", "1 2", repro=1)
+    assert p.returncode == 0, p.stderr
+    assert runs == [g + "srpo-s2", g + "grpo-s2", g + "post-s1", g + "srpo-s1", g + "grpo-s1", g + "post-s2"], runs
+    assert (repo / "bench/hr-exp2/g4/controls").read_text().strip() == "bench/hr-exp2/g4"
+    assert (repo / "bench/hr-exp2/g4/srpo-s1/commit").exists(), "each kept run records its commit"
+
+
+def test_experiment_g16_flags_resume_and_commit_check(tmp_path):
+    """g16: G = 16, 2 prompts a step, a pool of 16; finished runs are skipped; a run begun at another commit is refused."""
+    p, lines, runs, repo = experiment(tmp_path, "g16", "1")
+    assert p.returncode == 0 and runs == ["runs/hr-exp2/g16/srpo-s1", "runs/hr-exp2/g16/grpo-s1"], (p.stderr, runs)
+    srpo_call = next(x for x in lines if x.startswith("srpo.py"))
+    for flag in ("--hr --seed 1", "--G 16", "--prompts_per_step 2", "--max_prompts 16", "--total_steps 32", "--eval_k 4"):
+        assert flag in srpo_call, f"{flag} missing: {srpo_call}"
+    assert "--no_hr" in next(x for x in lines if "grpo-s1" in x and x.startswith("srpo.py"))
+    p, lines, runs, _ = experiment(tmp_path, "g16", "1")
+    assert p.returncode == 0 and runs == [], f"finished runs must be skipped: {runs}"
+    half = repo / "runs/hr-exp2/g16/srpo-s2"
+    half.mkdir(parents=True)
+    (half / "commit").write_text("0" * 40 + "\n")
+    p, lines, runs, _ = experiment(tmp_path, "g16", "2")
+    assert p.returncode == 1 and "was started at commit 0000" in p.stderr and runs == [], (p.returncode, p.stderr)
+    p, _, _, _ = experiment(tmp_path, "g99", "1")
+    assert p.returncode == 2 and "unknown experiment" in p.stderr, p.stderr
+
+
+def test_experiment_hr1_keeps_the_first_experiments_options(tmp_path):
+    """hr1 (no argument) passes the first experiment's srpo.py options, as committed in bench/hr-exp/*/config.json."""
+    p, lines, runs, _ = experiment(tmp_path, "", "1")
+    assert p.returncode == 0 and runs == ["runs/hr-exp/srpo-s1", "runs/hr-exp/grpo-s1"], (p.stderr, runs)
+    args = next(x for x in lines if x.startswith("srpo.py")).split()
+    opts = {a[2:]: b for a, b in zip(args, args[1:] + [""]) if a.startswith("--") and not b.startswith("--")}
+    committed = json.load(open(os.path.join(ROOT, "bench/hr-exp/srpo-s1/config.json")))
+    for k, v in opts.items():
+        if k != "out_dir":
+            assert str(committed[k]).lower() == v.lower() or float(committed[k]) == float(v), f"--{k} {v}: committed {committed[k]}"
+    assert len(opts) == 18, sorted(opts)  # the 16 options of the protocol, --seed and --out_dir
