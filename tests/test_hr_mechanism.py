@@ -329,3 +329,28 @@ def test_experiment_hr1_keeps_the_first_experiments_options(tmp_path):
         if k != "out_dir":
             assert str(committed[k]).lower() == v.lower() or float(committed[k]) == float(v), f"--{k} {v}: committed {committed[k]}"
     assert len(opts) == 18, sorted(opts)  # the 16 options of the protocol, --seed and --out_dir
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_posterior_run_logs_what_the_mechanism_predicts(tmp_path):
+    """A tiny srpo.py run with --hr_rule posterior: one prompt always right, the rest never; it is kept
+    after its first all-right epoch and dropped after its second, the epoch record names it, and
+    hr_mechanism predicts exactly that from pass rates 1 and 0."""
+    from harness import world_args
+    world = make_world(str(tmp_path / "w"), n_math=4)
+    easy = "math-train-0"
+
+    def one_easy(tok, problems, rolls, cfg):
+        return [rewards.Score(float(problems[r.prompt_idx].id == easy), 0.0, float(problems[r.prompt_idx].id == easy))
+                for r in rolls]
+
+    out = str(tmp_path / "run")
+    # 4 prompts, 2 a step: epochs end at steps 2, 4 and (3 prompts left) 6
+    srpo.main(world_args(world, out, total_steps=8, stage1_steps=8, eval_domains="math", hr_rule="posterior"),
+              reward_fn=one_easy)
+    obs = mech.observed(out)
+    assert obs["dropped"] == [0, 1, 0] and obs["ids"] == [[], [easy], []], obs
+    recs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if '"epoch"' in x and '"step"' in x]
+    assert [r["kept_all_correct"] for r in recs if r["type"] == "epoch"] == [1, 0, 0], recs
+    r = mech.compare_run({f"math-train-{i}": float(i == 0) for i in range(4)}, out, 0.9)
+    assert r["predicted"] == [0.0, 1.0, 0.0] and r["observed"] == [0, 1, 0] and r["weak_dropped"] == (0, 1), r
