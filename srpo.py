@@ -95,9 +95,9 @@ class Config:
     # SRPO
     hr: bool = field(default=True, metadata={"help": "history resampling at each epoch end; --no_hr = plain GRPO"})
     hr_return_after: int = field(default=0, metadata={"help": "a dropped prompt rejoins after this many epochs (0 = never, as in the report)", "range": "[0, inf)"})
-    hr_rule: str = field(default="all_correct", metadata={"help": "when HR drops a prompt: all_correct = all rollouts of the epoch right (the report's rule); posterior = that, and P(pass rate > hr_tau) > hr_q over the stage's rollouts (History)", "choices": ("all_correct", "posterior")})
-    hr_tau: float = field(default=0.9, metadata={"help": "the posterior rule's pass rate a dropped prompt is likely above", "range": "(0, 1)"})
-    hr_q: float = field(default=0.5, metadata={"help": "the posterior rule's probability that must be exceeded", "range": "[0, 1)"})
+    hr_rule: str = field(default="all_correct", metadata={"help": "HR's drop rule (DropRule): all_correct, the report's, or posterior, which also needs P(pass rate > hr_tau) > hr_q", "choices": ("all_correct", "posterior")})
+    hr_tau: float = field(default=0.9, metadata={"help": "the pass rate a prompt the posterior rule drops is likely above", "range": "(0, 1)"})
+    hr_q: float = field(default=0.5, metadata={"help": "how likely (posterior) the pass rate must be above hr_tau to drop", "range": "[0, 1)"})
     stage1_steps: int = field(default=100, metadata={"help": "steps of stage 1 (math) before code joins", "range": "[0, inf)"})
     stage1_epochs: int = field(default=0, metadata={"help": "if > 0, switch to stage 2 after this many stage-1 epochs instead", "range": "[0, inf)"})
     total_steps: int = field(default=200, metadata={"help": "steps in all (both stages)", "range": "[1, inf)"})
@@ -195,7 +195,8 @@ class DropRule:
     P(pass rate > tau | successes, failures) > q under a uniform prior (beta_tail). After n rollouts
     all right that is 1 - tau^(n + 1), so with tau = 0.9, q = 0.5 (the posterior median above 0.9):
       G = 32, all right once: 1 - 0.9^33 = 0.969 > 0.5, dropped, as by the report's rule;
-      G = 4,  all right once: 1 - 0.9^5  = 0.410 < 0.5, kept; all right in two epochs (8 of 8): 0.613, dropped.
+      G = 4,  all right once: 1 - 0.9^5  = 0.410 < 0.5, kept;
+              all right in two epochs (8 of 8): 1 - 0.9^9 = 0.613, dropped.
     For every G >= 6 one all-correct epoch is enough (1 - 0.9^7 = 0.522): at the report's G = 32 the
     two rules are the same rule; they differ only where G is small and one epoch proves little."""
     name: str = "all_correct"
@@ -203,7 +204,7 @@ class DropRule:
     q: float = 0.5
 
     def drops(self, seen: list[bool], successes: int, failures: int) -> bool:
-        """seen: this epoch's outcomes of the prompt; successes, failures: all of this stage's, seen included."""
+        """seen: the prompt's outcomes this epoch; successes, failures: all of this stage's, seen included."""
         if not (seen and all(seen)):
             return False
         return self.name == "all_correct" or beta_tail(successes, failures, self.tau) > self.q
@@ -213,7 +214,7 @@ class DropRule:
 class History:
     outcomes: dict = field(default_factory=dict)  # prompt id -> [correct?] of every rollout this epoch
     dropped: dict = field(default_factory=dict)   # prompt id -> the first epoch without it
-    counts: dict = field(default_factory=dict)    # prompt id -> [successes, failures] of this stage: the posterior's evidence
+    counts: dict = field(default_factory=dict)    # prompt id -> [successes, failures] this stage: evidence
 
     def record(self, pid: str, correct: list[bool]):
         self.outcomes.setdefault(pid, []).extend(correct)
@@ -228,9 +229,10 @@ class History:
         Prompts without outcomes this epoch (never reached) are kept, as nothing is known of them.
         Dropped prompts stay out for the rest of the stage, or, with return_after = N > 0, rejoin
         after N epochs: the policy may have forgotten them (an extension; the report never returns them)."""
-        # kept_all_correct: all right this epoch, kept for want of evidence (only the posterior rule does that)
-        kept, stats = [], {"dropped": 0, "kept_mixed": 0, "kept_all_wrong": 0, "kept_unseen": 0, "returned": 0,
-                           "kept_all_correct": 0}
+        # kept_all_correct: all right this epoch, kept for want of evidence (the posterior rule only)
+        stats = {"dropped": 0, "kept_mixed": 0, "kept_all_wrong": 0, "kept_unseen": 0, "returned": 0,
+                 "kept_all_correct": 0}
+        kept = []
         for pid in epoch_ids:
             seen = self.outcomes.get(pid)
             if rule.drops(seen, *self.counts.get(pid, (0, 0))):
@@ -307,7 +309,7 @@ class Curriculum:
             gone = sorted(pid for pid, e in hist.dropped.items() if e == self.epoch + 1)  # dropped just now
             self.epoch, self.pos = self.epoch + 1, 0
             self.order = epoch_order(kept, self.seed, self.stage, self.epoch)
-            # The line shows the counts; the record also names the dropped ids, so an analysis can follow them.
+            # The line shows the counts; the record also names the dropped ids, for an analysis to follow.
             events.append((f"step {step}: epoch {self.epoch} of stage {self.stage}, {len(kept)} prompts | "
                            + ("" if self.hr else "HR off, it would have: ") + " | ".join(f"{k} {v}" for k, v in hr.items()),
                            {"type": "epoch", "step": step, "stage": self.stage, "epoch": self.epoch,

@@ -68,8 +68,8 @@ run_one() {  # ARM SEED: run (or finish) it, then copy what it measured to $KEEP
         fi
         mkdir -p "$out" && git rev-parse HEAD > "$out/commit"
         # shellcheck disable=SC2046
-        python3 srpo.py $(arm_flags "$arm") --seed "$s" --out_dir "$out" "${common[@]}" "${size[@]}" > "$out.log" 2>&1 \
-            || { echo "run $out failed; see $out.log" >&2; exit 1; }
+        python3 srpo.py $(arm_flags "$arm") --seed "$s" --out_dir "$out" "${common[@]}" "${size[@]}" \
+            > "$out.log" 2>&1 || { echo "run $out failed; see $out.log" >&2; exit 1; }
         echo "   $(( $(date +%s) - start )) s"
     fi
     mkdir -p "$keep"
@@ -90,13 +90,14 @@ if [ "$EXP" = g4 ] && [[ " $SEEDS " == *" 2 "* ]]; then
     run_one srpo 2
     run_one grpo 2
     if [ ! -f "$KEEP/controls" ]; then
-        if python3 bench/hr_stats.py reproduces "$KEEP/srpo-s2" bench/hr-exp/srpo-s2 > "$KEEP/reproduction.txt" \
-           && python3 bench/hr_stats.py reproduces "$KEEP/grpo-s2" bench/hr-exp/grpo-s2 >> "$KEEP/reproduction.txt"; then
+        log=$KEEP/reproduction.txt
+        if python3 bench/hr_stats.py reproduces "$KEEP/srpo-s2" bench/hr-exp/srpo-s2 > "$log" \
+           && python3 bench/hr_stats.py reproduces "$KEEP/grpo-s2" bench/hr-exp/grpo-s2 >> "$log"; then
             echo bench/hr-exp > "$KEEP/controls"
         else
             echo "$KEEP" > "$KEEP/controls"
         fi
-        cat "$KEEP/reproduction.txt"
+        cat "$log"
     fi
     # The mechanism: each pool prompt's pass rate under the base policy and under SRPO seed 2's final
     # policy, 32 samples each, with the runs' sampling options (bench/hr_mechanism.py).
@@ -105,7 +106,8 @@ if [ "$EXP" = g4 ] && [[ " $SEEDS " == *" 2 "* ]]; then
         f=bench/hr-exp2/mechanism/$pol.jsonl
         if [ ! -f "$f" ]; then
             model=$([ "$pol" = base ] && echo default || echo "$RUNS/$pol/policy")
-            python3 bench/hr_mechanism.py rates --n 32 --out "$f" -- --model "$model" --seed 1 "${common[@]}" "${g4[@]}"
+            python3 bench/hr_mechanism.py rates --n 32 --out "$f" -- --model "$model" --seed 1 \
+                "${common[@]}" "${g4[@]}"
         fi
     done
 fi
@@ -120,18 +122,21 @@ for s in $SEEDS; do
     done
 done
 
-# The report: compare.py's intervals and two-sided tests for each pair, then the pre-registered one-sided tests.
+# The report: compare.py's intervals and two-sided tests for each pair, then the pre-registered
+# one-sided tests (hr_stats.py) and the mechanism (hr_mechanism.py).
 case $EXP in
     hr1)
-        # 0.35: the target of "tokens to reach a target accuracy" in bench/RESULTS.md (about 0.03 above the start).
+        # 0.35: the target of "tokens to reach a target accuracy" in bench/RESULTS.md (about 0.03 above
+        # the start).
         python3 bench/compare.py "SRPO=$(dirs bench/hr-exp srpo)" "GRPO=$(dirs bench/hr-exp grpo)" \
             --metric pass1_math --target 0.35 --png bench/img/hr-experiment.png ;;
     g4)
         c=$(cat "$KEEP/controls")
-        python3 bench/compare.py "POST=$(dirs "$KEEP" post)" "GRPO=$(dirs "$c" grpo)" "SRPO=$(dirs "$c" srpo)" \
+        post="POST=$(dirs "$KEEP" post)"
+        python3 bench/compare.py "$post" "GRPO=$(dirs "$c" grpo)" "SRPO=$(dirs "$c" srpo)" \
             --metric pass1_math --target 0.35 --png bench/img/hr-experiment-g4.png
-        python3 bench/compare.py "POST=$(dirs "$KEEP" post)" "SRPO=$(dirs "$c" srpo)" --metric pass1_math --target 0.35
-        python3 bench/hr_stats.py noninferior "POST=$(dirs "$KEEP" post)" "GRPO=$(dirs "$c" grpo)" --margin 0.05
+        python3 bench/compare.py "$post" "SRPO=$(dirs "$c" srpo)" --metric pass1_math --target 0.35
+        python3 bench/hr_stats.py noninferior "$post" "GRPO=$(dirs "$c" grpo)" --margin 0.05
         for pol in base srpo-s2; do
             python3 bench/hr_mechanism.py predict "bench/hr-exp2/mechanism/$pol.jsonl"
             # shellcheck disable=SC2046
@@ -139,7 +144,8 @@ case $EXP in
                 $(dirs "$KEEP" post | tr , ' ') $(dirs "$c" srpo | tr , ' ') $(dirs "$c" grpo | tr , ' ')
         done ;;
     g16)
-        c=$(cat bench/hr-exp2/g4/controls 2>/dev/null || echo "bench/hr-exp")  # the G = 4 runs to contrast with
+        # the G = 4 runs to contrast with: experiment (i)'s controls
+        c=$(cat bench/hr-exp2/g4/controls 2>/dev/null || echo "bench/hr-exp")
         python3 bench/compare.py "SRPO16=$(dirs "$KEEP" srpo)" "GRPO16=$(dirs "$KEEP" grpo)" \
             --metric pass1_math --png bench/img/hr-experiment-g16.png
         python3 bench/hr_stats.py interaction "SRPO16=$(dirs "$KEEP" srpo)" "GRPO16=$(dirs "$KEEP" grpo)" \
@@ -148,7 +154,8 @@ case $EXP in
             f=bench/hr-exp2/mechanism/$pol.jsonl
             # shellcheck disable=SC2046
             if [ -f "$f" ]; then
-                python3 bench/hr_mechanism.py observe "$f" $(dirs "$KEEP" srpo | tr , ' ') $(dirs "$KEEP" grpo | tr , ' ')
+                python3 bench/hr_mechanism.py observe "$f" \
+                    $(dirs "$KEEP" srpo | tr , ' ') $(dirs "$KEEP" grpo | tr , ' ')
             fi
         done ;;
 esac

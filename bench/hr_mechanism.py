@@ -46,7 +46,8 @@ def estimate_rates(argv: list[str], n: int, reward_fn=srpo.score_responses) -> l
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prec = plumbing.decide_precision(device.type, 1, sharded=False, dtype=cfg.dtype)  # as the trainer decides
     tok = load_tokenizer(path)
-    sampler = Transformer.from_pretrained(path, dtype=torch.float32, device=device).eval().requires_grad_(False)
+    sampler = Transformer.from_pretrained(path, dtype=torch.float32, device=device)
+    sampler.eval().requires_grad_(False)
     if prec.compute != torch.float32:
         sampler = inference_copy(sampler, dtype=prec.compute, device=device)
     pool = srpo.load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)
@@ -107,19 +108,21 @@ def predict(rates: dict[str, float], Gs: list[int], epochs: int, below: float) -
         for name, rule in RULES.items():
             sched = {pid: drop_schedule(p, G, epochs, rule) for pid, p in rates.items()}
             weak = [pid for pid, p in rates.items() if p < below]
-            total = sum(sum(s) for s in sched.values())
-            rows.append({"G": G, "rule": name,
-                         "share_per_epoch": [sum(s[e] for s in sched.values()) / len(rates) for e in range(epochs)],
-                         "weak_first": sum(sched[pid][0] for pid in weak) / len(weak) if weak else float("nan"),
-                         "weak_within": sum(sum(sched[pid]) for pid in weak) / len(weak) if weak else float("nan"),
-                         "weak_share_of_drops": sum(sum(sched[pid]) for pid in weak) / total if total else float("nan")})
+            total, weak_total = sum(sum(s) for s in sched.values()), sum(sum(sched[pid]) for pid in weak)
+            share = [sum(s[e] for s in sched.values()) / len(rates) for e in range(epochs)]
+            nan = float("nan")
+            rows.append({"G": G, "rule": name, "share_per_epoch": share,
+                         "weak_first": sum(sched[pid][0] for pid in weak) / len(weak) if weak else nan,
+                         "weak_within": weak_total / len(weak) if weak else nan,
+                         "weak_share_of_drops": weak_total / total if total else nan})
     return rows
 
 
 def predict_table(rows: list[dict], n_rates: int, epochs: int, below: float) -> str:
     lines = [f"{n_rates} prompts; 'weak' = pass rate < {below}; pass rates held fixed over {epochs} epochs",
-             "", "| G | rule | expected share of the pool dropped, epochs 1..%d | P(weak dropped) epoch 1 | "
-             "P(weak dropped) within %d | weak share of drops |" % (epochs, epochs), "|---|---|---|---|---|---|"]
+             "", f"| G | rule | expected share of the pool dropped, epochs 1..{epochs} "
+             f"| P(weak dropped) epoch 1 | "
+             f"P(weak dropped) within {epochs} | weak share of drops |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['G']} | {r['rule']} | {', '.join(f'{x:.3f}' for x in r['share_per_epoch'])} | "
                      f"{r['weak_first']:.3f} | {r['weak_within']:.3f} | {r['weak_share_of_drops']:.2f} |")
@@ -136,8 +139,9 @@ def observed(run: str) -> dict:
     cfg = json.load(open(os.path.join(run, "config.json")))
     with open(os.path.join(run, "metrics.jsonl")) as f:
         epochs = [r for r in map(json.loads, f) if r["type"] == "epoch" and r["stage"] == 1]
-    return {"cfg": cfg, "dropped": [r["dropped"] for r in epochs] if all("dropped" in r for r in epochs) else None,
-            "epochs": [r["epoch"] for r in epochs], "ids": [r["dropped_ids"] for r in epochs] if all("dropped_ids" in r for r in epochs) else None}
+    logged = lambda key: [r[key] for r in epochs] if all(key in r for r in epochs) else None
+    return {"cfg": cfg, "epochs": [r["epoch"] for r in epochs], "dropped": logged("dropped"),
+            "ids": logged("dropped_ids")}
 
 
 def run_rule(cfg: dict) -> srpo.DropRule:
@@ -155,8 +159,9 @@ def compare_run(rates: dict[str, float], run: str, below: float) -> dict:
     pool = [p.id for p in srpo.load_problems(path, "math", cfg["max_prompts"], cfg["max_level"])]
     missing = set(pool) - set(rates)
     if missing:
-        raise ValueError(f"{run}: {len(missing)} of its pool's {len(pool)} prompts ({cfg['math_train']}) have no "
-                         f"rate, e.g. {sorted(missing)[0]!r}: measure the rates with the run's --max_prompts and --max_level")
+        raise ValueError(f"{run}: {len(missing)} of its pool's {len(pool)} prompts ({cfg['math_train']}) "
+                         f"have no rate, e.g. {sorted(missing)[0]!r}: measure the rates with the run's "
+                         f"--max_prompts and --max_level")
     n = len(obs["epochs"])
     scheds = [drop_schedule(rates[pid], cfg["G"], n, run_rule(cfg), hr=cfg["hr"]) for pid in pool]
     out = {"run": run, "G": cfg["G"], "hr": cfg["hr"], "rule": run_rule(cfg).name, "observed": obs["dropped"],
@@ -168,12 +173,15 @@ def compare_run(rates: dict[str, float], run: str, below: float) -> dict:
 
 
 def observe_table(results: list[dict], below: float) -> str:
-    lines = ["| run | G | HR | rule | dropped per epoch end: observed | predicted | weak (< %s) of dropped ids |" % below,
+    lines = [f"| run | G | HR | rule | dropped per epoch end: observed | predicted "
+             f"| weak (< {below}) of dropped ids |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         weak = "%d of %d" % r["weak_dropped"] if "weak_dropped" in r else "not logged"
+        seen = "not logged" if r["observed"] is None else ", ".join(map(str, r["observed"]))
+        predicted = ", ".join(f"{x:.1f}" for x in r["predicted"])
         lines.append(f"| {r['run']} | {r['G']} | {'on' if r['hr'] else 'off (would drop)'} | {r['rule']} | "
-                     f"{', '.join(map(str, r['observed'])) if r['observed'] is not None else 'not logged'} | {', '.join(f'{x:.1f}' for x in r['predicted'])} | {weak} |")
+                     f"{seen} | {predicted} | {weak} |")
     return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
@@ -202,12 +210,14 @@ def main(argv=None, reward_fn=srpo.score_responses) -> str:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-        return f"{len(rows)} prompts, mean pass rate {sum(r['rate'] for r in rows) / len(rows):.3f}: {args.out}"
+        mean = sum(r["rate"] for r in rows) / len(rows)
+        return f"{len(rows)} prompts, mean pass rate {mean:.3f}: {args.out}"
     if rest:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     rates = read_rates(args.rates)
     if args.part == "predict":
-        return predict_table(predict(rates, args.G, args.epochs, args.below), len(rates), args.epochs, args.below)
+        rows = predict(rates, args.G, args.epochs, args.below)
+        return predict_table(rows, len(rates), args.epochs, args.below)
     return observe_table([compare_run(rates, r, args.below) for r in args.runs], args.below)
 
 

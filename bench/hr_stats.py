@@ -42,9 +42,9 @@ def noninferiority(a: list[float], b: list[float], margin: float) -> dict:
     permutation p of the same shifted samples."""
     shifted = [x + margin for x in a]
     res = stats.ttest_ind(shifted, b, equal_var=False, alternative="greater")
-    return {"diff": statistics.mean(a) - statistics.mean(b), "lower": float(res.confidence_interval(0.95).low) - margin,
-            "t": float(res.statistic), "df": float(res.df), "p_welch": float(res.pvalue),
-            "p_perm": exact_permutation_p(shifted, b)}
+    lower = float(res.confidence_interval(0.95).low) - margin
+    return {"diff": statistics.mean(a) - statistics.mean(b), "lower": lower, "t": float(res.statistic),
+            "df": float(res.df), "p_welch": float(res.pvalue), "p_perm": exact_permutation_p(shifted, b)}
 
 
 def welch_contrast(groups: list[list[float]], signs: list[int]) -> tuple[float, float, float]:
@@ -64,15 +64,16 @@ def interaction(a16: dict, b16: dict, a4: dict, b4: dict) -> dict:
     d16 = [a16[s] - b16[s] for s in sorted(set(a16) & set(b16))]
     d4 = [a4[s] - b4[s] for s in sorted(set(a4) & set(b4))]
     if min(len(d16), len(d4)) < 2:
-        raise ValueError(f"pairing by seed left {len(d16)} (G = 16) and {len(d4)} (G = 4) differences: need 2 each")
+        raise ValueError(f"pairing by seed left {len(d16)} (G = 16) and {len(d4)} (G = 4) differences: "
+                         f"need 2 each")
     res = stats.ttest_ind(d16, d4, equal_var=False, alternative="greater")
     two = stats.ttest_ind(d16, d4, equal_var=False).confidence_interval(0.95)
-    est, se, df = welch_contrast([list(a16.values()), list(b16.values()), list(a4.values()), list(b4.values())],
-                                 [1, -1, -1, 1])
+    est, se, df = welch_contrast([list(g.values()) for g in (a16, b16, a4, b4)], [1, -1, -1, 1])
     p_unpaired = float(stats.t.sf(est / se, df)) if se else float(est <= 0)
-    return {"d16": statistics.mean(d16), "d4": statistics.mean(d4), "dd": statistics.mean(d16) - statistics.mean(d4),
-            "low": float(two.low), "high": float(two.high), "t": float(res.statistic), "df": float(res.df),
-            "p_welch": float(res.pvalue), "p_perm": exact_permutation_p(d16, d4), "n": (len(d16), len(d4)),
+    m16, m4 = statistics.mean(d16), statistics.mean(d4)
+    return {"d16": m16, "d4": m4, "dd": m16 - m4, "low": float(two.low), "high": float(two.high),
+            "t": float(res.statistic), "df": float(res.df), "p_welch": float(res.pvalue),
+            "p_perm": exact_permutation_p(d16, d4), "n": (len(d16), len(d4)),
             "unpaired": (est, se, df, p_unpaired)}
 
 
@@ -98,32 +99,36 @@ def reproduces(new: str, old: str) -> list[str]:
             if k in TIMES:
                 continue
             exact = not isinstance(va, float) or k in COUNTED or k.startswith("pass1_")
-            if (va != vb) if exact else not (isinstance(vb, float) and math.isclose(va, vb, rel_tol=1e-4, abs_tol=1e-6)):
-                diffs.append(f"record {i} ({ra.get('type')} at step {ra.get('step')}): {k} = {vb!r}, committed {va!r}")
+            near = isinstance(vb, float) and math.isclose(va, vb, rel_tol=1e-4, abs_tol=1e-6)
+            if (va != vb) if exact else not near:
+                where = f"record {i} ({ra.get('type')} at step {ra.get('step')})"
+                diffs.append(f"{where}: {k} = {vb!r}, committed {va!r}")
     return diffs
 
 
 def by_seed(runs: list, value) -> dict:
     seeds = [r.seed for r in runs]
     if None in seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"runs {[r.path for r in runs]} need distinct seeds in their config.json to pair: {seeds}")
+        raise ValueError(f"runs {[r.path for r in runs]} need distinct seeds in their config.json to pair: "
+                         f"{seeds}")
     return {r.seed: value(r) for r in runs}
 
 
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("test", choices=("noninferior", "interaction", "reproduces"))
-    ap.add_argument("groups", nargs="+", help="LABEL=DIR[,DIR...]: noninferior NEW GRPO; interaction SRPO16 GRPO16 "
-                                              "SRPO4 GRPO4; reproduces NEW_DIR COMMITTED_DIR")
+    ap.add_argument("groups", nargs="+", help="LABEL=DIR[,DIR...]: noninferior NEW GRPO; interaction SRPO16 "
+                                              "GRPO16 SRPO4 GRPO4; reproduces NEW_DIR COMMITTED_DIR")
     ap.add_argument("--metric", default="pass1_math", help="pass1_math, pass1_code or pass1_mean")
-    ap.add_argument("--margin", type=float, default=0.05, help="noninferior: how much worse still counts as not worse")
+    ap.add_argument("--margin", type=float, default=0.05, help="noninferior: how much worse is not worse")
     args = ap.parse_args(argv)
     if args.test == "reproduces":
         if len(args.groups) != 2:
             raise ValueError(f"reproduces takes a new run folder and a committed one, got {args.groups}")
         diffs = reproduces(*args.groups)
-        text = (f"{args.groups[0]} reproduces {args.groups[1]}" if not diffs else
-                f"{args.groups[0]} does NOT reproduce {args.groups[1]} ({len(diffs)} differences):\n" + "\n".join(diffs[:20]))
+        new, old = args.groups
+        text = (f"{new} reproduces {old}" if not diffs else
+                f"{new} does NOT reproduce {old} ({len(diffs)} differences):\n" + "\n".join(diffs[:20]))
         print(text)
         if diffs:
             raise SystemExit(1)  # the experiment script decides on this status
@@ -137,7 +142,8 @@ def main(argv=None) -> str:
     if args.test == "noninferior":
         lines += [f"{labels[0]} not worse than {labels[1]} by more than {args.margin} on {args.metric} "
                   f"(H0: difference <= -{args.margin}; one-sided tests)", "",
-                  "| metric | difference | one-sided 95% lower bound | Welch t (df), p | permutation p | not worse? |",
+                  "| metric | difference | one-sided 95% lower bound | Welch t (df), p | permutation p "
+                  "| not worse? |",
                   "|---|---|---|---|---|---|"]
         for name, value in compare.PRIMARY:
             r = noninferiority(*[[value(x) for x in groups[l]] for l in labels], args.margin)
@@ -155,8 +161,8 @@ def main(argv=None) -> str:
             ok = "yes" if max(r["p_welch"], r["p_perm"]) < 0.05 else "not shown"
             est, _, _, pu = r["unpaired"]
             lines.append(f"| {name} | {r['d16']:+.3f} | {r['d4']:+.3f} | {r['dd']:+.3f} [{r['low']:+.3f}, "
-                         f"{r['high']:+.3f}] | {r['t']:.2f} ({r['df']:.1f}), {r['p_welch']:.3f} | {r['p_perm']:.3f} | "
-                         f"{ok} | {est:+.3f}, {pu:.3f} |")
+                         f"{r['high']:+.3f}] | {r['t']:.2f} ({r['df']:.1f}), {r['p_welch']:.3f} | "
+                         f"{r['p_perm']:.3f} | {ok} | {est:+.3f}, {pu:.3f} |")
     text = "\n".join(lines)
     print(text)
     return text

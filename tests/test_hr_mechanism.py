@@ -20,17 +20,18 @@ def close(a: list, b: list) -> bool:
 
 
 def test_drop_schedule_of_the_reports_rule():
-    """all_correct, pass rate p, G = 4: dropped at epoch e with (1 - p^4)^(e-1) p^4; --no_hr would drop p^4 every epoch."""
+    """all_correct, pass rate p, G = 4: dropped at epoch e with (1 - p^4)^(e-1) p^4; --no_hr: p^4 always."""
     p = 0.7
     q = p ** 4  # 0.2401: all four right
     got = mech.drop_schedule(p, 4, 3, ALL)
     assert close(got, [q, (1 - q) * q, (1 - q) ** 2 * q]), got
-    assert close(mech.drop_schedule(p, 4, 3, ALL, hr=False), [q, q, q]), "with --no_hr nothing leaves the pool"
-    assert close(mech.drop_schedule(1.0, 4, 3, ALL), [1.0, 0.0, 0.0]) and mech.drop_schedule(0.0, 4, 3, ALL) == [0.0] * 3
+    assert close(mech.drop_schedule(p, 4, 3, ALL, hr=False), [q, q, q]), "with --no_hr nothing leaves"
+    assert close(mech.drop_schedule(1.0, 4, 3, ALL), [1.0, 0.0, 0.0]), "a sure prompt leaves at once"
+    assert mech.drop_schedule(0.0, 4, 3, ALL) == [0.0] * 3, "a never-solved prompt never leaves"
 
 
 def test_drop_schedule_of_the_posterior_rule_by_hand():
-    """posterior (tau 0.9, q 0.5), G = 4, enumerated by hand: [0, p^8, 0, 8 p^15 (1-p)] with HR; without, [0, p^8, p^12, p^16 + 12 p^15 (1-p)]."""
+    """posterior (tau 0.9, q 0.5), G = 4, by hand: [0, p^8, 0, 8 p^15 (1-p)]; --no_hr: [0, p^8, p^12, ...]."""
     p = 0.7
     # Epoch 1: 4 of 4 gives P(p > 0.9) = 1 - 0.9^5 = 0.41: never dropped.
     # Epoch 2: dropped only at 8 of 8 (0.613); 7 of 8 with the last epoch all right is 0.225: kept.
@@ -58,7 +59,8 @@ def test_predict_on_synthetic_rates():
     # epoch 1: a surely, b 0.5^4 = 0.0625, c never, d 0.95^4 = 0.81450625; epoch 2: the survivors again
     assert close(a["share_per_epoch"], [(1 + 0.0625 + 0.81450625) / 4,
                                         (0.9375 * 0.0625 + (1 - 0.81450625) * 0.81450625) / 4]), a
-    assert math.isclose(a["weak_first"], (0.0625 + 0) / 2) and math.isclose(a["weak_within"], (0.0625 + 0.05859375) / 2), a
+    assert math.isclose(a["weak_first"], (0.0625 + 0) / 2), a
+    assert math.isclose(a["weak_within"], (0.0625 + 0.05859375) / 2), a
     total = 1 + 0.0625 + 0.05859375 + 0.81450625 + 0.18549375 * 0.81450625
     assert math.isclose(a["weak_share_of_drops"], (0.0625 + 0.05859375) / total), a
     b = rows["posterior"]
@@ -78,9 +80,10 @@ def write_run(root, cfg: dict, epochs: list[dict]) -> str:
 
 
 def test_compare_run_predicts_a_synthetic_run(tmp_path):
-    """compare_run: the run's rule, G and pool give the predicted counts per epoch end; named dropped ids are scored weak or not."""
+    """compare_run: the run's rule, G and pool give the predicted drops per epoch end; ids scored."""
     pool = tmp_path / "math.jsonl"
-    pool.write_text("".join(json.dumps({"id": i, "domain": "math", "question": "q", "answer": "1"}) + "\n" for i in "abcd"))
+    rows = [{"id": i, "domain": "math", "question": "q", "answer": "1"} for i in "abcd"]
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rates = {"a": 1.0, "b": 0.5, "c": 0.0, "d": 0.95}
     cfg = {"G": 4, "hr": True, "hr_rule": "posterior", "hr_tau": 0.9, "hr_q": 0.5, "math_train": str(pool),
            "max_prompts": 0, "max_level": 0}
@@ -91,10 +94,11 @@ def test_compare_run_predicts_a_synthetic_run(tmp_path):
     assert close(r["predicted"], [0.0, 1 + 0.5 ** 8 + 0.95 ** 8]), r["predicted"]
     assert r["weak_dropped"] == (1, 2), "b (0.5) is weak, a (1.0) is not"
     # a run older than --hr_rule used the report's rule; a --no_hr run's counts are would-drops
-    old = write_run(tmp_path / "old", {k: cfg[k] for k in ("G", "math_train", "max_prompts", "max_level")} | {"hr": False},
-                    [{"epoch": 1, "dropped": 2}])
+    old_cfg = {k: cfg[k] for k in ("G", "math_train", "max_prompts", "max_level")} | {"hr": False}
+    old = write_run(tmp_path / "old", old_cfg, [{"epoch": 1, "dropped": 2}])
     r = mech.compare_run(rates, old, 0.9)
-    assert r["rule"] == "all_correct" and close(r["predicted"], [1 + 0.0625 + 0.81450625]) and "weak_dropped" not in r, r
+    assert r["rule"] == "all_correct" and close(r["predicted"], [1 + 0.0625 + 0.81450625]), r
+    assert "weak_dropped" not in r, r
     with pytest.raises(ValueError, match="3 of its pool's 4 prompts"):
         mech.compare_run({"a": 1.0}, run, 0.9)
     more = mech.compare_run(rates | {"e": 1.0}, run, 0.9)  # a rate outside the pool is not counted
@@ -104,7 +108,7 @@ def test_compare_run_predicts_a_synthetic_run(tmp_path):
 
 
 def test_observed_reads_the_committed_first_experiment():
-    """The committed G = 4 runs of the first experiment parse: SRPO's drop counts per epoch; GRPO's, logged before would-drop counts, are None."""
+    """The first experiment's committed runs parse: SRPO's drops per epoch; GRPO's (not logged then) None."""
     s1 = mech.observed(os.path.join(ROOT, "bench/hr-exp/srpo-s1"))
     assert s1["dropped"] == [9, 4, 9, 5] and s1["ids"] is None and s1["cfg"]["G"] == 4, s1["dropped"]
     g1 = mech.observed(os.path.join(ROOT, "bench/hr-exp/grpo-s1"))
@@ -120,8 +124,9 @@ def test_rates_smoke_on_a_tiny_model(tmp_path):
             "--temperature", "1.0", "--gen_slots", "8", "--reward_workers", "1", "--sandbox", "rlimits"]
     out = tmp_path / "rates.jsonl"
 
-    def every_other_prompt(tok, problems, rolls, cfg):  # right on prompts 0, 2, 4; right on 1 of each 3 rollouts elsewhere
-        return [rewards.Score(float(r.prompt_idx % 2 == 0 or i % 3 == 0), 0.0, 0.0) for i, r in enumerate(rolls)]
+    def every_other_prompt(tok, problems, rolls, cfg):  # prompts 0, 2, 4 always right; the others 1 in 3
+        return [rewards.Score(float(r.prompt_idx % 2 == 0 or i % 3 == 0), 0.0, 0.0)
+                for i, r in enumerate(rolls)]
 
     msg = mech.main(["rates", "--n", "3", "--out", str(out), "--"] + opts, reward_fn=every_other_prompt)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -153,7 +158,7 @@ def enumerated_p(a: list, b: list) -> float:
 
 
 def test_noninferiority_by_hand():
-    """Non-inferiority with margin 0.05: difference -0.01, se 0.01, so t = 4 on 8 df and the lower bound -0.01 - t(0.95, 8) * 0.01."""
+    """Non-inferiority, margin 0.05: difference -0.01, se 0.01: t = 4 (8 df), bound -0.01 - t(0.95, 8) 0.01."""
     stats = pytest.importorskip("scipy.stats")
     a, b = [0.40, 0.42, 0.38, 0.41, 0.39], [0.41, 0.43, 0.39, 0.42, 0.40]  # each: variance 0.00025
     r = hr_stats.noninferiority(a, b, 0.05)
@@ -161,13 +166,15 @@ def test_noninferiority_by_hand():
     assert math.isclose(r["p_welch"], stats.t.sf(4.0, 8)), r
     assert math.isclose(r["lower"], -0.01 - stats.t.ppf(0.95, 8) * 0.01), r
     # shifted by the margin, a is the top five of the ten values, with one tie (0.43): 2 of 252 splits
-    assert math.isclose(r["p_perm"], 2 / 252) and math.isclose(r["p_perm"], enumerated_p([x + 0.05 for x in a], b)), r
+    assert math.isclose(r["p_perm"], 2 / 252), r
+    assert math.isclose(r["p_perm"], enumerated_p([x + 0.05 for x in a], b)), r
     worse = hr_stats.noninferiority([x - 0.10 for x in a], b, 0.05)
-    assert worse["p_welch"] > 0.5 and worse["p_perm"] > 0.5, f"0.11 worse must not pass a 0.05 margin: {worse}"
+    assert worse["p_welch"] > 0.5 and worse["p_perm"] > 0.5, f"0.11 worse must fail a 0.05 margin: {worse}"
 
 
 def test_interaction_paired_and_unpaired():
-    """The difference of differences: seed-paired Welch and permutation one-sided; the unpaired contrast reduces to Welch's two-sample test when the G = 4 arms are constant."""
+    """The difference of differences: seed-paired Welch and permutation, one-sided; the unpaired contrast is
+    Welch's two-sample test when the G = 4 arms are constant."""
     stats = pytest.importorskip("scipy.stats")
     a16, b16 = {1: .30, 2: .35, 3: .32, 4: .31, 5: .36}, {1: .38, 2: .40, 3: .39, 4: .41, 5: .40}
     a4, b4 = {1: .28, 2: .25, 3: .28, 4: .26, 5: .35}, {1: .40, 2: .41, 3: .36, 4: .42, 5: .39}
@@ -197,7 +204,7 @@ def fake_run(root, seed: int, final: float) -> str:
 
 
 def test_hr_stats_cli_reads_runs(tmp_path):
-    """hr_stats.main reads arms of run folders through compare.py and prints both primary metrics for each test."""
+    """hr_stats.main reads arms of run folders through compare.py and prints both primary metrics per test."""
     arms = {}
     for label, finals in {"A": [.40, .42, .38, .41, .39], "B": [.41, .43, .39, .42, .40],
                           "C": [.30, .31, .29, .33, .32], "D": [.40, .42, .41, .43, .39]}.items():
@@ -206,7 +213,7 @@ def test_hr_stats_cli_reads_runs(tmp_path):
     row = next(x for x in out.splitlines() if x.startswith("| final pass@1"))
     assert "| -0.010 |" in row and row.endswith("| 0.008 | yes |"), row
     assert "| area under curve |" in out, out
-    out = hr_stats.main(["interaction", f"A={arms['A']}", f"B={arms['B']}", f"C={arms['C']}", f"D={arms['D']}"])
+    out = hr_stats.main(["interaction"] + [f"{k}={arms[k]}" for k in "ABCD"])
     row = next(x for x in out.splitlines() if x.startswith("| final pass@1"))
     assert "| -0.010 | -0.100 | +0.090 [" in row, row  # A - B = -0.01, C - D = -0.10
     with pytest.raises(ValueError, match="takes 4"):
@@ -214,7 +221,7 @@ def test_hr_stats_cli_reads_runs(tmp_path):
 
 
 def test_reproduces_compares_every_committed_field_but_wall_times(tmp_path):
-    """reproduces: a copy with other wall times and new keys passes; a changed count or a loss off by 1e-3 is named."""
+    """reproduces: other wall times and new keys pass; a changed count or a loss off by 1e-3 is named."""
     old = os.path.join(ROOT, "bench/hr-exp/grpo-s2")
     recs = [json.loads(x) for x in open(os.path.join(old, "metrics.jsonl"))]
 
@@ -226,11 +233,13 @@ def test_reproduces_compares_every_committed_field_but_wall_times(tmp_path):
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         return str(d)
 
-    same = variant("same", lambda rows: [r.update(t_gen=1.0, tok_s=9.0, new_key=[1]) for r in rows if r["type"] == "step"])
+    same = variant("same", lambda rows: [r.update(t_gen=1.0, tok_s=9.0, new_key=[1])
+                                         for r in rows if r["type"] == "step"])
     assert hr_stats.reproduces(same, old) == [], "wall times and new keys must not count"
     tiny = variant("tiny", lambda rows: rows[1].update(loss=rows[1]["loss"] * (1 + 1e-6)))
     assert hr_stats.reproduces(tiny, old) == [], "a float within 1e-4 relative reproduces"
-    off = variant("off", lambda rows: (rows[1].update(loss=rows[1]["loss"] * 1.001), rows[2].update(gen_tokens=1)))
+    off = variant("off", lambda rows: (rows[1].update(loss=rows[1]["loss"] * 1.001),
+                                       rows[2].update(gen_tokens=1)))
     diffs = hr_stats.reproduces(off, old)
     assert len(diffs) == 2 and "loss" in diffs[0] and "gen_tokens = 1" in diffs[1], diffs
     short = variant("short", lambda rows: rows.pop())
@@ -246,7 +255,8 @@ echo "$*" >> "$CALLS"
 if [ "$1" = srpo.py ]; then
     out=""; prev=""
     for a in "$@"; do [ "$prev" = --out_dir ] && out=$a; prev=$a; done
-    mkdir -p "$out" && echo '{"type": "eval", "tag": "after"}' > "$out/metrics.jsonl" && echo '{}' > "$out/config.json"
+    mkdir -p "$out" && echo '{"type": "eval", "tag": "after"}' > "$out/metrics.jsonl"
+    echo '{}' > "$out/config.json"
 elif [ "$1" = bench/hr_stats.py ] && [ "$2" = reproduces ]; then
     exit "$REPRO"
 elif [ "$1" = bench/hr_mechanism.py ] && [ "$2" = rates ]; then
@@ -256,12 +266,13 @@ fi
 
 
 def experiment(tmp_path, exp: str, seeds: str, repro: int = 0):
-    """Runs bench/hr_experiment.sh EXP in a scratch git repository with a fake python3; its calls and status."""
+    """bench/hr_experiment.sh EXP in a scratch git repository with a fake python3: its calls and status."""
     import subprocess
     repo = tmp_path / "repo"
     if not repo.exists():
         (repo / "bench").mkdir(parents=True)
-        (repo / "bench" / "hr_experiment.sh").write_text(open(os.path.join(ROOT, "bench", "hr_experiment.sh")).read())
+        script = open(os.path.join(ROOT, "bench", "hr_experiment.sh")).read()
+        (repo / "bench" / "hr_experiment.sh").write_text(script)
         git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True)
         git("init", "-q")
         git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "x", "--allow-empty")
@@ -272,39 +283,47 @@ def experiment(tmp_path, exp: str, seeds: str, repro: int = 0):
         (tmp_path / "bin" / "python3").chmod(0o755)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
-    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", CALLS=str(calls), REPRO=str(repro), SEEDS=seeds)
-    p = subprocess.run(["bash", "bench/hr_experiment.sh", exp], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", CALLS=str(calls),
+               REPRO=str(repro), SEEDS=seeds)
+    p = subprocess.run(["bash", "bench/hr_experiment.sh", exp], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=120)
     lines = calls.read_text().splitlines()
     runs = [x.split("--out_dir ")[1].split()[0] for x in lines if x.startswith("srpo.py")]
     return p, lines, runs, repo
 
 
 def test_experiment_g4_reuses_controls_only_when_they_reproduce(tmp_path):
-    """g4: seed 2 of SRPO and GRPO first; reproduced -> only the posterior arm runs; not -> every control runs again, arms alternating."""
+    """g4: SRPO and GRPO seed 2 first; reproduced -> only the posterior arm runs, else all controls again."""
     p, lines, runs, repo = experiment(tmp_path / "a", "g4", "1 2", repro=0)
     assert p.returncode == 0, p.stderr
     g = "runs/hr-exp2/g4/"
     assert runs == [g + "srpo-s2", g + "grpo-s2", g + "post-s1", g + "post-s2"], runs
     assert (repo / "bench/hr-exp2/g4/controls").read_text().strip() == "bench/hr-exp"
     post = next(x for x in lines if "post-s1" in x)
-    assert "--hr --hr_rule posterior --seed 1" in post and "--G 4" in post and "--max_prompts 64" in post, post
+    assert "--hr --hr_rule posterior --seed 1" in post and "--G 4" in post, post
+    assert "--max_prompts 64" in post, post
     rates = [x for x in lines if x.startswith("bench/hr_mechanism.py rates")]
-    assert len(rates) == 2 and "--model default" in rates[0] and f"--model {g}srpo-s2/policy" in rates[1], rates
-    assert any(x.startswith("bench/hr_stats.py noninferior POST=bench/hr-exp2/g4/post-s1,bench/hr-exp2/g4/post-s2 "
-                            "GRPO=bench/hr-exp/grpo-s1,bench/hr-exp/grpo-s2") for x in lines), lines
+    assert len(rates) == 2 and "--model default" in rates[0], rates
+    assert f"--model {g}srpo-s2/policy" in rates[1], rates
+    test = ("bench/hr_stats.py noninferior POST=bench/hr-exp2/g4/post-s1,bench/hr-exp2/g4/post-s2 "
+            "GRPO=bench/hr-exp/grpo-s1,bench/hr-exp/grpo-s2")
+    assert any(x.startswith(test) for x in lines), lines
     p, lines, runs, repo = experiment(tmp_path / "b", "g4", "1 2", repro=1)
     assert p.returncode == 0, p.stderr
-    assert runs == [g + "srpo-s2", g + "grpo-s2", g + "post-s1", g + "srpo-s1", g + "grpo-s1", g + "post-s2"], runs
+    want = ["srpo-s2", "grpo-s2", "post-s1", "srpo-s1", "grpo-s1", "post-s2"]
+    assert runs == [g + r for r in want], runs
     assert (repo / "bench/hr-exp2/g4/controls").read_text().strip() == "bench/hr-exp2/g4"
     assert (repo / "bench/hr-exp2/g4/srpo-s1/commit").exists(), "each kept run records its commit"
 
 
 def test_experiment_g16_flags_resume_and_commit_check(tmp_path):
-    """g16: G = 16, 2 prompts a step, a pool of 16; finished runs are skipped; a run begun at another commit is refused."""
+    """g16: G = 16, 2 prompts a step, a pool of 16; finished runs skipped; another commit's refused."""
     p, lines, runs, repo = experiment(tmp_path, "g16", "1")
-    assert p.returncode == 0 and runs == ["runs/hr-exp2/g16/srpo-s1", "runs/hr-exp2/g16/grpo-s1"], (p.stderr, runs)
+    assert p.returncode == 0, p.stderr
+    assert runs == ["runs/hr-exp2/g16/srpo-s1", "runs/hr-exp2/g16/grpo-s1"], runs
     srpo_call = next(x for x in lines if x.startswith("srpo.py"))
-    for flag in ("--hr --seed 1", "--G 16", "--prompts_per_step 2", "--max_prompts 16", "--total_steps 32", "--eval_k 4"):
+    for flag in ("--hr --seed 1", "--G 16", "--prompts_per_step 2", "--max_prompts 16", "--total_steps 32",
+                 "--eval_k 4"):
         assert flag in srpo_call, f"{flag} missing: {srpo_call}"
     assert "--no_hr" in next(x for x in lines if "grpo-s1" in x and x.startswith("srpo.py"))
     p, lines, runs, _ = experiment(tmp_path, "g16", "1")
@@ -313,13 +332,14 @@ def test_experiment_g16_flags_resume_and_commit_check(tmp_path):
     half.mkdir(parents=True)
     (half / "commit").write_text("0" * 40 + "\n")
     p, lines, runs, _ = experiment(tmp_path, "g16", "2")
-    assert p.returncode == 1 and "was started at commit 0000" in p.stderr and runs == [], (p.returncode, p.stderr)
+    assert p.returncode == 1 and "was started at commit 0000" in p.stderr, (p.returncode, p.stderr)
+    assert runs == [], runs
     p, _, _, _ = experiment(tmp_path, "g99", "1")
     assert p.returncode == 2 and "unknown experiment" in p.stderr, p.stderr
 
 
 def test_experiment_hr1_keeps_the_first_experiments_options(tmp_path):
-    """hr1 (no argument) passes the first experiment's srpo.py options, as committed in bench/hr-exp/*/config.json."""
+    """hr1 (no argument) passes the first experiment's srpo.py options, as in bench/hr-exp/*/config.json."""
     p, lines, runs, _ = experiment(tmp_path, "", "1")
     assert p.returncode == 0 and runs == ["runs/hr-exp/srpo-s1", "runs/hr-exp/grpo-s1"], (p.stderr, runs)
     args = next(x for x in lines if x.startswith("srpo.py")).split()
@@ -327,7 +347,8 @@ def test_experiment_hr1_keeps_the_first_experiments_options(tmp_path):
     committed = json.load(open(os.path.join(ROOT, "bench/hr-exp/srpo-s1/config.json")))
     for k, v in opts.items():
         if k != "out_dir":
-            assert str(committed[k]).lower() == v.lower() or float(committed[k]) == float(v), f"--{k} {v}: committed {committed[k]}"
+            same = str(committed[k]).lower() == v.lower() or float(committed[k]) == float(v)
+            assert same, f"--{k} {v}: committed {committed[k]}"
     assert len(opts) == 18, sorted(opts)  # the 16 options of the protocol, --seed and --out_dir
 
 
@@ -341,8 +362,8 @@ def test_a_posterior_run_logs_what_the_mechanism_predicts(tmp_path):
     easy = "math-train-0"
 
     def one_easy(tok, problems, rolls, cfg):
-        return [rewards.Score(float(problems[r.prompt_idx].id == easy), 0.0, float(problems[r.prompt_idx].id == easy))
-                for r in rolls]
+        right = [float(problems[r.prompt_idx].id == easy) for r in rolls]
+        return [rewards.Score(x, 0.0, x) for x in right]
 
     out = str(tmp_path / "run")
     # 4 prompts, 2 a step: epochs end at steps 2, 4 and (3 prompts left) 6
@@ -350,7 +371,7 @@ def test_a_posterior_run_logs_what_the_mechanism_predicts(tmp_path):
               reward_fn=one_easy)
     obs = mech.observed(out)
     assert obs["dropped"] == [0, 1, 0] and obs["ids"] == [[], [easy], []], obs
-    recs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")) if '"epoch"' in x and '"step"' in x]
+    recs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["kept_all_correct"] for r in recs if r["type"] == "epoch"] == [1, 0, 0], recs
     r = mech.compare_run({f"math-train-{i}": float(i == 0) for i in range(4)}, out, 0.9)
     assert r["predicted"] == [0.0, 1.0, 0.0] and r["observed"] == [0, 1, 0] and r["weak_dropped"] == (0, 1), r
