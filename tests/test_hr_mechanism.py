@@ -158,7 +158,7 @@ def enumerated_p(a: list, b: list) -> float:
 
 
 def test_noninferiority_by_hand():
-    """Non-inferiority, margin 0.05: difference -0.01, se 0.01: t = 4 (8 df), bound -0.01 - t(0.95, 8) 0.01."""
+    """Non-inferiority, margin 0.05: difference -0.01, se 0.01: t = 4 (8 df), bound -0.01 - t(.95, 8) .01."""
     stats = pytest.importorskip("scipy.stats")
     a, b = [0.40, 0.42, 0.38, 0.41, 0.39], [0.41, 0.43, 0.39, 0.42, 0.40]  # each: variance 0.00025
     r = hr_stats.noninferiority(a, b, 0.05)
