@@ -121,7 +121,7 @@ def test_rates_smoke_on_a_tiny_model(tmp_path):
     accuracy per prompt (problem-major order); with the trainer's own scorer the file is well formed."""
     world = make_world(str(tmp_path / "w"), n_math=6)
     opts = ["--model", f"{world}/model", "--math_train", f"{world}/math_train.jsonl", "--max_new_tokens", "3",
-            "--temperature", "1.0", "--gen_slots", "8", "--reward_workers", "1", "--sandbox", "rlimits"]
+            "--temperature", "1.0", "--gen_slots", "8", "--reward_workers", "1"]
     out = tmp_path / "rates.jsonl"
 
     def every_other_prompt(tok, problems, rolls, cfg):  # prompts 0, 2, 4 always right; the others 1 in 3
