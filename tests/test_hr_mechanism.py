@@ -141,7 +141,12 @@ def test_rates_smoke_on_a_tiny_model(tmp_path):
 # -----------------------------------------------------------------------------
 # bench/hr_stats.py: the second experiment's one-sided tests
 
-hr_stats = bench_module("hr_stats")
+
+
+def load_hr_stats():
+    """bench/hr_stats.py needs scipy (not in requirements.txt): its tests skip where it is missing."""
+    pytest.importorskip("scipy.stats")
+    return bench_module("hr_stats")
 
 
 def enumerated_p(a: list, b: list) -> float:
@@ -159,6 +164,7 @@ def enumerated_p(a: list, b: list) -> float:
 
 def test_noninferiority_by_hand():
     """Non-inferiority, margin 0.05: difference -0.01, se 0.01: t = 4 (8 df), bound -0.01 - t(.95, 8) .01."""
+    hr_stats = load_hr_stats()
     stats = pytest.importorskip("scipy.stats")
     a, b = [0.40, 0.42, 0.38, 0.41, 0.39], [0.41, 0.43, 0.39, 0.42, 0.40]  # each: variance 0.00025
     r = hr_stats.noninferiority(a, b, 0.05)
@@ -175,6 +181,7 @@ def test_noninferiority_by_hand():
 def test_interaction_paired_and_unpaired():
     """The difference of differences: seed-paired Welch and permutation, one-sided; the unpaired contrast is
     Welch's two-sample test when the G = 4 arms are constant."""
+    hr_stats = load_hr_stats()
     stats = pytest.importorskip("scipy.stats")
     a16, b16 = {1: .30, 2: .35, 3: .32, 4: .31, 5: .36}, {1: .38, 2: .40, 3: .39, 4: .41, 5: .40}
     a4, b4 = {1: .28, 2: .25, 3: .28, 4: .26, 5: .35}, {1: .40, 2: .41, 3: .36, 4: .42, 5: .39}
@@ -205,6 +212,7 @@ def fake_run(root, seed: int, final: float) -> str:
 
 def test_hr_stats_cli_reads_runs(tmp_path):
     """hr_stats.main reads arms of run folders through compare.py and prints both primary metrics per test."""
+    hr_stats = load_hr_stats()
     arms = {}
     for label, finals in {"A": [.40, .42, .38, .41, .39], "B": [.41, .43, .39, .42, .40],
                           "C": [.30, .31, .29, .33, .32], "D": [.40, .42, .41, .43, .39]}.items():
@@ -222,6 +230,7 @@ def test_hr_stats_cli_reads_runs(tmp_path):
 
 def test_reproduces_compares_every_committed_field_but_wall_times(tmp_path):
     """reproduces: other wall times and new keys pass; a changed count or a loss off by 1e-3 is named."""
+    hr_stats = load_hr_stats()
     old = os.path.join(ROOT, "bench/hr-exp/grpo-s2")
     recs = [json.loads(x) for x in open(os.path.join(old, "metrics.jsonl"))]
 
