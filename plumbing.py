@@ -40,6 +40,26 @@ from model import Transformer, _packed_attention, load_hf_config, load_tokenizer
 from rollout import KVCache, free_memory, inference_copy, longest_slot, slot_bytes
 
 # -----------------------------------------------------------------------------
+# The torch this code needs, checked before anything is loaded: an older release would fail late (after
+# the model loaded, or at the first decode step). Public FSDP2 (`torch.distributed.fsdp.fully_shard`)
+# came in 2.6, dynamo's `recompile_limit` in 2.7; on 2.7.1 tests still fail (compiled flex attention on
+# the CPU, its triton's interpreter), so the minimum is the release they pass on, as requirements.txt says.
+TORCH_MIN = (2, 13)
+
+
+def check_torch():
+    """Raises a one-line error naming the torch needed and the one found if torch.__version__ is older."""
+    found = str(torch.__version__)
+    release = found.split("+")[0].split(".")[:2]   # "2.7.1+cu126" -> ["2", "7"]: compared as numbers
+    need = ".".join(map(str, TORCH_MIN))
+    if len(release) < 2 or not all(x.isdigit() for x in release):
+        raise RuntimeError(f"srpo needs torch >= {need}; cannot read the installed version {found!r}")
+    if tuple(map(int, release)) < TORCH_MIN:
+        raise RuntimeError(f"srpo needs torch >= {need}, found torch {found}: install a newer one "
+                           f"(README, requirements.txt)")
+
+
+# -----------------------------------------------------------------------------
 # The command line: every field of a Config dataclass is a flag; its metadata holds the help and the
 # values it allows ("range" in interval notation, or "choices"), checked here.
 

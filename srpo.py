@@ -50,6 +50,7 @@ from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all
                       empty_micro_batch, eos_ids, exit_torchrun, make_cache, make_micro_batch,
                       make_shared_micro_batch, pack_micro_batches, pack_shared_micro_batches, parse_options,
                       print0, read_rows)
+from plumbing import check_torch
 from rollout import generate
 
 # -----------------------------------------------------------------------------
@@ -582,6 +583,7 @@ def main(argv=None, reward_fn=score_responses) -> int:
     Returns the exit status: 0, or 128 + N when signal N stopped the run (with a checkpoint, as a
     shell reports a process killed by N). reward_fn(tok, problems, rolls, cfg) -> list[rewards.Score]
     scores rollouts, in training and in evaluation: a fork passes its own (README, "Fork it")."""
+    check_torch()  # first: an older torch would fail only after the model loaded
     cfg = parse_config(argv)
     # plumbing.Run: the processes, the precision, the run's folder (locked), the stop signals, the policy
     with Run(cfg, argv) as run:

@@ -27,13 +27,15 @@ Evaluations are what the comparison rests on, so runs need several (srpo.py --ev
 accuracy is `--metric`: pass1_math, pass1_code, or pass1_mean (their mean, the default).
 """
 import argparse
-import itertools
 import json
 import math
 import os
 import statistics
 import sys
 from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
 
 
 @dataclass
@@ -162,58 +164,8 @@ def summarize(groups: dict[str, list[Run]], target: float) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# Statistics over seeds: a 95% interval per arm and a two-sample test between the first two arms.
-# Written out (no scipy) so the script runs with the core requirements; tests check it against
-# scipy where scipy is installed, and against printed tables where it is not.
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """1 / (1 + d1 / (1 + d2 / (1 + ...))), the continued fraction of the incomplete beta
-    function, evaluated by the modified Lentz method."""
-    tiny = 1e-300
-    f = c = tiny
-    d = 0.0
-    for k in range(0, 400):
-        if k == 0:
-            num = 1.0
-        elif k % 2:  # d_{2m+1}
-            m = (k - 1) // 2
-            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        else:        # d_{2m}
-            m = k // 2
-            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d = 1.0 + num * d
-        d = 1.0 / (tiny if abs(d) < tiny else d)
-        c = 1.0 + num / c
-        c = tiny if abs(c) < tiny else c
-        f *= c * d
-        if k > 0 and abs(c * d - 1.0) < 1e-15:
-            break
-    return f
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """I_x(a, b): the regularised incomplete beta function, 0 <= x <= 1."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    ln = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1) / (a + b + 2):  # the fraction converges fast on this side; use symmetry otherwise
-        return math.exp(ln) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_sf2(t: float, df: float) -> float:
-    """Two-sided tail probability P(|T| >= |t|) of Student's t with df degrees of freedom."""
-    return _betainc(df / 2, 0.5, df / (df + t * t))
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The q with P(T <= q) = p, for p in (0.5, 1), by bisection on t_sf2."""
-    lo, hi = 0.0, 1e3
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_sf2(mid, df) / 2 > 1 - p else (lo, mid)
-    return (lo + hi) / 2
+# Statistics over seeds: a 95% interval per arm and a two-sample test between the first two arms,
+# from scipy.stats (a requirement of the benchmarks and tests; the trainer does not import it).
 
 
 def mean_ci(xs: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -221,34 +173,30 @@ def mean_ci(xs: list[float], level: float = 0.95) -> tuple[float, float, float]:
     m = statistics.mean(xs)
     if len(xs) < 2:
         return m, float("nan"), float("nan")
-    half = t_quantile(0.5 + level / 2, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+    half = float(stats.t.ppf(0.5 + level / 2, len(xs) - 1)) * statistics.stdev(xs) / math.sqrt(len(xs))
     return m, m - half, m + half
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """Welch's two-sample t test of mean(a) = mean(b): (t, degrees of freedom, two-sided p)."""
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    if va + vb == 0:
-        return (0.0, float("nan"), 1.0) if statistics.mean(a) == statistics.mean(b) else (math.inf, float("nan"), 0.0)
-    t = (statistics.mean(a) - statistics.mean(b)) / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    return t, df, t_sf2(t, df)
+    r = stats.ttest_ind(a, b, equal_var=False)
+    return float(r.statistic), float(r.df), float(r.pvalue)
+
+
+def _abs_mean_diff(x, y, axis):
+    # permutation_test's statistic; vectorized: x and y hold many relabellings along the other axes.
+    return np.abs(np.mean(x, axis=axis) - np.mean(y, axis=axis))
 
 
 def permutation_p(a: list[float], b: list[float]) -> float:
     """Exact two-sided permutation test of the difference of means: the share of all ways to
     relabel the pooled values as two arms of these sizes whose |difference| is at least the
-    observed one. With 5 + 5 seeds there are 252 relabellings, so the smallest p is 2/252."""
-    pooled, n = a + b, len(a)
-    observed = abs(statistics.mean(a) - statistics.mean(b))
-    hits = total = 0
-    for idx in itertools.combinations(range(len(pooled)), n):
-        chosen = set(idx)
-        x = [pooled[i] for i in idx]
-        y = [v for i, v in enumerate(pooled) if i not in chosen]
-        hits += abs(statistics.mean(x) - statistics.mean(y)) >= observed - 1e-12
-        total += 1
-    return hits / total
+    observed one. With 5 + 5 seeds there are 252 relabellings, so the smallest p is 2/252.
+    (|difference| against "greater", not scipy's "two-sided", which doubles the smaller tail:
+    the two agree for arms of equal size, whose null distribution is symmetric.)"""
+    r = stats.permutation_test((a, b), _abs_mean_diff, permutation_type="independent", vectorized=True,
+                               n_resamples=np.inf, alternative="greater")   # inf: every relabelling
+    return float(r.pvalue)
 
 
 def auc(run: Run) -> float:
@@ -259,13 +207,11 @@ def auc(run: Run) -> float:
     return area / max(pts[-1][0] - pts[0][0], 1)
 
 
-def paired_t(d: list[float]) -> tuple[float, float, float, float]:
-    """The paired t test of mean(d) = 0 on per-seed differences: (mean, low, high, two-sided p)."""
-    m, lo, hi = mean_ci(d)
-    sd = statistics.stdev(d)
-    if sd == 0:
-        return m, lo, hi, 1.0 if m == 0 else 0.0
-    return m, lo, hi, t_sf2(m / (sd / math.sqrt(len(d))), len(d) - 1)
+def paired_t(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
+    """The paired t test of mean(a - b) = 0, a[i] and b[i] from one seed: (mean difference, its
+    95% interval's low and high, two-sided p)."""
+    m, lo, hi = mean_ci([x - y for x, y in zip(a, b)])
+    return m, lo, hi, float(stats.ttest_rel(a, b).pvalue)
 
 
 PRIMARY = (("final pass@1", lambda r: r.evals[-1][2]), ("area under curve", auc))
@@ -282,7 +228,8 @@ def paired(groups: dict[str, list[Run]]) -> str | None:
         return None
     lines = [f"| metric | {labels[0]} - {labels[1]}, paired over seeds {seeds} [95% CI] | paired t p |", "|---|---|---|"]
     for name, value in PRIMARY:
-        m, lo, hi, p = paired_t([value(by_seed[0][s]) - value(by_seed[1][s]) for s in seeds])
+        first, second = ([value(arm[s]) for s in seeds] for arm in by_seed)
+        m, lo, hi, p = paired_t(first, second)
         lines.append(f"| {name} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | {p:.3f} |")
     return "\n".join(lines)
 

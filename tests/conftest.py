@@ -16,6 +16,9 @@ if not torch.cuda.is_available():
 # The project's modules live at the repository root, next to tests/.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The reason GPU-only tests are skipped without a GPU: the one skip --only-gpu-skips allows.
+GPU_SKIP = "needs a CUDA GPU"
+
 
 @pytest.fixture
 def one_thread():
@@ -28,7 +31,42 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--only-gpu-skips", action="store_true",
+                     help=f"fail the run if a test is skipped for any reason but {GPU_SKIP!r} (.ci/run)")
+
+
+class OnlyGpuSkips:
+    """--only-gpu-skips: a test skipped for another reason (a missing package, most often) fails
+    the run, listed with its reason: a missing install step cannot hide behind a green run."""
+
+    def __init__(self):
+        self.offending = []   # "test id: reason"
+
+    def _record(self, report):
+        # A skip's report, at collection or in a test, holds (file, line, reason). An xfail is no skip.
+        if report.skipped and not hasattr(report, "wasxfail"):
+            reason = report.longrepr[2].removeprefix("Skipped: ")
+            if reason != GPU_SKIP:
+                self.offending.append(f"{report.nodeid}: {reason}")
+
+    pytest_runtest_logreport = pytest_collectreport = _record
+
+    def pytest_sessionfinish(self, session):
+        # Every test skipped at collection reads "no tests collected" (5): a failure too, named so.
+        if self.offending and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.offending:
+            title = f"--only-gpu-skips: skipped for a reason other than {GPU_SKIP!r} (the run fails)"
+            terminalreporter.section(title, red=True)
+            terminalreporter.line("\n".join(self.offending))
+
+
 def pytest_configure(config):
+    if config.getoption("only_gpu_skips"):
+        config.pluginmanager.register(OnlyGpuSkips(), "only_gpu_skips")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped where none is present")
     config.addinivalue_line("markers", "cxx: torch.compile for the CPU, which needs a C++ compiler; skipped without one")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on 2 CPU cores")
@@ -37,7 +75,7 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     skips = {}
     if not torch.cuda.is_available():
-        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU")
+        skips["gpu"] = pytest.mark.skip(reason=GPU_SKIP)
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         skips["cxx"] = pytest.mark.skip(reason="torch.compile on a CPU needs a C++ compiler")
     for item in items:

@@ -1,8 +1,12 @@
-"""bench/compare.py: steps and tokens to a target accuracy, spread over seeds, bad input."""
+"""bench/compare.py: steps and tokens to a target accuracy, spread over seeds, bad input, statistics."""
+import itertools
 import json
+import math
 import os
+import statistics
 
 import pytest
+from scipy import stats  # a requirement of the tests (requirements.txt): no test here may skip without it
 
 import harness
 
@@ -96,31 +100,71 @@ def test_zero_advantage_fraction_counts_groups_not_steps(tmp_path):
     assert abs(run.trained_share() - 0.75) < 1e-9, "3 of 4 steps' tokens had a gradient"
 
 
-def test_t_distribution_matches_printed_tables():
-    """Student's t written out in compare.py: quantiles and tails equal the printed tables."""
-    for p, df, q in ((0.975, 1, 12.706), (0.975, 4, 2.776), (0.975, 9, 2.262), (0.995, 8, 3.355), (0.95, 30, 1.697)):
-        assert abs(compare.t_quantile(p, df) - q) < 1e-3, (p, df, compare.t_quantile(p, df), q)
-        assert abs(compare.t_sf2(q, df) - 2 * (1 - p)) < 1e-4, "the tail at a quantile is its probability"
+def test_t_interval_matches_printed_tables():
+    """The 95% t-interval's half-width is the printed table's t quantile times the standard error."""
+    for n, q in ((2, 12.706), (5, 2.776), (10, 2.262), (31, 2.042)):
+        xs = [0.1 * i for i in range(n)]
+        m, lo, hi = compare.mean_ci(xs)
+        sem = statistics.stdev(xs) / math.sqrt(n)
+        assert abs((hi - m) / sem - q) < 1e-3 and abs((m - lo) / sem - q) < 1e-3, (n, lo, hi, q)
 
 
-def test_statistics_match_scipy():
-    """Welch's test, the t-interval and the tails agree with scipy's to 1e-9 (where it is installed)."""
-    stats = pytest.importorskip("scipy.stats")
-    for t, df in ((0.0, 3), (0.3, 2.5), (2.1, 7.3), (-4.0, 12), (15.0, 4.2)):
-        assert abs(compare.t_sf2(t, df) - 2 * stats.t.sf(abs(t), df)) < 1e-9, (t, df)
-    a, b = [0.50, 0.60, 0.55, 0.62, 0.58], [0.50, 0.52, 0.49, 0.55, 0.51, 0.47]
-    t, df, p = compare.welch(a, b)
-    ref = stats.ttest_ind(a, b, equal_var=False)
-    assert abs(t - ref.statistic) < 1e-9 and abs(p - ref.pvalue) < 1e-9
-    m, lo, hi = compare.mean_ci(a)
-    rlo, rhi = stats.t.interval(0.95, len(a) - 1, loc=m, scale=stats.sem(a))
-    assert abs(lo - rlo) < 1e-9 and abs(hi - rhi) < 1e-9
+# Two arms and a paired sample shared by the statistics tests below.
+A, B = [0.50, 0.60, 0.55, 0.62, 0.58], [0.50, 0.52, 0.49, 0.55, 0.51, 0.47]
+PAIRED_A, PAIRED_B = [0.50, 0.41, 0.62, 0.33], [0.45, 0.40, 0.52, 0.30]
+
+
+def test_statistics_match_fixed_values():
+    """Welch's test, the t-interval, the permutation and the paired test give the recorded values."""
+    # Computed once with scipy 1.17.1 (ttest_ind equal_var=False, t.ppf, ttest_rel); the hand-written
+    # Student's t that compare.py used before scipy gave the same to 1e-14.
+    t, df, p = compare.welch(A, B)
+    assert abs(t - 2.665764283014989) < 1e-9 and abs(df - 6.186686101148814) < 1e-9, (t, df)
+    assert abs(p - 0.0361565658611476) < 1e-9, p
+    m, lo, hi = compare.mean_ci(A)
+    assert (m, round(lo, 12), round(hi, 12)) == (0.57, 0.511760796144, 0.628239203856), (m, lo, hi)
+    assert abs(compare.permutation_p(A, B) - 14 / 462) < 1e-12, "14 of the C(11, 5) = 462 relabellings"
+    m, lo, hi, p = compare.paired_t(PAIRED_A, PAIRED_B)
+    assert abs(m - 0.0475) < 1e-12, m
+    assert abs(lo + 0.013956380924) < 1e-11 and abs(hi - 0.108956380924) < 1e-11, (lo, hi)
+    assert abs(p - 0.0908892230143467) < 1e-9, p
+
+
+def test_statistics_match_scipy_and_the_formulas():
+    """compare.py's statistics equal scipy's live, and Welch's t and df equal the textbook formulas."""
+    t, df, p = compare.welch(A, B)
+    ref = stats.ttest_ind(A, B, equal_var=False)
+    assert abs(t - ref.statistic) < 1e-12 and abs(df - ref.df) < 1e-9, (t, df, ref)
+    assert abs(p - ref.pvalue) < 1e-12, (p, ref)
+    va, vb = statistics.variance(A) / len(A), statistics.variance(B) / len(B)
+    assert abs(t - (statistics.mean(A) - statistics.mean(B)) / math.sqrt(va + vb)) < 1e-12, "Welch's t"
+    welch_df = (va + vb) ** 2 / (va ** 2 / (len(A) - 1) + vb ** 2 / (len(B) - 1))
+    assert abs(df - welch_df) < 1e-9, "the Welch-Satterthwaite degrees of freedom"
+    m, lo, hi = compare.mean_ci(A)
+    rlo, rhi = stats.t.interval(0.95, len(A) - 1, loc=m, scale=stats.sem(A))
+    assert abs(lo - rlo) < 1e-12 and abs(hi - rhi) < 1e-12, (lo, hi, rlo, rhi)
+    m, lo, hi, p = compare.paired_t(PAIRED_A, PAIRED_B)
+    assert abs(p - stats.ttest_rel(PAIRED_A, PAIRED_B).pvalue) < 1e-12, p
+    assert abs(p - stats.ttest_1samp([x - y for x, y in zip(PAIRED_A, PAIRED_B)], 0).pvalue) < 1e-12, \
+        "the paired test is the one-sample test of the differences"
 
 
 def test_permutation_test_is_exact():
-    """[1,2,3] against [4,5,6]: 2 of the 20 relabellings are as extreme, p = 0.1; equal arms give 1."""
-    assert abs(compare.permutation_p([1, 2, 3], [4, 5, 6]) - 0.1) < 1e-12
+    """The permutation p is the share of all relabellings at least as extreme, counted by brute force."""
+    assert abs(compare.permutation_p([1, 2, 3], [4, 5, 6]) - 0.1) < 1e-12, "2 of 20 relabellings"
     assert compare.permutation_p([1, 1, 1], [1, 1, 1]) == 1.0
+    pooled, observed = A + B, abs(statistics.mean(A) - statistics.mean(B))
+    hits = total = 0
+    for idx in itertools.combinations(range(len(pooled)), len(A)):
+        x = [pooled[i] for i in idx]
+        y = [v for i, v in enumerate(pooled) if i not in idx]
+        hits += abs(statistics.mean(x) - statistics.mean(y)) >= observed - 1e-12
+        total += 1
+    assert total == 462 and abs(compare.permutation_p(A, B) - hits / total) < 1e-12, (hits, total)
+    # Equal arms: a symmetric null, where this equals scipy's own two-sided p.
+    ref = stats.permutation_test((A, B[:5]), lambda x, y: statistics.mean(x) - statistics.mean(y),
+                                 permutation_type="independent", n_resamples=math.inf).pvalue
+    assert abs(compare.permutation_p(A, B[:5]) - ref) < 1e-12, (compare.permutation_p(A, B[:5]), ref)
 
 
 def test_significance_table_in_the_report(tmp_path):
@@ -144,7 +188,6 @@ def test_significance_table_in_the_report(tmp_path):
 
 def test_paired_by_seed_is_exploratory_and_matches_scipy(tmp_path):
     """Arms with the same seeds get a seed-paired difference whose p equals scipy's ttest_rel; unpaired seeds get none."""
-    stats = pytest.importorskip("scipy.stats")
     finals_a, finals_b = (0.50, 0.41, 0.62), (0.45, 0.40, 0.52)
 
     def arm(name, finals, seeds):
