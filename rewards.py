@@ -473,7 +473,8 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
                 code_timeout: float = CODE_TIMEOUT, language_penalty: float = 0.0,
                 sandbox: str | None = None) -> list[Score]:
     """Score a whole step's rollouts at once, in parallel over `workers` processes (default:
-    default_workers(), this rank's share of the CPUs; 0 scores inline in this process, for debugging, with no hard deadline on math).
+    default_workers(), this rank's share of the CPUs; 0 scores inline in this process, for
+    debugging, with no hard deadline on math).
     references[i] is the answer (math) or the tests (code). language_penalty > 0 subtracts that
     much from the reward of mixed-language responses (the report's penalty; off by default).
     `sandbox` is the code sandbox's mode (see check_sandbox); when the batch holds code, it is

@@ -11,7 +11,9 @@ expected literals, which never left this process. The host: in the "full" and "n
 each run gets fresh PID, network, mount and IPC namespaces, a private root (a size-capped tmpfs
 for everything it may write, the system folders and the Python installation bound read-only, no
 home folders, repository or data), a uid of its own, a scrubbed environment and rlimits; "full"
-adds a memory and a pids cgroup that cap the whole program, every child included. The trainer: a
+adds a memory and a pids cgroup that cap the whole program, every child included. A user who is
+not root gets the same namespaces and root inside a user namespace, the program running as their
+own uid with no capabilities (describe_sandbox says which here). The trainer: a
 wall-clock deadline kills the whole run, nothing it writes reaches the host's disk, and what a
 killed run leaves behind (cgroups, run folders) is removed at the next start-up.
 
@@ -334,15 +336,19 @@ def _untag(tag, limit: int = 200) -> str:
 # inside, runs the program and reports; stdout and stderr go to an anonymous in-memory file
 # (memfd) that the worker reads afterwards, capped by RLIMIT_FSIZE. Per mode:
 #   full, namespaces: `unshare --pid --fork --kill-child --net --mount --ipc` starts the harness in
-#     fresh PID, network (a loopback that is down), mount and System V IPC namespaces. As init
+#     fresh PID, network (a loopback that is down), mount and System V IPC namespaces (not root:
+#     `--user --map-root-user` first, so that they belong to a user namespace of the run's own,
+#     where the harness is uid 0 and holds the capabilities to build the rest). As init
 #     (pid 1) of its PID namespace it mounts a size-capped tmpfs, binds the system folders and the
 #     Python installation into it read-only, and pivots into it: the program sees /usr, /etc, the
 #     interpreter, five devices and its own /proc, and can write only into that tmpfs (/tmp,
 #     /var/tmp, /dev/shm and its home /sandbox). The program runs in a child that drops to the
-#     run's own uid. When the run ends its namespaces end, the tmpfs with them, however the run was
-#     killed: nothing of the program's files ever reaches the host's disk.
-#   full: the run's first process also joins a memory and a pids cgroup of its own (before exec),
-#     so the whole program, every child included, is capped.
+#     run's own uid (not root: to the user's uid, in a nested user namespace, see drop). When the
+#     run ends its namespaces end, the tmpfs with them, however the run was killed (or its worker:
+#     init watches a pipe only the worker writes to): nothing of the program's files ever reaches
+#     the host's disk.
+#   full: the harness also joins a memory and a pids cgroup of its own (its first lines, before
+#     the program runs), so the whole program, every child included, is capped.
 #   rlimits: none of the above; the harness runs in a host folder, as the run's uid when we are
 #     root and the interpreter is readable by others, else as whoever runs the trainer.
 # All modes: rlimits (CPU, address space, file size, no core dumps; processes where they bind),
@@ -716,7 +722,7 @@ def _cgroup_layout() -> tuple[str, list[str]]:
 
 class _Cgroup:
     """One run's cgroup (v2), or its memory and pids cgroups (v1): made before the run, joined by
-    the run's first process before it execs, so everything the program starts is inside and
+    the harness in its first lines (enter), so everything the program starts is inside and
     capped together; killed and removed after the run."""
 
     def __init__(self, layout: tuple[str, list[str]]):
@@ -726,7 +732,7 @@ class _Cgroup:
         limits = [("memory.max", SANDBOX_MEMORY), ("memory.swap.max", 0),
                   ("memory.limit_in_bytes", SANDBOX_MEMORY),
                   ("memory.memsw.limit_in_bytes", SANDBOX_MEMORY),
-                  ("pids.max", SANDBOX_NPROC + 2)]  # + unshare and the namespace's init
+                  ("pids.max", SANDBOX_NPROC + 1)]  # + the namespace's init (the harness)
         try:
             for parent in layout[1]:
                 os.mkdir(os.path.join(parent, name))

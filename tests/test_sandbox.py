@@ -800,7 +800,7 @@ def test_rootless_full_mode_without_a_cgroup_says_what_to_use_instead(monkeypatc
 
 
 def test_without_root_or_user_namespaces_the_error_names_the_options(monkeypatch, tmp_path):
-    """A non-root user on a kernel refusing user namespaces gets one error: why, how to allow them, the modes."""
+    """Not root, user namespaces refused: one error saying why, how to allow them, and the modes."""
     calls = []
 
     def refused():
@@ -859,7 +859,7 @@ def test_reward_workers_default_to_this_ranks_share_of_the_node(monkeypatch):
 
 
 def test_no_process_is_started_with_a_preexec_fn(monkeypatch):
-    """Past bug: the sandbox and the workers ran Python between fork and exec, unsafe after CUDA (issue 21.4)."""
+    """Past bug: sandbox and workers ran Python between fork and exec, unsafe after CUDA (issue 21.4)."""
     real, calls = subprocess.Popen, []
 
     def popen(cmd, *args, **kwargs):
