@@ -383,6 +383,7 @@ def enter(job):
     run's cgroups, set the rlimits but the process count (see drop)."""
     if not job["root"]:  # rlimits mode: the worker is our parent (else `unshare`: see become_init)
         _die_with_parent(job["parent"])
+        os.close(job["lifeline"])  # watched by a namespace's init only
     for procs in job["cgroups"]:  # "0": this process; all it starts will be inside too
         with open(procs, "w") as f:
             f.write("0")
