@@ -711,13 +711,13 @@ AS_NOBODY = ["hostile_program", "hostile_programs_in_a_batch", "private_tmp", "f
              "rootless"]
 
 
-def _as_nobody(cmd, cwd):
-    """`cmd` as uid/gid 65534 with no groups. Where the interpreter sits below a folder others
-    cannot enter (/root/.pyenv), a private mount namespace re-exposes just the interpreter's
-    folders under a 0711 stand-in for that folder; the host's folders are not changed."""
+def _as_nobody(cmd, cwd, scratch):
+    """`cmd` as uid/gid 65534 with no groups, in `cwd`. Where the interpreter sits below a folder others cannot enter (/root/.pyenv), a private
+    mount namespace re-exposes just the interpreter's folders under a 0711 stand-in for that
+    folder, made in `scratch` (the caller removes it); the host's folders are not changed."""
     script = ['set -e']
     for hidden in sorted({sandbox._hidden_ancestor(p) for p in sandbox._python_dirs()} - {None}):
-        script.append(f'shadow=$(mktemp -d); chmod 711 "$shadow"')
+        script.append(f'shadow=$(mktemp -d -p "{scratch}"); chmod 711 "$shadow"')
         kids = {os.path.relpath(p, hidden).split(os.sep)[0] for p in sandbox._python_dirs()
                 if p.startswith(hidden + os.sep)}
         for kid in sorted(kids):
@@ -735,13 +735,14 @@ def _as_nobody(cmd, cwd):
                     reason="needs root and setpriv to become another user")
 def test_the_sandbox_tests_pass_for_a_user_who_is_not_root():
     """Past bug: every namespace mode needed root, so a Slurm user's run stopped (issue 21.3)."""
-    probe = _as_nobody(["unshare", "--user", "--map-root-user", "true"], "/")
-    if probe.returncode != 0:
-        pytest.skip(f"this kernel lets no unprivileged user make a user namespace: {probe.stderr}")
     root = os.path.dirname(HERE)
     home = tempfile.mkdtemp(prefix="srpo-nobody-")  # not under pytest's folder, which is root's
+    os.chmod(home, 0o755)
     copy = os.path.join(home, "repo")  # nobody's own, so the tests may write next to themselves
     try:
+        probe = _as_nobody(["unshare", "--user", "--map-root-user", "true"], home, home)
+        if probe.returncode != 0:
+            pytest.skip(f"this kernel lets no unprivileged user make a user namespace: {probe.stderr}")
         files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout
         for name in files.split():
             os.makedirs(os.path.join(copy, os.path.dirname(name)), exist_ok=True)
@@ -749,7 +750,7 @@ def test_the_sandbox_tests_pass_for_a_user_who_is_not_root():
         subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", home], check=True)
         p = _as_nobody([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         "tests/test_sandbox.py", "-k", " or ".join(f"({k})" for k in AS_NOBODY)],
-                       copy)
+                       copy, home)
     finally:
         subprocess.run(["rm", "-rf", home])
     summary = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
