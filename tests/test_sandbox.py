@@ -712,9 +712,10 @@ AS_NOBODY = ["hostile_program", "hostile_programs_in_a_batch", "private_tmp", "f
 
 
 def _as_nobody(cmd, cwd, scratch):
-    """`cmd` as uid/gid 65534 with no groups, in `cwd`. Where the interpreter sits below a folder others cannot enter (/root/.pyenv), a private
-    mount namespace re-exposes just the interpreter's folders under a 0711 stand-in for that
-    folder, made in `scratch` (the caller removes it); the host's folders are not changed."""
+    """`cmd` as uid/gid 65534 with no groups, in `cwd`. Where the interpreter sits below a folder
+    others cannot enter (/root/.pyenv), a private mount namespace re-exposes just the interpreter's
+    folders under a 0711 stand-in for that folder, made in `scratch` (the caller removes it); the
+    host's folders are not changed."""
     script = ['set -e']
     for hidden in sorted({sandbox._hidden_ancestor(p) for p in sandbox._python_dirs()} - {None}):
         script.append(f'shadow=$(mktemp -d -p "{scratch}"); chmod 711 "$shadow"')
