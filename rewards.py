@@ -24,12 +24,14 @@ Public API (what srpo.py calls):
     extract_code(completion) -> str               the last fenced code block
     code_reward(program, tests, sandbox=None) -> float   1.0 iff the program passes the tests
     score_batch(completions, domains, references, workers=..., sandbox=None) -> list[Score]
+    default_workers() -> int                      reward workers per rank: its CPUs / ranks on the node
     shutdown()                                    stop the worker pool (also runs at exit)
 From sandbox.py, which runs the programs (re-exported here, so callers need only this module):
     parse_cases(tests) -> list | None             the cases of case-form tests (None: assert form)
     check_tests(tests)                            ValueError naming the line if tests are unusable
     run_program(program, tests, timeout, sandbox=None) -> (passed, error, output)
     check_sandbox(mode=None) -> str               check that a sandbox mode works here, or raise
+    describe_sandbox(mode=None) -> str            the checked mode, what a program gets in it here and why
     SandboxUnavailable, SANDBOX_MODES, SANDBOX_ENV
 
 Run `python rewards.py` for a small self-check.
@@ -51,8 +53,8 @@ from multiprocessing.connection import Connection, wait
 # The sandbox's public names, re-exported (rewards.run_program, rewards.check_sandbox, ...), and two
 # helpers shared with it: the str check of inputs, and the parent-death signal the workers use too.
 from sandbox import (CODE_TIMEOUT, SANDBOX_ENV, SANDBOX_MODES, SandboxUnavailable,  # noqa: F401
-                     _check_str, _die_with_parent, check_sandbox, check_tests, parse_cases,
-                     run_program)
+                     _check_str, _die_with_parent, check_sandbox, check_tests, describe_sandbox,
+                     parse_cases, run_program)
 
 log = logging.getLogger("srpo.rewards")
 
@@ -303,19 +305,31 @@ def _score_item(domain, completion, reference, timeout, sandbox=None) -> tuple[f
 # -----------------------------------------------------------------------------
 # The worker pool: N processes, one item each at a time, each under a deadline
 
-def _ignore_stop_signals():
-    """Between fork and exec of a worker. Stop signals are the trainer's to handle: Ctrl-C, or a
-    scheduler's SIGTERM/SIGHUP sent to the whole process group, must not kill the items of the step
-    the trainer is finishing. Ignored dispositions survive exec, so the worker is immune from its
-    first instruction (Python keeps an ignored SIGINT ignored). It still ends with the trainer
-    (parent-death signal) or when its socket closes."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
+# Stop signals are the trainer's to handle: Ctrl-C, or a scheduler's SIGTERM/SIGHUP sent to the
+# whole process group, must not kill the items of the step the trainer is finishing. A worker starts
+# with them blocked (a blocked signal stays pending, across exec too) and ignores them in its first
+# lines, which discards any that came meanwhile: immune from its first instruction. It still ends
+# with the trainer (parent-death signal) or when its socket closes.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _worker_loop(fd: int):
+def default_workers() -> int:
+    """Reward workers for this rank when none are asked for: the CPUs this process may run on
+    (its affinity: a Slurm allocation, a taskset) shared with the other ranks of its node
+    (torchrun's LOCAL_WORLD_SIZE), at least 1. os.cpu_count() per rank would start 1,600 workers
+    on a 200-core node with 8 ranks."""
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    if not ranks.isdigit() or int(ranks) < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE must be a whole number >= 1, got {ranks!r}")
+    return max(1, len(os.sched_getaffinity(0)) // int(ranks))
+
+
+def _worker_loop(fd: int, parent: int):
     """Entry point of a worker process: import the verifier once, then score items until EOF."""
-    _die_with_parent()
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    _die_with_parent(parent)
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # it logs whole 100k inputs
     import math_verify  # noqa: F401  (sympy takes ~1s to import: pay it before "ready")
     conn = Connection(fd)
@@ -331,15 +345,21 @@ def _worker_loop(fd: int):
 class _Worker:
     """A worker process and our end of its socket. Started with subprocess, not multiprocessing,
     so the trainer's script is never re-imported in the child (spawn does that, and a script
-    without a __main__ guard would start training again in every worker)."""
+    without a __main__ guard would start training again in every worker). No preexec_fn: Python
+    code between fork and exec is unsafe in the trainer, which has threads (CUDA's, NCCL's), so
+    whatever a worker sets up, it does in its first lines (_worker_loop)."""
 
     def __init__(self):
         ours, theirs = socket.socketpair()
         here = os.path.dirname(os.path.abspath(__file__))
         code = f"import sys; sys.path.insert(0, {here!r}); import rewards; " \
-               f"rewards._worker_loop({theirs.fileno()})"
-        self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
-                                     stdin=subprocess.DEVNULL, preexec_fn=_ignore_stop_signals)
+               f"rewards._worker_loop({theirs.fileno()}, {os.getpid()})"
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # this thread's, inherited
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[theirs.fileno()],
+                                         stdin=subprocess.DEVNULL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         theirs.close()
         self.conn = Connection(ours.detach())
         self.ready = False
@@ -452,8 +472,9 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
                 workers: int | None = None, math_timeout: float = MATH_TIMEOUT,
                 code_timeout: float = CODE_TIMEOUT, language_penalty: float = 0.0,
                 sandbox: str | None = None) -> list[Score]:
-    """Score a whole step's rollouts at once, in parallel over `workers` processes (default: one
-    per core; 0 scores inline in this process, for debugging, with no hard deadline on math).
+    """Score a whole step's rollouts at once, in parallel over `workers` processes (default:
+    default_workers(), this rank's share of the CPUs; 0 scores inline in this process, for
+    debugging, with no hard deadline on math).
     references[i] is the answer (math) or the tests (code). language_penalty > 0 subtracts that
     much from the reward of mixed-language responses (the report's penalty; off by default).
     `sandbox` is the code sandbox's mode (see check_sandbox); when the batch holds code, it is
@@ -467,7 +488,7 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
         _check_str(r, f"references[{i}]")
     if sandbox is not None and sandbox not in SANDBOX_MODES:
         raise ValueError(f"sandbox must be one of {SANDBOX_MODES}, got {sandbox!r}")
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = default_workers() if workers is None else workers
     if not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
     if not completions:

@@ -11,7 +11,9 @@ expected literals, which never left this process. The host: in the "full" and "n
 each run gets fresh PID, network, mount and IPC namespaces, a private root (a size-capped tmpfs
 for everything it may write, the system folders and the Python installation bound read-only, no
 home folders, repository or data), a uid of its own, a scrubbed environment and rlimits; "full"
-adds a memory and a pids cgroup that cap the whole program, every child included. The trainer: a
+adds a memory and a pids cgroup that cap the whole program, every child included. A user who is
+not root gets the same namespaces and root inside a user namespace, the program running as their
+own uid with no capabilities (describe_sandbox says which here). The trainer: a
 wall-clock deadline kills the whole run, nothing it writes reaches the host's disk, and what a
 killed run leaves behind (cgroups, run folders) is removed at the next start-up.
 
@@ -32,10 +34,10 @@ Public API (rewards.py re-exports all of it):
     check_tests(tests)                            ValueError naming the line if tests are unusable
     run_program(program, tests, timeout, sandbox=None) -> (passed, error, output)
     check_sandbox(mode=None) -> str               check that a sandbox mode works here, or raise
+    describe_sandbox(mode=None) -> str            the checked mode, what a program gets in it here and why
     SandboxUnavailable, SANDBOX_MODES, SANDBOX_ENV
 """
 import ast
-import ctypes
 import inspect
 import itertools
 import json
@@ -61,6 +63,9 @@ CODE_TIMEOUT = 10.0    # wall-clock seconds per program run; HumanEval's slowest
 #   full        namespaces + private read-only root + own user + a cgroup capping the whole program
 #   namespaces  the same without the cgroup: memory capped per process, processes by an rlimit
 #   rlimits     no isolation at all: the real filesystem and network, rlimits and a process group
+# The two namespace modes are built as root, or, for a user who is not root, inside a user
+# namespace of their own ("rootless", as bubblewrap does): the same namespaces and private root,
+# the program running as the user's own uid with no capabilities (see _run).
 SANDBOX_MODES = ("full", "namespaces", "rlimits")
 SANDBOX_ENV = "SRPO_SANDBOX"       # the mode when the caller names none; "full" when unset
 SANDBOX_MEMORY = 1 << 30           # bytes: the whole program (cgroup); each process's address space
@@ -68,6 +73,11 @@ SANDBOX_FSIZE = 1 << 20            # largest file a program may write, its captu
 SANDBOX_TMPFS = 64 << 20           # bytes of the program's private filesystem (/tmp, its home)
 SANDBOX_NPROC = 32                 # processes+threads of the program under a pids cgroup ("full")
 SANDBOX_NPROC_NO_CGROUP = 4        # the same without one: x SANDBOX_MEMORY bounds the total memory
+_NO_CGROUP = (f"memory is capped per process only ({SANDBOX_MEMORY >> 30} GiB x "
+              f"{SANDBOX_NPROC_NO_CGROUP} processes and threads)")
+# What each mode gives up against the one above it: what the start-up error offers.
+_GIVES_UP = {"namespaces": f"the cgroup ({_NO_CGROUP})",
+             "rlimits": "all isolation (the real filesystem and network): for trusted code only"}
 # Each run gets its own unprivileged uid (and gid): this base plus the host pid of the run's first
 # process, which is unique among live processes. Far above login users (1000+), the usual
 # subordinate-uid ranges of rootless containers (100000+) and systemd's dynamic users; below 2^31.
@@ -326,22 +336,37 @@ def _untag(tag, limit: int = 200) -> str:
 # inside, runs the program and reports; stdout and stderr go to an anonymous in-memory file
 # (memfd) that the worker reads afterwards, capped by RLIMIT_FSIZE. Per mode:
 #   full, namespaces: `unshare --pid --fork --kill-child --net --mount --ipc` starts the harness in
-#     fresh PID, network (a loopback that is down), mount and System V IPC namespaces. As init
+#     fresh PID, network (a loopback that is down), mount and System V IPC namespaces (not root:
+#     `--user --map-root-user` first, so that they belong to a user namespace of the run's own,
+#     where the harness is uid 0 and holds the capabilities to build the rest). As init
 #     (pid 1) of its PID namespace it mounts a size-capped tmpfs, binds the system folders and the
 #     Python installation into it read-only, and pivots into it: the program sees /usr, /etc, the
 #     interpreter, five devices and its own /proc, and can write only into that tmpfs (/tmp,
 #     /var/tmp, /dev/shm and its home /sandbox). The program runs in a child that drops to the
-#     run's own uid. When the run ends its namespaces end, the tmpfs with them, however the run was
-#     killed: nothing of the program's files ever reaches the host's disk.
-#   full: the run's first process also joins a memory and a pids cgroup of its own (before exec),
-#     so the whole program, every child included, is capped.
+#     run's own uid (not root: to the user's uid, in a nested user namespace, see drop). When the
+#     run ends its namespaces end, the tmpfs with them, however the run was killed (or its worker:
+#     init watches a pipe only the worker writes to): nothing of the program's files ever reaches
+#     the host's disk.
+#   full: the harness also joins a memory and a pids cgroup of its own (its first lines, before
+#     the program runs), so the whole program, every child included, is capped.
 #   rlimits: none of the above; the harness runs in a host folder, as the run's uid when we are
 #     root and the interpreter is readable by others, else as whoever runs the trainer.
 # All modes: rlimits (CPU, address space, file size, no core dumps; processes where they bind),
 # a scrubbed environment, stdin closed, a wall-clock deadline that kills the whole run.
 
+def _die_with_parent(parent: int):
+    """The first lines of a child process: Linux SIGKILLs it when the process that started it
+    (`parent`) dies, so a killed worker cannot leave its sandbox (nor a dead trainer its workers)
+    running. If the parent died before this call, the signal will never come: exit now. (Its
+    source is copied into the sandbox's harness too: no import there.)"""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 _HARNESS_SOURCE = r'''
-import builtins, json, linecache, os, sys, threading, types
+import builtins, json, linecache, os, resource, sys, threading, types
 
 SETUP_FAILED = 121  # exit code: the sandbox could not be built, and the program did not run
 PRISTINE = dict(builtins.__dict__)  # the builtins before the program could rebind any
@@ -349,6 +374,22 @@ PRISTINE = dict(builtins.__dict__)  # the builtins before the program could rebi
 HOOK_RESETS = (sys.settrace, sys.setprofile, threading.settrace, threading.setprofile)
 
 #<_tag>
+
+#<_die_with_parent>
+
+def enter(job):
+    """The run's first lines, done here rather than between the worker's fork and exec (Python
+    code there is unsafe when the forking process has threads): die with the worker, join the
+    run's cgroups, set the rlimits but the process count (see drop)."""
+    if not job["root"]:  # rlimits mode: the worker is our parent (else `unshare`: see become_init)
+        _die_with_parent(job["parent"])
+        os.close(job["lifeline"])  # watched by a namespace's init only
+    for procs in job["cgroups"]:  # "0": this process; all it starts will be inside too
+        with open(procs, "w") as f:
+            f.write("0")
+    for limit, value in job["rlimits"]:
+        resource.setrlimit(limit, (value, value))
+
 
 def plain(value):
     """__srpo_plain__ in hardened assert-form tests: plain data passes, anything else fails."""
@@ -373,6 +414,14 @@ def new_root(plan):
         check(rc, f"mount {src} on {dst}")
 
     RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND = 1, 2, 4, 8, 32, 4096
+    NOATIME, NODIRATIME, RELATIME, STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
+
+    def kept(path):
+        """The flags a read-only remount must keep: in a user namespace the kernel refuses to
+        clear noexec or change the atime mode of a mount inherited from the host."""
+        have = os.statvfs(path).f_flag
+        atime = NOATIME if have & os.ST_NOATIME else RELATIME if have & os.ST_RELATIME else STRICTATIME
+        return atime | (have & (NOEXEC | NODIRATIME))  # ST_NOEXEC, ST_NODIRATIME are MS_'s values
     # Open every source first: the tmpfs goes over /tmp, where one of them may live (a venv).
     fds = [os.open(path, os.O_PATH) for path, _ in plan["binds"]]
     root = "/tmp"
@@ -386,7 +435,7 @@ def new_root(plan):
             os.makedirs(target, exist_ok=True)
         mount(f"/proc/self/fd/{fd}", target, None, BIND)  # not MS_REC: no host sub-mounts
         if kind == "ro":
-            mount(None, target, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV)
+            mount(None, target, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV | kept(target))
         os.close(fd)
     for path, to in plan["links"]:
         os.symlink(to, root + path)
@@ -404,28 +453,65 @@ def new_root(plan):
     os.chdir("/")
 
 
-def become_init():
+def become_init(lifeline):
     """As pid 1 of a fresh PID namespace: go on in a child, and here reap orphans and exit with
-    the child's status. (Init ignores signals it has no handler for, and when it exits the kernel
-    kills everything left in the namespace.)"""
+    the child's status, or as soon as the worker is gone. (Init ignores signals it has no handler
+    for, and when it exits the kernel kills everything left in the namespace.)"""
     sys.stdout.flush()
     sys.stderr.flush()
     child = os.fork()
     if child == 0:
+        os.close(lifeline)
         return
+
+    def orphaned():
+        # Only the worker holds the pipe's other end: EOF means it died (it closes it only after
+        # killing this run). `unshare` gets no parent-death signal, so this is how the namespace
+        # ends with its worker.
+        os.read(lifeline, 1)
+        os._exit(SETUP_FAILED)
+
+    threading.Thread(target=orphaned, daemon=True).start()  # no fork follows in init
     while True:
         pid, status = os.wait()
         if pid == child:
             os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
-def drop(uid):
+def drop(job):
+    """Become the run's uid with no capabilities and no way to gain any, then cap its processes.
+    As root: a uid of its own. Rootless: we are uid 0 of a user namespace whose only uid is the
+    user's own, holding all capabilities in it; a nested user namespace maps `uid` (the user's
+    uid, as outside) onto it, and the capabilities are cleared. The program then has none in the
+    namespaces that hold its mounts, network and processes, and may not make another user
+    namespace (max_user_namespaces 1 in ours, which it cannot raise)."""
     import ctypes
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    if ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0):  # PR_SET_NO_NEW_PRIVS
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = job["uid"], job["gid"]
+
+    def check(rc, what):
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), what)
+
+    if job["rootless"]:
+        with open("/proc/sys/user/max_user_namespaces", "w") as f:
+            f.write("1")  # counted here: the nested one below, and nothing more
+        check(libc.unshare(0x10000000), "unshare(CLONE_NEWUSER)")
+        for file, line in (("setgroups", "deny"), ("uid_map", f"{uid} 0 1"), ("gid_map", f"{gid} 0 1")):
+            with open(f"/proc/self/{file}", "w") as f:
+                f.write(line)
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+        check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset: clear all capabilities")
+    else:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)  # from root to another uid: the capabilities go with it
+    check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    # Set last, as the run's uid: RLIMIT_NPROC counts the processes of a uid in a user namespace
+    # (Linux 5.14+), so this binds the program alone, and a lower limit set before the user
+    # namespaces were made would have counted all of the user's processes outside too.
+    if job["nproc"]:
+        resource.setrlimit(resource.RLIMIT_NPROC, (job["nproc"], job["nproc"]))
 
 
 def make_finish(marker):
@@ -484,20 +570,21 @@ def main():
     os.dup2(null, 0)
     os.close(null)
     try:
+        enter(job)
         if job["root"]:
             new_root(job["root"])
         os.makedirs(job["home"], exist_ok=True)
         os.chdir(job["home"])
         with open("main.py", "w") as f:
             f.write(job["program"])
-        if job["uid"] >= 0:
+        if job["uid"] >= 0 and not job["rootless"]:  # rootless: ours already, under any uid
             for path in (".", "main.py"):
                 os.chown(path, job["uid"], job["uid"])
             os.chmod(".", 0o700)
         if os.getpid() == 1:
-            become_init()
+            become_init(job["lifeline"])
         if job["uid"] >= 0:
-            drop(job["uid"])
+            drop(job)
     except Exception as e:
         os.write(2, f"sandbox setup failed: {e!r}\n".encode())
         os._exit(SETUP_FAILED)
@@ -508,14 +595,13 @@ def main():
 
 main()
 '''
-_HARNESS = _HARNESS_SOURCE.replace("#<_tag>\n", inspect.getsource(_tag))
+_HARNESS = (_HARNESS_SOURCE.replace("#<_tag>\n", inspect.getsource(_tag))
+            .replace("#<_die_with_parent>\n", inspect.getsource(_die_with_parent)))
 _SETUP_FAILED = 121
 _PROBE_PROGRAM = ("import collections, decimal, hashlib, json, math\n\n"
                   "def probe():\n    return json.dumps([1])\n")
 _PROBE_TESTS = "probe() == '[1]'"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_PR_SET_PDEATHSIG = 1
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}  # syscall numbers: glibc has no wrapper
 _run_ids = itertools.count()
 _sandbox_ok: set = set()   # modes whose check passed in this process
@@ -525,12 +611,6 @@ _stale_removed = False
 
 class SandboxUnavailable(RuntimeError):
     """The sandbox mode asked for cannot run here. Code is then not run at all."""
-
-
-def _die_with_parent():
-    # Linux kills this process when the one that started it dies: a killed worker cannot leave
-    # its sandbox (or a dead trainer its workers) running.
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
@@ -643,7 +723,7 @@ def _cgroup_layout() -> tuple[str, list[str]]:
 
 class _Cgroup:
     """One run's cgroup (v2), or its memory and pids cgroups (v1): made before the run, joined by
-    the run's first process before it execs, so everything the program starts is inside and
+    the harness in its first lines (enter), so everything the program starts is inside and
     capped together; killed and removed after the run."""
 
     def __init__(self, layout: tuple[str, list[str]]):
@@ -653,7 +733,7 @@ class _Cgroup:
         limits = [("memory.max", SANDBOX_MEMORY), ("memory.swap.max", 0),
                   ("memory.limit_in_bytes", SANDBOX_MEMORY),
                   ("memory.memsw.limit_in_bytes", SANDBOX_MEMORY),
-                  ("pids.max", SANDBOX_NPROC + 2)]  # + unshare and the namespace's init
+                  ("pids.max", SANDBOX_NPROC + 1)]  # + the namespace's init (the harness)
         try:
             for parent in layout[1]:
                 os.mkdir(os.path.join(parent, name))
@@ -794,20 +874,31 @@ def _run(mode: str, program: str, tests: str, cases,
          timeout: float) -> tuple[bool, str | None, str]:
     """One run of `program` and its tests in sandbox `mode` (already checked). See run_program."""
     marker = "SRPO-REPORT-" + secrets.token_hex(16)
-    job = {"program": program, "marker": marker, "home": "/sandbox", "uid": -1, "root": None,
+    job = {"program": program, "marker": marker, "home": "/sandbox", "uid": -1, "gid": -1, "root": None,
            "site": [os.path.realpath(d) for d in site.getsitepackages() if os.path.isdir(d)]}
     if cases is None:
         job["tests"] = _harden_asserts(tests)
     else:
         job["calls"] = [call for call, _ in cases]
     namespaced = mode != "rlimits"
-    drop, nproc = os.geteuid() == 0, SANDBOX_NPROC if mode == "full" else SANDBOX_NPROC_NO_CGROUP
+    root = os.geteuid() == 0
+    # Not root: the namespaces are made inside a user namespace of the run's own, where the harness
+    # is uid 0 (the user outside) and the program runs as the user's uid (see the harness's drop).
+    job["rootless"] = namespaced and not root
+    drop, nproc = root or namespaced, SANDBOX_NPROC if mode == "full" else SANDBOX_NPROC_NO_CGROUP
+    cpu = math.ceil(timeout) + 1
+    job["rlimits"] = [(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, SANDBOX_MEMORY),
+                      (resource.RLIMIT_FSIZE, SANDBOX_FSIZE), (resource.RLIMIT_CORE, 0)]
+    job["parent"] = os.getpid()
     proc, cgroup, run_dir, error, output = None, None, None, None, ""
     out = os.memfd_create("srpo-sandbox-output")
+    # The harness's init sees EOF on the pipe's read end when this process (the write end) dies.
+    job["lifeline"], lifeline = os.pipe()
     try:
         if namespaced:
-            prefix = [shutil.which("unshare") or "unshare", "--pid", "--fork", "--kill-child",
-                      "--net", "--mount", "--ipc"]
+            userns = ["--user", "--map-root-user"] if job["rootless"] else []
+            prefix = [shutil.which("unshare") or "unshare", *userns, "--pid", "--fork",
+                      "--kill-child", "--net", "--mount", "--ipc"]
             job["root"] = _root_plan()
             if mode == "full":
                 cgroup = _Cgroup(_cgroup_layout())
@@ -817,21 +908,8 @@ def _run(mode: str, program: str, tests: str, cases,
             job["home"] = run_dir
             # Another uid can only run an interpreter that everyone can read (/root is not).
             drop = drop and all(_hidden_ancestor(p) is None for p in _python_dirs() + [run_dir])
-            nproc = nproc if drop else 0  # RLIMIT_NPROC binds no root, and counts all of a user's
-        join = cgroup.procs if cgroup else []
-        cpu = math.ceil(timeout) + 1
-
-        def limits():  # runs in the child between fork and exec
-            _die_with_parent()
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-            resource.setrlimit(resource.RLIMIT_AS, (SANDBOX_MEMORY, SANDBOX_MEMORY))
-            resource.setrlimit(resource.RLIMIT_FSIZE, (SANDBOX_FSIZE, SANDBOX_FSIZE))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            if nproc:
-                resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-            for procs in join:  # "0": the writing process itself
-                with open(procs, "w") as f:
-                    f.write("0")
+        job["nproc"] = nproc if drop else 0  # RLIMIT_NPROC counts all of a user's processes
+        job["cgroups"] = cgroup.procs if cgroup else []
 
         # A scrubbed environment: nothing of the trainer's (tokens, paths) reaches the program.
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": job["home"],
@@ -841,11 +919,16 @@ def _run(mode: str, program: str, tests: str, cases,
         # site-packages folders go on sys.path directly, so installed packages still import.
         cmd = [*prefix, sys.executable, "-I", "-S", "-c", _HARNESS]
         # start_new_session: the run is its own process group, so one killpg reaches all of it.
+        # No preexec_fn: the rlimits, the cgroup and the parent-death signal are the harness's
+        # first lines (enter), as Python code between fork and exec is unsafe in a process with
+        # threads (the trainer, when it checks the sandbox or scores inline).
         proc = subprocess.Popen(cmd, cwd="/", env=env, stdin=subprocess.PIPE, stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=limits,
-                                start_new_session=True, close_fds=True)
-        if drop:
-            job["uid"] = SANDBOX_UID_BASE + proc.pid  # unique while the run lives
+                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                                pass_fds=[job["lifeline"]])
+        if job["rootless"]:  # the user's own ids, as the program will see them
+            job["uid"], job["gid"] = os.getuid(), os.getgid()
+        elif drop:
+            job["uid"] = job["gid"] = SANDBOX_UID_BASE + proc.pid  # unique while the run lives
         try:
             proc.communicate(json.dumps(job).encode(), timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -859,6 +942,8 @@ def _run(mode: str, program: str, tests: str, cases,
         tail = os.pread(out, SANDBOX_FSIZE, max(0, size - SANDBOX_FSIZE))
         output += tail.decode("utf-8", "replace")
         os.close(out)
+        os.close(lifeline)
+        os.close(job["lifeline"])
         if cgroup:
             cgroup.close()
         if run_dir:
@@ -871,22 +956,79 @@ def _run(mode: str, program: str, tests: str, cases,
     return passed, error, output
 
 
+def _userns_refused() -> str | None:
+    """Why this kernel does not let this user make a rootless run's namespaces (a user namespace,
+    then PID, network, mount and IPC ones, and a /proc mounted inside), or None. Tried for real:
+    the settings that forbid it differ between distributions (_USERNS_SETTINGS)."""
+    cmd = [shutil.which("unshare"), "--user", "--map-root-user", "--pid", "--fork", "--net",
+           "--mount", "--ipc", "--mount-proc", "true"]
+    try:
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    return None if p.returncode == 0 else (p.stderr.decode(errors="replace").strip()[-300:]
+                                            or f"`unshare` exited with status {p.returncode}")
+
+
+_USERNS_SETTINGS = ("user.max_user_namespaces > 0, kernel.unprivileged_userns_clone = 1 (Debian and "
+                    "Ubuntu kernels), kernel.apparmor_restrict_unprivileged_userns = 0 (Ubuntu 23.10+), "
+                    "and a /proc that is not partly hidden (containers often hide parts)")
+
+
 def _requirement_missing(mode: str) -> str | None:
     """Why `mode` cannot run on this machine at all, or None."""
     if mode == "rlimits":
         return None
-    if os.geteuid() != 0:
-        return "it needs root (namespaces, mounts and a uid of its own for each run)"
     if shutil.which("unshare") is None:
         return "it needs util-linux's `unshare`"
     if os.uname().machine not in _PIVOT_ROOT:
         return f"pivot_root's system call number is not known here ({os.uname().machine})"
+    if os.geteuid() != 0:
+        not_root = f"this user (uid {os.getuid()}) is not root, so it must be built in a user namespace"
+        release = re.match(r"(\d+)\.(\d+)", os.uname().release)
+        if not release or (int(release[1]), int(release[2])) < (5, 14):
+            # Before 5.14 RLIMIT_NPROC counts all of the user's processes, the trainer's included,
+            # so the program's process limit could not be its own.
+            return f"{not_root}, which needs Linux 5.14 or later (this is {os.uname().release})"
+        refused = _userns_refused()
+        if refused:
+            return (f"{not_root}, and this kernel refuses one ({refused}); it allows them with "
+                    f"{_USERNS_SETTINGS}")
     if mode == "full":
         try:
             _cgroup_layout()
         except (SandboxUnavailable, OSError) as e:
-            return f"it needs a cgroup per run: {e}"
+            delegated = "" if os.geteuid() == 0 else \
+                " (a user who is not root has one only where a cgroup subtree is delegated to it)"
+            return f"it needs a cgroup per run: {e}{delegated}"
     return None
+
+
+def _describe(mode: str) -> str:
+    """What a program gets in `mode` (checked) on this machine, and why."""
+    root = os.geteuid() == 0
+    if mode == "rlimits":
+        as_root = root and any(_hidden_ancestor(p) for p in _python_dirs())
+        who = ("AS ROOT (the interpreter is in a folder other users cannot enter)" if as_root
+               else "as a uid of its own" if root else f"as this user (uid {os.getuid()})")
+        return (f"generated code runs on this machine's real filesystem and network, {who}, "
+                f"limited only by rlimits and a deadline. Use it only for code you trust, or "
+                f"inside a throwaway VM")
+    isolation = "fresh PID, network, mount and IPC namespaces and a private read-only root"
+    how = (f"as root: {isolation}, a uid of its own per run" if root else
+           f"not root, so in a user namespace of its own: {isolation}; the program runs as this "
+           f"user (uid {os.getuid()}) with no capabilities, not as a uid of its own")
+    caps = (f"a memory and a pids cgroup (cgroup {_cgroup_layout()[0]}) cap the whole program"
+            if mode == "full" else f"no cgroup: {_NO_CGROUP}")
+    return f"{how}; {caps}"
+
+
+def describe_sandbox(mode: str | None = None) -> str:
+    """"MODE: what a program gets here, and why" for the sandbox mode code will run in (`mode`,
+    else as check_sandbox decides it, which this checks first): the trainer's start-up line."""
+    mode = check_sandbox(mode)
+    return f"{mode}: {_describe(mode)}"
 
 
 def check_sandbox(mode: str | None = None) -> str:
@@ -910,25 +1052,17 @@ def check_sandbox(mode: str | None = None) -> str:
         why = f"its check program failed ({error or 'wrong result'}): {output[-400:].strip()!r}"
     else:
         weaker = SANDBOX_MODES[SANDBOX_MODES.index(mode) + 1:]
+        gives_up = "; ".join(f"{m!r} gives up {_GIVES_UP[m]}" for m in weaker)
         raise SandboxUnavailable(
             f"code sandbox {mode!r} is not available on this machine: {why}. Generated code is "
             f"never run with fewer protections than asked for: run where {mode!r} works, or "
             + (f"accept a weaker mode ({', '.join(weaker)}) with sandbox=... or {SANDBOX_ENV}=... "
-               f"(the trainer's --sandbox); the README's sandbox section says what each gives"
-               if weaker else "run as root"))
+               f"(the trainer's --sandbox): {gives_up}. The README's sandbox section says what "
+               f"each gives, as root and without root" if weaker else "run as root"))
     _sandbox_ok.add(mode)
-    if mode == "namespaces":
-        log.warning("code sandbox 'namespaces': no cgroup, so a program's memory is capped per "
-                    "process only (%d MiB x %d processes+threads at most)",
-                    SANDBOX_MEMORY >> 20, SANDBOX_NPROC_NO_CGROUP)
-    elif mode == "rlimits":
-        root = os.geteuid() == 0
-        as_root = root and any(_hidden_ancestor(p) for p in _python_dirs())
-        who = ("AS ROOT (the interpreter is in a folder other users cannot enter)" if as_root
-               else "as a uid of its own" if root else f"as this user (uid {os.getuid()})")
-        log.warning("code sandbox 'rlimits': generated code runs on this machine's real "
-                    "filesystem and network, %s, limited only by rlimits and a deadline. Use it "
-                    "only for code you trust, or inside a throwaway VM", who)
+    # "full" as root is what everything is measured against; any other case says what it lacks.
+    if mode != "full" or os.geteuid() != 0:
+        log.warning("code sandbox %r: %s", mode, _describe(mode))
     return mode
 
 

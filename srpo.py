@@ -36,7 +36,6 @@ Run it:
 import copy
 import dataclasses
 import math
-import os
 import random
 import sys
 import time
@@ -113,7 +112,7 @@ class Config:
     wandb_project: str = field(default="", metadata={"help": "also log every record to this Weights & Biases project (needs `pip install wandb`); empty = off"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end", "range": "[0, inf)"})
     resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there"})
-    reward_workers: int = field(default=0, metadata={"help": "reward worker processes, 0 = number of CPU cores", "range": "[0, inf)"})
+    reward_workers: int = field(default=0, metadata={"help": "reward worker processes per rank, 0 = this rank's CPUs / the ranks on its node (rewards.default_workers)", "range": "[0, inf)"})
     sandbox: str = field(default="full", metadata={"help": "how generated code runs: full (namespaces, private root, a uid of its own, cgroup caps), namespaces (no cgroup), rlimits (trusted code only: the real filesystem and network); a mode that cannot run here stops the run, never falls back (README: the sandbox)", "choices": rewards.SANDBOX_MODES})
     dtype: str = field(default="auto", metadata={"help": "compute dtype of generation and the update: auto = bf16 on GPU, fp32 on CPU (weights, gradients and AdamW state stay fp32)", "choices": ("auto", "bf16", "fp32")})
     gen_slots: int = field(default=256, metadata={"help": "most sequences the sampler decodes at once (KV-cache slots)", "range": "[1, inf)"})
@@ -539,7 +538,7 @@ def score_responses(tok, problems: list[Problem], rolls: list, cfg: Config) -> l
     texts = [tok.decode(r.tokens, skip_special_tokens=True) for r in rolls]
     probs = [problems[r.prompt_idx] for r in rolls]
     return rewards.score_batch(texts, [p.domain for p in probs], [p.reference for p in probs],
-                               workers=cfg.reward_workers or os.cpu_count(), language_penalty=cfg.language_penalty,
+                               workers=cfg.reward_workers or rewards.default_workers(), language_penalty=cfg.language_penalty,
                                sandbox=cfg.sandbox)
 
 

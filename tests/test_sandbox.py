@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -695,3 +696,185 @@ def test_rlimits_mode_still_gives_right_verdicts_and_holds_the_deadline():
     elapsed = time.monotonic() - t0
     assert elapsed < 1.5 + 1.5, f"rlimits: deadline 1.5s, took {elapsed:.1f}s"
     assert_nothing_left("rlimits")
+
+
+# -----------------------------------------------------------------------------
+# Without root, and no preexec_fn (issue 21, defects 3 and 4)
+#
+# A user who is not root gets the namespace modes through a user namespace of their own. The tests
+# above that make sense without root (no cgroup) run again as `nobody` (uid 65534) from a copy of
+# the repository; those below that start with `test_rootless_` run only there.
+
+NOBODY = 65534
+AS_NOBODY = ["hostile_program", "hostile_programs_in_a_batch", "private_tmp", "fork_bomb",
+             "total_memory_of_a_program_is_capped and namespaces", "size_capped", "interrupted",
+             "rootless"]
+
+
+def _as_nobody(cmd, cwd, scratch):
+    """`cmd` as uid/gid 65534 with no groups, in `cwd`. Where the interpreter sits below a folder
+    others cannot enter (/root/.pyenv), a private mount namespace re-exposes just the interpreter's
+    folders under a 0711 stand-in for that folder, made in `scratch` (the caller removes it); the
+    host's folders are not changed."""
+    script = ['set -e']
+    for hidden in sorted({sandbox._hidden_ancestor(p) for p in sandbox._python_dirs()} - {None}):
+        script.append(f'shadow=$(mktemp -d -p "{scratch}"); chmod 711 "$shadow"')
+        kids = {os.path.relpath(p, hidden).split(os.sep)[0] for p in sandbox._python_dirs()
+                if p.startswith(hidden + os.sep)}
+        for kid in sorted(kids):
+            script.append(f'mkdir "$shadow/{kid}"; mount --bind "{hidden}/{kid}" "$shadow/{kid}"')
+        script.append(f'mount --rbind "$shadow" "{hidden}"')
+    script.append(f'exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups "$@"')
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
+                           "\n".join(script), "bash", *cmd], cwd=cwd, capture_output=True,
+                          text=True, timeout=900,
+                          env=dict(os.environ, HOME=cwd, SRPO_SANDBOX="namespaces"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to become another user")
+def test_the_sandbox_tests_pass_for_a_user_who_is_not_root():
+    """Past bug: every namespace mode needed root, so a Slurm user's run stopped (issue 21.3)."""
+    root = os.path.dirname(HERE)
+    home = tempfile.mkdtemp(prefix="srpo-nobody-")  # not under pytest's folder, which is root's
+    os.chmod(home, 0o755)
+    copy = os.path.join(home, "repo")  # nobody's own, so the tests may write next to themselves
+    try:
+        probe = _as_nobody(["unshare", "--user", "--map-root-user", "true"], home, home)
+        if probe.returncode != 0:
+            pytest.skip(f"this kernel lets no unprivileged user make a user namespace: {probe.stderr}")
+        files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout
+        for name in files.split():
+            os.makedirs(os.path.join(copy, os.path.dirname(name)), exist_ok=True)
+            shutil.copy(os.path.join(root, name), os.path.join(copy, name))
+        subprocess.run(["chown", "-R", f"{NOBODY}:{NOBODY}", home], check=True)
+        p = _as_nobody([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_sandbox.py", "-k", " or ".join(f"({k})" for k in AS_NOBODY)],
+                       copy, home)
+    finally:
+        subprocess.run(["rm", "-rf", home])
+    summary = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+    assert p.returncode == 0, f"as uid {NOBODY}:\n{p.stdout[-3000:]}\n{p.stderr[-1000:]}"
+    ran = int(re.search(r"(\d+) passed", summary).group(1))
+    assert ran >= 24 and "skipped" not in summary, f"as uid {NOBODY}, too few ran: {summary}"
+
+
+ROOTLESS = """
+import ctypes, errno, os
+def looks():
+    libc = ctypes.CDLL(None, use_errno=True)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    def err(rc):
+        return "ok" if rc == 0 else errno.errorcode[ctypes.get_errno()]
+    try:
+        open("/usr/srpo-x", "w")
+        usr = "ok"
+    except OSError as e:
+        usr = errno.errorcode[e.errno]
+    return [os.getuid(), int(status["CapEff"], 16), status["NoNewPrivs"].strip(), os.getpid(),
+            err(libc.unshare(0x10000000)), err(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)), usr]
+"""
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="without root only: run as nobody by the test above")
+def test_rootless_program_runs_as_the_user_with_no_capabilities():
+    """Without root the program is this user's uid, with no capabilities, no new user namespace, no mounts."""
+    described = sandbox.describe_sandbox("namespaces")
+    assert "not root" in described and "user namespace" in described \
+        and f"uid {os.getuid()}" in described, f"the start-up line must say what a user gets: {described}"
+    # uid, capabilities, no_new_privs, pid in its own namespace, nested user namespace, mount, /usr
+    want = [os.getuid(), 0, "1", 2, "ENOSPC", "EPERM", "EROFS"]
+    passed, error, output = sandbox.run_program(ROOTLESS, f"looks() == {want!r}", sandbox="namespaces")
+    assert passed, f"rootless sandbox: {output[-600:]}"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="without root only: run as nobody by the test above")
+def test_rootless_full_mode_without_a_cgroup_says_what_to_use_instead(monkeypatch):
+    """Without root and without a delegated cgroup, 'full' stops, naming 'namespaces' and what it gives up."""
+    def no_cgroups():
+        raise SandboxUnavailable("no writable cgroup (test)")
+    monkeypatch.setattr(sandbox, "_cgroups", None)
+    monkeypatch.setattr(sandbox, "_find_cgroups", no_cgroups)
+    with pytest.raises(SandboxUnavailable, match=r"'full' is not available.*delegated.*"
+                                                 r"'namespaces' gives up the cgroup"):
+        sandbox.check_sandbox("full")
+
+
+def test_without_root_or_user_namespaces_the_error_names_the_options(monkeypatch, tmp_path):
+    """Not root, user namespaces refused: one error saying why, how to allow them, and the modes."""
+    calls = []
+
+    def refused():
+        calls.append(1)
+        return "unshare: unshare failed: Operation not permitted"
+    monkeypatch.setattr(sandbox, "_userns_refused", refused)  # the kernel's answer, simulated
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # a user who is not root
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    monkeypatch.setattr(sandbox, "_sandbox_ok", set())
+    flag = tmp_path / "ran"
+    program = f"open({str(flag)!r}, 'w').write('x')"
+    for mode, offered in (("full", "namespaces, rlimits"), ("namespaces", "rlimits")):
+        with pytest.raises(SandboxUnavailable) as e:
+            sandbox.run_program(program, "assert True", sandbox=mode)
+        why = str(e.value)
+        for part in (f"{mode!r} is not available", "is not root", "user namespace",
+                     "Operation not permitted", "max_user_namespaces",
+                     f"accept a weaker mode ({offered})", "'rlimits' gives up all isolation",
+                     "SRPO_SANDBOX"):
+            assert part in why, f"{mode}: the error must say {part!r}: {why}"
+    assert calls, "the user-namespace probe was not consulted"
+    assert not flag.exists(), "the program ran although no sandbox was available"
+
+
+def test_as_root_the_start_up_line_says_root_and_a_uid_of_its_own():
+    """describe_sandbox: what a program gets, as root (a uid of its own) and in the weakest mode."""
+    if os.geteuid() != 0:
+        pytest.skip("root only")
+    assert sandbox.describe_sandbox("full").startswith("full: as root:") \
+        and "a uid of its own" in sandbox.describe_sandbox("full"), sandbox.describe_sandbox("full")
+    assert "real filesystem" in sandbox.describe_sandbox("rlimits")
+
+
+def test_reward_workers_default_to_this_ranks_share_of_the_node(monkeypatch):
+    """Past bug: each of 8 ranks on a 200-core node started 200 reward workers (1,600; issue 21.4)."""
+    sizes = []
+
+    class Pool:
+        def map(self, tasks, timeouts):
+            return [(1.0, None)] * len(tasks)
+
+    monkeypatch.setattr(rewards, "_get_pool", lambda n: sizes.append(n) or Pool())
+    monkeypatch.setattr(os, "cpu_count", lambda: 200)
+    for cpus, ranks, want in ((200, "8", 25), (200, None, 200), (3, "8", 1), (48, "8", 6)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        if ranks is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        score_batch([answer("\\boxed{1}")], ["math"], ["1"])
+        assert sizes[-1] == want, \
+            f"{cpus} CPUs, {ranks} ranks on the node: {sizes[-1]} workers per rank, expected {want}"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "eight")
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE"):
+        score_batch([answer("\\boxed{1}")], ["math"], ["1"])
+
+
+def test_no_process_is_started_with_a_preexec_fn(monkeypatch):
+    """Past bug: sandbox and workers ran Python between fork and exec, unsafe after CUDA (issue 21.4)."""
+    real, calls = subprocess.Popen, []
+
+    def popen(cmd, *args, **kwargs):
+        calls.append((cmd[0], kwargs.get("preexec_fn")))
+        return real(cmd, *args, **kwargs)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(sandbox, "_sandbox_ok", set())  # the start-up check runs a program too
+    assert sandbox.run_program("x = 1", "assert x == 1")[0], "control: a right program passes"
+    rewards.shutdown()
+    try:
+        assert score_batch([answer("\\boxed{1}")], ["math"], ["1"], workers=1)[0].accuracy == 1.0
+    finally:
+        rewards.shutdown()  # the next test's pool starts without the recording Popen
+    assert len(calls) >= 3, f"expected the check, the run and a worker to start: {calls}"
+    with_preexec = [cmd for cmd, fn in calls if fn is not None]
+    assert not with_preexec, f"started with a preexec_fn: {with_preexec}"
