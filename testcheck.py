@@ -148,6 +148,15 @@ def check_static(tests: str) -> None:
                          "the end whatever the program does)")
 
 
+def _static_problem(tests: str) -> str | None:
+    """Why the static check refuses `tests`, or None."""
+    try:
+        check_static(tests)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def trivial_programs(tests: str) -> list[tuple[str, str]]:
     """(label, source) of each trivial program for these tests: every entry point defined as a
     function that returns the same trivial value."""
@@ -167,13 +176,10 @@ def row_problems(rows: list[tuple[str, str | None]], sandbox: str | None = None,
     """The full check of each (tests, reference solution or None): why it fails, or None. All
     programs of all rows go through one rewards.score_batch, so they are scored exactly as a
     rollout is (same sandbox mode, same verdict) and spread over the reward workers."""
-    problems: list[str | None] = [None] * len(rows)
+    problems = [_static_problem(tests) for tests, _ in rows]
     items = []  # (row index, what, program)
     for i, (tests, solution) in enumerate(rows):
-        try:
-            check_static(tests)
-        except ValueError as e:
-            problems[i] = str(e)
+        if problems[i]:
             continue
         if solution is not None:
             items.append((i, "the reference solution", solution))
@@ -202,13 +208,7 @@ def check_rows(rows: list[tuple[str, str | None, str]], full: bool = True, sandb
     if full:
         problems = row_problems([(t, s) for t, s, _ in rows], sandbox, workers)
     else:
-        problems = []
-        for tests, _, _ in rows:
-            try:
-                check_static(tests)
-                problems.append(None)
-            except ValueError as e:
-                problems.append(str(e))
+        problems = [_static_problem(tests) for tests, _, _ in rows]
     for (_, _, where), why in zip(rows, problems):
         if why:
             raise ValueError(f"{where}: field 'tests': {why}")
