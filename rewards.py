@@ -224,22 +224,30 @@ _VARIABLE = re.compile(r"(?:[A-Za-z]\w*|\\(?!pi\b|infty\b)[A-Za-z]+|\\(?:text|ma
                        r"(?:_\w|_\{\w+\})?'*")
 
 
+def _split_top(text: str, sep: str) -> list[str]:
+    """`text` cut at each `sep` outside braces, parentheses and brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"{": 1, "(": 1, "[": 1, "}": -1, ")": -1, "]": -1}.get(ch, 0)
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def _box_value(box: str) -> str | None:
     """The value a box states. An equation counts only as `variable = value` (a chain
     `x = y = value` too): its right side is the answer. Any other equation (`26 = 25`,
     `x = 26 = 25`, `5^2 = 25`, `2x = 25`) states no value and gives None, where math-verify would
-    verify its last side and pay for a false equation. A box without a top-level `=` is itself."""
-    sides, depth, start = [], 0, 0
-    for i, ch in enumerate(box):
-        depth += {"{": 1, "(": 1, "[": 1, "}": -1, ")": -1, "]": -1}.get(ch, 0)
-        if ch == "=" and depth == 0:
-            sides.append(box[start:i])
-            start = i + 1
-    if not sides:
-        return box
-    if not all(_VARIABLE.fullmatch(side.strip()) for side in sides):
-        return None
-    return box[start:]
+    verify its last side and pay for a false equation. A list is read item by item
+    (`x = 5, y = 3` states `5, 3`); a box without a top-level `=` is itself."""
+    values = []
+    for item in _split_top(box, ","):
+        sides = _split_top(item, "=")
+        if not all(_VARIABLE.fullmatch(side.strip()) for side in sides[:-1]):
+            return None
+        values.append(sides[-1])
+    return ",".join(values)
 
 
 def _verified_text(text: str) -> str | None:

@@ -309,7 +309,7 @@ def test_code_tests_reject_wrong_stubs(rows, body):
 
 @pytest.mark.slow
 def test_every_shipped_code_row_passes_the_full_check(rows):
-    """Every shipped code row passes testcheck's full check in the sandbox: its solution passes, no trivial program does.
+    """Every shipped code row passes testcheck's full check: its solution passes, no trivial program does.
 
     On ba93cea 8 training rows were paid to a trivial program (issue 26, finding 3): 000110, 000383, 000470,
     000514, 000533, 000539 and 000591 to `return 0`, 000207 to `return len(xs)`."""

@@ -245,7 +245,7 @@ def _scores(pairs):
 
 
 def test_math_equation_in_box_counts_only_as_variable_equals_value():
-    """A boxed equation pays only as `variable = value`: `26 = 25`, `x = 26 = 25` for 25 (math-verify pays them) score 0."""
+    """A boxed equation pays only as `variable = value`: `26 = 25`, `x = 26 = 25` (math-verify pays) get 0."""
     from math_verify import parse, verify
     false_equations = ["\\boxed{26 = 25}", "\\boxed{x = 26 = 25}", "\\boxed{5^2 = 25}",
                        "\\boxed{25 = 25}", "\\boxed{2x = 25}", "\\boxed{\\pi = 25}"]
@@ -257,6 +257,10 @@ def test_math_equation_in_box_counts_only_as_variable_equals_value():
     ok = ["\\boxed{x = 25}", "\\boxed{x_1 = 25}", "\\boxed{\\theta = 25}", "\\boxed{x = y = 25}"]
     got = _scores([(p, "25") for p in ok] + [("\\boxed{x = 24}", "25")])
     assert got == [1.0] * len(ok) + [0.0], f"`variable = value` is read as its value: {got}"
+    pairs = [("\\boxed{x = 5, y = 3}", "x=5, y=3"), ("\\boxed{x = 5, y = 3}", "(5, 3)"),
+             ("\\boxed{x = 5, y = 4 = 3}", "x=5, y=3")]
+    got = _scores(pairs)
+    assert got == [1.0, 1.0, 0.0], f"a list of equations is read item by item: {dict(zip(pairs, got))}"
 
 
 def test_math_percent_has_one_reading():
@@ -276,7 +280,7 @@ def test_math_box_spellings_are_read():
 
 
 def test_check_answer_rejects_unreadable_references():
-    """rewards.check_answer (the loader's check of a math row) rejects `\\boxed{` and "", accepts real answers."""
+    """rewards.check_answer (the loader's check of a math row) rejects `\\boxed{` and "", accepts answers."""
     for bad in ("\\boxed{", "", "   "):
         with pytest.raises(ValueError, match="cannot read the answer"):
             rewards.check_answer(bad)

@@ -54,7 +54,8 @@ def test_static_check_accepts_tests_that_test():
     """Case form and HumanEval-shaped asserts (helpers, loops, `assert True` no-ops) pass the static check."""
     testcheck.check_static("add(1, 2) == 3\nadd(-1, 1) == 0")
     testcheck.check_static(HUMANEVAL_LIKE)
-    assert testcheck.entry_points(HUMANEVAL_LIKE) == ["total"], "the entry point is the name the tests never define"
+    assert testcheck.entry_points(HUMANEVAL_LIKE) == ["total"], \
+        "the entry point is the name the tests use and never define"
     assert testcheck.entry_points("f(len([1])) == 1") == ["f"], "builtins are not the program's"
 
 
@@ -94,7 +95,8 @@ def test_full_check_runs_reference_and_trivial_programs():
         if want is None:
             assert got is None, f"{tests!r} is a good row, refused: {got}"
         else:
-            assert got is not None and want in got, f"{tests!r}: expected a refusal naming {want!r}, got {got!r}"
+            assert got is not None and want in got, \
+                f"{tests!r}: expected a refusal naming {want!r}, got {got!r}"
 
 
 def write_rows(path, rows):
@@ -103,8 +105,9 @@ def write_rows(path, rows):
 
 
 def test_loader_refuses_code_rows_that_do_not_test(tmp_path):
-    """srpo.load_problems stops on tests that check nothing (static) or that `return 0` passes (full), naming file:line and field."""
-    good = {"id": "c1", "question": "q", "tests": "add(1, 2) == 3", "solution": "def add(a, b):\n    return a + b\n"}
+    """The loader stops on tests that check nothing, or (full) that `return 0` passes: file:line, field."""
+    good = {"id": "c1", "question": "q", "tests": "add(1, 2) == 3",
+            "solution": "def add(a, b):\n    return a + b\n"}
     path = write_rows(tmp_path / "code.jsonl", [good, {"id": "c2", "question": "q", "tests": "assert True"}])
     with pytest.raises(ValueError, match=r"code.jsonl:2: field 'tests': the tests use no function"):
         srpo.load_problems(path, "code", check_tests="static")
@@ -115,7 +118,7 @@ def test_loader_refuses_code_rows_that_do_not_test(tmp_path):
 
 
 def test_loader_refuses_an_unreadable_math_answer(tmp_path):
-    """srpo.load_problems stops on a math answer math-verify cannot read (`\\boxed{`), naming file:line and field."""
+    """The loader stops on a math answer math-verify cannot read (`\\boxed{`), naming file:line and field."""
     path = write_rows(tmp_path / "math.jsonl", [{"id": "m1", "question": "q", "answer": "25"},
                                                 {"id": "m2", "question": "q", "answer": "\\boxed{"}])
     with pytest.raises(ValueError, match=r"math.jsonl:2: field 'answer': math-verify cannot read"):
