@@ -110,6 +110,12 @@ def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: a row must be a JSON object")
             for key in required:
+                if key == "tests" and isinstance(row.get(key), list):  # the stdin/stdout form: its shape here
+                    try:
+                        check_stdin_cases(row[key])
+                    except ValueError as e:
+                        raise ValueError(f"{path}:{lineno}: field 'tests': {e}") from None
+                    continue
                 if not isinstance(row.get(key), str) or not row[key].strip():
                     raise ValueError(f"{path}:{lineno}: field {key!r} is missing or not a non-empty string")
             if row.get("domain", domain) != domain:
@@ -130,6 +136,17 @@ def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level
     if not problems:
         raise ValueError(f"{domain} data file {path!r} is empty" + (f" at levels <= {max_level}" if max_level else ""))
     return problems
+
+
+def check_stdin_cases(tests: list) -> None:
+    """Raise ValueError unless `tests` has the shape of the stdin/stdout form of code tests: a
+    non-empty list of {"input": str, "output": str}, the program's stdin and its expected stdout."""
+    if not tests:
+        raise ValueError("a list of stdin/stdout cases must hold at least one case")
+    for i, case in enumerate(tests):
+        if not (isinstance(case, dict) and set(case) == {"input", "output"}
+                and isinstance(case["input"], str) and isinstance(case["output"], str)):
+            raise ValueError(f"case {i} is not an object of exactly two strings, 'input' and 'output'")
 
 
 def check_unique_ids(*problem_lists: list):
@@ -599,7 +616,8 @@ CKPT_FILE, CKPT_DIR = "checkpoint.pt", "checkpoint"
 
 # Options that may change between a run and its resumption; any other change makes it another run.
 RESUMABLE = {"total_steps", "max_steps_this_run", "eval_every", "eval_prompts", "eval_k", "save_every",
-             "resume", "reward_workers", "eval_domains", "sandbox", "gen_slots", "gen_mem", "out_dir",
+             "resume", "reward_workers", "eval_domains", "eval_humaneval", "sandbox", "gen_slots", "gen_mem",
+             "out_dir",
              "grad_ckpt", "micro_tokens"}  # memory knobs: the memory plan may pick others on another GPU
 
 

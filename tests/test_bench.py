@@ -44,3 +44,31 @@ def test_sampler_benchmark_compiled_equals_eager():
     """bench/sampler.py's compiled decode step gives the eager step's greedy tokens on both toy model shapes."""
     out = smoke("sampler.py")
     assert out.count("compiled step == eager step") == 2, out
+
+
+def _load_check_identity():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("check_identity", os.path.join(ROOT, "bench", "check_identity.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_identity_check_accepts_the_baseline_and_catches_a_change():
+    """bench/check_identity.py passes the baseline against itself, ignores timings and added fields,
+    tolerates float noise in the update's statistics, and flags a changed token count, a changed
+    loss and a missing record."""
+    ci = _load_check_identity()
+    base = ci.read(os.path.join(ROOT, ci.BASELINE))
+    assert ci.compare(base, base) == [], "the baseline must reproduce itself"
+    run = [dict(r) for r in base]
+    step = next(r for r in run if r["type"] == "step" and r["tokens_trained"] > 0)
+    step["t_gen"] += 5.0
+    step["new_field"] = 1
+    step["loss"] *= 1 + 1e-6
+    assert ci.compare(run, base) == [], "timings, new fields and 1e-6 float noise must pass"
+    step["gen_tokens"] += 1
+    step["loss"] *= 1.01
+    problems = ci.compare(run[1:], base)
+    what = " | ".join(w for _, w in problems)
+    assert "gen_tokens" in what and "loss" in what and "record missing" in what, problems

@@ -43,7 +43,8 @@ def test_history_resampling_drops_all_correct_keeps_mixed_and_all_wrong():
     h.record("split", [False, True])
     kept, stats = h.resample(["easy", "mixed", "hard", "split", "unseen"])
     assert kept == ["mixed", "hard", "split", "unseen"], f"HR kept {kept}"
-    assert stats == {"dropped": 1, "kept_mixed": 2, "kept_all_wrong": 1, "kept_unseen": 1, "returned": 0}, stats
+    assert stats == {"dropped": 1, "kept_mixed": 2, "kept_all_wrong": 1, "kept_unseen": 1, "returned": 0,
+                     "kept_all_correct": 0}, stats
     assert set(h.dropped) == {"easy"} and h.outcomes == {}, "the buffer must reset for the next epoch"
 
 
