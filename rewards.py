@@ -193,16 +193,20 @@ def is_mixed_language(text: str, min_share: float = 0.05, min_letters: int = 20)
 # -----------------------------------------------------------------------------
 # Math: the final answer and the equivalence check (math-verify)
 
+# `\boxed{x}`, `\boxed {x}` (TeX skips the space) and `\fbox{x}` (the same box in plain TeX).
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
 def last_boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} in `text`, braces balanced, or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
+    """The content of the last \\boxed{...} (or \\fbox{...}) in `text`, braces balanced, or None."""
+    starts = [m.end() for m in _BOX.finditer(text)]
+    if not starts:
         return None
-    depth, i = 0, start + len("\\boxed")
+    depth, i = 1, starts[-1]
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1:j]
+            return text[i:j]
     return None  # unbalanced: cut off mid-answer
 
 
@@ -217,16 +221,78 @@ def final_answer(completion: str) -> str:
     return answer
 
 
+# A variable on the left of `=` in a box: x, y_1, x_{n}, x', \theta, \text{area}.
+_VARIABLE = re.compile(r"(?:[A-Za-z]\w*|\\(?!pi\b|infty\b)[A-Za-z]+|\\(?:text|mathrm)\{[A-Za-z ]+\})"
+                       r"(?:_\w|_\{\w+\})?'*")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """`text` cut at each `sep` outside braces, parentheses and brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"{": 1, "(": 1, "[": 1, "}": -1, ")": -1, "]": -1}.get(ch, 0)
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def _box_value(box: str) -> str | None:
+    """The value a box states. An equation counts only as `variable = value` (a chain
+    `x = y = value` too): its right side is the answer. Any other equation (`26 = 25`,
+    `x = 26 = 25`, `5^2 = 25`, `2x = 25`) states no value and gives None, where math-verify would
+    verify its last side and pay for a false equation. A list is read item by item
+    (`x = 5, y = 3` states `5, 3`); a box without a top-level `=` is itself."""
+    values = []
+    for item in _split_top(box, ","):
+        sides = _split_top(item, "=")
+        if not all(_VARIABLE.fullmatch(side.strip()) for side in sides[:-1]):
+            return None
+        values.append(sides[-1])
+    return ",".join(values)
+
+
+def _verified_text(text: str) -> str | None:
+    """The text math-verify reads for an answer (the policy's or the reference): a box reduced to
+    the value it states, None when it states none. The percent sign is read as a unit and
+    dropped (`25\\%` is 25, never 0.25): math-verify reads it both ways, so `25\\%` matched 25 and
+    0.25 and `2500\\%` matched 25; one reading, stated in the README, keeps each answer to one value."""
+    text = re.sub(r"\\?%", "", text)
+    box = last_boxed(text)
+    if box is None:
+        return text
+    value = _box_value(box)
+    return None if value is None else "\\boxed{" + value + "}"
+
+
+def _gold_text(reference: str) -> str:
+    """A reference answer as math-verify reads it: boxed (it may come boxed, or in $...$)."""
+    ref = reference.strip().strip("$")
+    boxed = ref if last_boxed(ref) is not None else "\\boxed{" + ref + "}"
+    return _verified_text(boxed) or boxed  # a reference's equation is trusted as it stands
+
+
+def check_answer(reference: str) -> None:
+    """Raise ValueError unless math-verify can read the reference answer: a loader's check of a
+    math row (an unreadable answer would score every rollout 0, as "bad_reference")."""
+    from math_verify import parse
+    try:
+        gold = parse(_gold_text(reference), parsing_timeout=5, raise_on_error=True)
+    except Exception as e:  # noqa: BLE001 - whatever the parser raises, the answer is unusable
+        raise ValueError(f"math-verify cannot read the answer {reference[:80]!r} ({e})") from None
+    if not gold:
+        raise ValueError(f"math-verify cannot read the answer {reference[:80]!r}")
+
+
 def _check_math(completion: str, reference: str, timeout: float) -> tuple[float, str | None]:
     """Runs inside a worker process (main thread), so math-verify's signal.alarm timeouts work;
     they keep the worker alive on slow items, while the pool's deadline is the hard limit."""
     from math_verify import parse, verify
     from math_verify.errors import TimeoutException
-    pred_text = final_answer(completion)
-    if not pred_text.strip():
-        return 0.0, None  # no answer given: wrong, not an error
-    ref = reference.strip().strip("$")
-    gold_text = ref if "\\boxed" in ref else "\\boxed{" + ref + "}"
+    pred_text = _verified_text(final_answer(completion))
+    if pred_text is None or not pred_text.strip():
+        return 0.0, None  # no answer given, or a box that states no value: wrong, not an error
+    gold_text = _gold_text(reference)
     inner = max(1, int(timeout / 3))  # alarm() takes whole seconds
     try:
         gold = parse(gold_text, parsing_timeout=inner, raise_on_error=True)

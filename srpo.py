@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 import rewards
+import testcheck
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
 from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,
                       empty_micro_batch, eos_ids, exit_torchrun, make_cache, make_micro_batch,
@@ -113,6 +114,7 @@ class Config:
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end", "range": "[0, inf)"})
     resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there"})
     reward_workers: int = field(default=0, metadata={"help": "reward worker processes per rank, 0 = this rank's CPUs / the ranks on its node (rewards.default_workers)", "range": "[0, inf)"})
+    check_tests: str = field(default="full", metadata={"help": "at load, code rows' tests must test: full = their reference solution passes and no trivial program (return 0, its argument...) does, run in the sandbox over the reward workers; static = only that they parse and each case compares the program with an expected value (testcheck.py)", "choices": ("full", "static")})
     sandbox: str = field(default="full", metadata={"help": "how generated code runs: full (namespaces, private root, a uid of its own, cgroup caps), namespaces (no cgroup), rlimits (trusted code only: the real filesystem and network); a mode that cannot run here stops the run, never falls back (README: the sandbox)", "choices": rewards.SANDBOX_MODES})
     dtype: str = field(default="auto", metadata={"help": "compute dtype of generation and the update: auto = bf16 on GPU, fp32 on CPU (weights, gradients and AdamW state stay fp32)", "choices": ("auto", "bf16", "fp32")})
     gen_slots: int = field(default=256, metadata={"help": "most sequences the sampler decodes at once (KV-cache slots)", "range": "[1, inf)"})
@@ -136,15 +138,29 @@ class Problem:
     source: str = ""  # "file:line" of its row, for errors that must point at it
 
 
-def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0) -> list[Problem]:
+def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0, check_tests: str = "full",
+                  sandbox: str | None = None, workers: int | None = None) -> list[Problem]:
     """The first `limit` rows (0 = all) at levels <= max_level (0 = all) of a JSONL file of one domain.
-    A bad row stops the run with an error naming its file, line and field (plumbing.read_rows)."""
+    A bad row stops the run with an error naming its file, line and field (plumbing.read_rows); so does
+    a math answer math-verify cannot read, and code tests that do not test (testcheck.check_rows)."""
     key = "answer" if domain == "math" else "tests"
     rows = read_rows(path, domain, ("id", "question", key), limit, max_level)
     for row, source in rows:
         if not isinstance(row[key], str):  # read_rows let through the shape of the stdin/stdout form
             raise ValueError(f"{source}: field 'tests' is a list of stdin/stdout cases, a test form the "
                              f"sandbox does not run yet; use the case or assert form")
+    if domain == "math":
+        for row, source in rows:
+            try:
+                rewards.check_answer(row["answer"])
+            except ValueError as e:
+                raise ValueError(f"{source}: field 'answer': {e}") from None
+    else:
+        testcheck.check_rows([(row["tests"], row.get("solution"), source) for row, source in rows],
+                             check_tests == "full", sandbox, workers)
+        if check_tests == "static":
+            print0(f"{path}: code tests checked statically only (--check_tests static): no reference "
+                   f"or trivial program was run; `python testcheck.py {path}` runs them")
     return [Problem(row["id"], domain, row["question"], row[key], source) for row, source in rows]
 
 
@@ -161,9 +177,10 @@ def load_humaneval(n: int) -> list[Problem]:
 def load_data(cfg: Config) -> tuple[dict, dict, list]:
     """The training prompts of each stage (1: math; 2: math + code), the held-out ones per domain,
     and the HumanEval problems of --eval_humaneval (none by default)."""
+    checks = dict(check_tests=cfg.check_tests, sandbox=cfg.sandbox, workers=cfg.reward_workers or None)
     stages = {1: load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)}
-    stages[2] = stages[1] + load_problems(cfg.code_train, "code", cfg.max_prompts, cfg.max_level)
-    tests = {d: load_problems(path, d, cfg.eval_prompts, cfg.max_level)
+    stages[2] = stages[1] + load_problems(cfg.code_train, "code", cfg.max_prompts, cfg.max_level, **checks)
+    tests = {d: load_problems(path, d, cfg.eval_prompts, cfg.max_level, **checks)
              for d, path in (("math", cfg.math_test), ("code", cfg.code_test)) if d in cfg.eval_domains.split(",")}
     humaneval = load_humaneval(cfg.eval_humaneval)
     check_unique_ids(stages[2], *tests.values(), humaneval)

@@ -29,7 +29,9 @@ Python literal (its repr), e.g.
     is_divisible(0) == True
 Only the calls run in the sandbox; the expected values stay with the trainer, which compares each
 result with them, exact types included (True is not 1): a program can neither read what it is
-checked against nor skip the check, as it could skip asserts. The code "solution" is for
+checked against nor skip the check, as it could skip asserts. No row's tests pass a trivial
+program (testcheck.TRIVIAL: every answer 0, its first argument, ...): where the drawn inputs would
+let one through, the template's fixed `extra` inputs are added. The code "solution" is for
 validation only (tests/test_data.py runs it against "tests"); the policy never sees it. Train and
 test splits share no question: each level draws a pool of distinct problems and the test split
 takes the first few.
@@ -40,13 +42,16 @@ import json
 import math
 import os
 import random
+import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable
 
 SEED = 1234
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from testcheck import TRIVIAL  # noqa: E402  (the trivial programs no row's tests may pass)
 
 # -----------------------------------------------------------------------------
 # Small helpers shared by both domains.
@@ -274,6 +279,10 @@ class CodeTask:
     solution: str        # canonical solution source (used only for validation)
     ref: Callable        # independent reference implementation that produces expected outputs
     inputs: list         # argument tuples; the first is shown as the example
+    # Argument tuples added, in order and only as many as needed, when the drawn inputs let a
+    # trivial program pass (every answer 0, say). Fixed, not drawn: the random stream, and so
+    # every other row, stays as it was.
+    extra: list = field(default_factory=list)
 
 
 def rand_list(rng, lo=-20, hi=20, n_lo=1, n_hi=7):
@@ -402,7 +411,8 @@ def c_sum_multiples(rng):
                                 if x % {k} == 0:
                                     total += x
                             return total"""),
-                    lambda xs: sum(filter(lambda x: x % k == 0, xs)), lists(rng, 4, n_hi=10))
+                    lambda xs: sum(filter(lambda x: x % k == 0, xs)), lists(rng, 4, n_hi=10),
+                    extra=[([k, k, 1],)])  # 2k: not 0, 1, -1, its length 3 or its sum 2k + 1
 
 
 def c_count_compare(rng):
@@ -417,7 +427,9 @@ def c_count_compare(rng):
                                 if x {cmp} {k}:
                                     count += 1
                             return count"""),
-                    lambda xs: len([x for x in xs if test(x)]), lists(rng, 4, n_hi=10))
+                    lambda xs: len([x for x in xs if test(x)]), lists(rng, 4, n_hi=10),
+                    # 2: not 0, 1, -1, its length 3 or its sum 3k +- 3
+                    extra=[([k + 1, k + 2, k] if cmp == ">" else [k - 1, k - 2, k],)])
 
 
 def c_count_letters(rng):
@@ -452,6 +464,8 @@ def c_digits(rng):
                                  "non-negative integer `n`.", f"count_{d}s", f"total += n % 10 == {d}",
                                  lambda n: str(n).count(str(d)))
         init = 0
+    # 1dd has the digit d two or three times: not 0, 1, -1 or itself.
+    extra = [(int(f"1{d}{d}"),)] if form == 2 else []
     # The loop handles n = 0 as one digit "0", like str(n) does.
     return CodeTask(f"{name}(n)", spec,
                     src(f"""
@@ -462,7 +476,7 @@ def c_digits(rng):
                                 n //= 10
                                 if n == 0:
                                     return total"""),
-                    ref, [(rng.randint(10, 99999),) for _ in range(4)] + [(0,), (7,)])
+                    ref, [(rng.randint(10, 99999),) for _ in range(4)] + [(0,), (7,)], extra)
 
 
 def c_sum_range(rng):
@@ -496,8 +510,8 @@ def c_first_index(rng):
                                     return i
                             return -1"""),
                     lambda xs: next((i for i in range(len(xs)) if xs[i] > k), -1),
-                    lists(rng, 4, n_hi=8, edge=([], [k]))
-                    )
+                    lists(rng, 4, n_hi=8, edge=([], [k])),
+                    extra=[([k, k, k + 1],)])  # 2: not 0, 1, -1, its length 3 or its sum 3k + 1
 
 
 def c_long_words(rng):
@@ -744,7 +758,8 @@ def c_rotate(rng):
                                 return []
                             i = {cut}
                             return xs[i:] + xs[:i]"""),
-                    ref, lists(rng, 4, n_hi=8, edge=([], [1, 2, 3])))
+                    ref, lists(rng, 4, n_hi=8, edge=([], [1, 2, 3])),
+                    extra=[(list(range(1, k + 2)),)])  # k + 1 long: rotated by k, it is not itself
 
 
 def c_second_largest(rng):
@@ -1171,7 +1186,9 @@ def c_longest_distinct(rng):
                                 best = max(best, i - start + 1)
                             return best"""
     return CodeTask("longest_part(s)", f"returns the length of the longest contiguous substring of `s` with {what}.",
-                    src(body), ref, strings(rng, 4, alphabet="abcd", n_hi=10, edge=("", "aaaa")))
+                    src(body), ref, strings(rng, 4, alphabet="abcd", n_hi=10, edge=("", "aaaa")),
+                    # k + 1 distinct letters, the last doubled: the answer is k + 1, its length k + 2
+                    extra=[("abcd"[:k + 1] + "abcd"[k],)])
 
 
 CODE_LEVELS = [
@@ -1186,12 +1203,18 @@ CODE_LEVELS = [
 
 
 def build_code_row(task: CodeTask) -> tuple[str, str, str]:
-    """CodeTask -> (question, tests, solution); checks the solution against the reference first."""
+    """CodeTask -> (question, tests, solution); checks the solution against the reference first,
+    and that no trivial program passes the tests (adding the task's extra inputs until none does)."""
     name = task.signature.split("(")[0]
     env = {}
     exec(task.solution, env)  # our own generated program: trusted
-    lines = []
-    for args in task.inputs:
+    # The trivial programs of testcheck.TRIVIAL, run here in-process on our own inputs (a lambda per
+    # return expression): the full check through the sandbox (tests/test_data.py) would take minutes.
+    # `trivial` keeps those that pass every case so far.
+    trivial = {label: eval(f"lambda *args, **kwargs: {expr}") for label, expr in TRIVIAL}
+    todo, extra, lines = list(task.inputs), list(task.extra), []
+    while todo:
+        args = todo.pop(0)
         want, got = task.ref(*args), env[name](*args)
         # Not `assert`: this check must survive `python -O`. The reprs compare types too, as
         # the reward does (the solution must not return 1 where the reference says True).
@@ -1205,6 +1228,19 @@ def build_code_row(task: CodeTask) -> tuple[str, str, str]:
         lines.append(f"{call} == {want!r}")
         if len(lines) == 1:
             example = f"`{call}` should return `{want!r}`"
+        for label, f in list(trivial.items()):
+            try:
+                value = f(*args)
+            except Exception:  # noqa: BLE001 - a trivial program that errors does not pass
+                del trivial[label]
+                continue
+            if value != want or repr(value) != repr(want):
+                del trivial[label]
+        if not todo and trivial and extra:
+            todo.append(extra.pop(0))
+    if trivial:
+        raise ValueError(f"{task.signature}: a program returning {next(iter(trivial))} passes every test; "
+                         f"give its template an `extra` input whose answer differs")
     question = f"Write a Python function `{task.signature}` that {task.spec}\nFor example, {example}."
     return question, "\n".join(lines), task.solution
 

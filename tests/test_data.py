@@ -307,6 +307,22 @@ def test_code_tests_reject_wrong_stubs(rows, body):
             assert run_program(stub, row["tests"]) is not None, f"{row['id']}: a stub `{body}` passes its tests"
 
 
+@pytest.mark.slow
+def test_every_shipped_code_row_passes_the_full_check(rows):
+    """Every shipped code row passes testcheck's full check: its solution passes, no trivial program does.
+
+    On ba93cea 8 training rows were paid to a trivial program (issue 26, finding 3): 000110, 000383, 000470,
+    000514, 000533, 000539 and 000591 to `return 0`, 000207 to `return len(xs)`."""
+    import testcheck
+    code = rows["code_train"] + rows["code_test"]
+    # 11 sandbox runs a row, ~7,700 in all, over one reward worker per core. In the rlimits mode: every
+    # program here is ours (the references, the trivial functions), and the full sandbox took 20 min
+    # on 2 loaded cores where rlimits took 8.6; the verdict is computed the same way in every mode.
+    problems = testcheck.row_problems([(r["tests"], r["solution"]) for r in code], sandbox="rlimits")
+    bad = [f"{r['id']}: {why}" for r, why in zip(code, problems) if why]
+    assert not bad, f"{len(bad)} shipped code rows fail the full check:\n" + "\n".join(bad[:20])
+
+
 # -----------------------------------------------------------------------------
 # The rewards the trainer uses agree with the data (a sample per domain: they spawn processes).
 

@@ -132,13 +132,15 @@ MATH = [
     ("\\frac{1}{2}", "0.5", True), ("0.5", "\\frac{1}{2}", True), ("1/2", "\\frac12", True),
     ("\\frac{3}{4}", "\\dfrac{3}{4}", True), ("\\dfrac{3}{4}", "0.75", True),
     ("3", "3.0", True), ("3.0", "3", True), ("-7", "-7.00", True),
-    ("25\\%", "\\frac{1}{4}", True), ("0.5", "50\\%", True),
+    ("25\\%", "25", True), ("50\\%", "50", True),
     ("[1, 2)", "[1,2)", True), ("(-\\infty, 3]", "(-\\infty,3]", True),
     ("x^2-1", "(x-1)(x+1)", True), ("2\\sqrt{3}", "\\sqrt{12}", True),
     ("\\frac{\\pi}{4}", "\\pi/4", True), ("x=5", "5", True), ("12", "12^\\circ", True),
     # near-misses
     ("\\frac{1}{2}", "0.25", False), ("3", "3.01", False), ("-5", "5", False),
     ("1/3", "0.33", False), ("\\pi", "3.14", False), ("50\\%", "0.05", False),
+    # The percent sign is a unit (README, rewards): math-verify also reads 25% as 0.25, we do not.
+    ("25\\%", "\\frac{1}{4}", False), ("0.5", "50\\%", False),
     ("[1, 2)", "[1,2]", False), ("(0, 1)", "[0, 1]", False), ("x^2-1", "(x-1)^2", False),
     ("2\\sqrt{3}", "\\sqrt{13}", False), ("12", "21", False),
     ("\\frac{3}{4}", "\\frac{4}{3}", False),
@@ -167,10 +169,14 @@ def test_math_labels_agree_with_math_verify_called_directly():
     """math-verify called directly agrees with every MATH label: the table tests our pipeline, not its labels."""
     # The peer: math-verify on the bare boxed strings, in this process. Our pipeline (template
     # parsing, box extraction, worker processes) must not change its verdicts.
+    # The only departures are the percent pairs below (one reading of %, tested in
+    # test_math_percent_has_one_reading), where math-verify accepts both readings.
     from math_verify import parse, verify
+    departures = {("25\\%", "\\frac{1}{4}"), ("0.5", "50\\%")}
     for ref, pred, same in MATH:
         direct = verify(parse("\\boxed{" + ref + "}"), parse("\\boxed{" + pred + "}"))
-        assert direct == same, f"math-verify itself says {ref!r} vs {pred!r} is {direct}"
+        want = not same if (ref, pred) in departures else same
+        assert direct == want, f"math-verify itself says {ref!r} vs {pred!r} is {direct}"
 
 
 def test_math_answer_location():
@@ -230,6 +236,56 @@ def test_math_reward_uses_reference_wrapping():
         "a reference in $...$ must be understood"
     assert math_reward(answer("\\boxed{2}"), "\\boxed{2}") == 1.0, \
         "a reference already in \\boxed{} must be understood"
+
+
+def _scores(pairs):
+    """score_batch over (boxed answer, reference) pairs: their accuracies, in order."""
+    scores = score_batch([answer(p) for p, _ in pairs], ["math"] * len(pairs), [r for _, r in pairs])
+    return [s.accuracy for s in scores]
+
+
+def test_math_equation_in_box_counts_only_as_variable_equals_value():
+    """A boxed equation pays only as `variable = value`: `26 = 25`, `x = 26 = 25` (math-verify pays) get 0."""
+    from math_verify import parse, verify
+    false_equations = ["\\boxed{26 = 25}", "\\boxed{x = 26 = 25}", "\\boxed{5^2 = 25}",
+                       "\\boxed{25 = 25}", "\\boxed{2x = 25}", "\\boxed{\\pi = 25}"]
+    for pred in false_equations[:2]:  # the peer pays these: the reason for our rule
+        assert verify(parse("\\boxed{25}"), parse(pred)), f"math-verify no longer pays {pred}: recheck"
+    got = _scores([(p, "25") for p in false_equations])
+    assert got == [0.0] * len(false_equations), \
+        f"an equation that is not `variable = value` must score 0: {dict(zip(false_equations, got))}"
+    ok = ["\\boxed{x = 25}", "\\boxed{x_1 = 25}", "\\boxed{\\theta = 25}", "\\boxed{x = y = 25}"]
+    got = _scores([(p, "25") for p in ok] + [("\\boxed{x = 24}", "25")])
+    assert got == [1.0] * len(ok) + [0.0], f"`variable = value` is read as its value: {got}"
+    pairs = [("\\boxed{x = 5, y = 3}", "x=5, y=3"), ("\\boxed{x = 5, y = 3}", "(5, 3)"),
+             ("\\boxed{x = 5, y = 4 = 3}", "x=5, y=3")]
+    got = _scores(pairs)
+    assert got == [1.0, 1.0, 0.0], f"a list of equations is read item by item: {dict(zip(pairs, got))}"
+
+
+def test_math_percent_has_one_reading():
+    """`%` is a unit: 25% is 25, never 0.25, and 2500% is not 25 (math-verify reads both ways)."""
+    pairs = [("\\boxed{25\\%}", "25"), ("\\boxed{25\\%}", "0.25"), ("\\boxed{2500\\%}", "25"),
+             ("\\boxed{25}", "25\\%"), ("\\boxed{0.25}", "25\\%"), ("\\boxed{25%}", "0.25")]
+    got = _scores(pairs)
+    assert got == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], f"one reading of %: {dict(zip(pairs, got))}"
+
+
+def test_math_box_spellings_are_read():
+    """`\\boxed {25}` (a space before the brace) and `\\fbox{25}` read as 25, which math-verify rejects."""
+    pairs = [("\\boxed {25}", "25"), ("\\fbox{25}", "25"), ("\\boxed  {x = 25}", "25"),
+             ("\\fbox{24}", "25")]
+    got = _scores(pairs)
+    assert got == [1.0, 1.0, 1.0, 0.0], f"box spellings: {dict(zip(pairs, got))}"
+
+
+def test_check_answer_rejects_unreadable_references():
+    """rewards.check_answer (the loader's check of a math row) rejects `\\boxed{` and "", accepts answers."""
+    for bad in ("\\boxed{", "", "   "):
+        with pytest.raises(ValueError, match="cannot read the answer"):
+            rewards.check_answer(bad)
+    for good in ("25", "\\frac{1}{2}", "x=5", "$3$", "\\boxed{7}", "25\\%"):
+        rewards.check_answer(good)
 
 
 # -----------------------------------------------------------------------------
