@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 import rewards
+from errors import exit_on_user_error
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
 from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,
                       empty_micro_batch, eos_ids, exit_torchrun, make_micro_batch, make_shared_micro_batch,
@@ -105,7 +106,8 @@ class Config:
     eval_domains: str = field(default="math,code", metadata={"help": "the domains evaluated", "choices": ("math,code", "math", "code")})
     wandb_project: str = field(default="", metadata={"help": "also log every record to this Weights & Biases project (needs `pip install wandb`); empty = off"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end", "range": "[0, inf)"})
-    resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there"})
+    resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there; --no_resume starts afresh, replacing an earlier run's files in out_dir (a run writes only into a new or empty folder, or one of its own)"})
+    accept_changed_data: bool = field(default=False, metadata={"help": "resume even though data rows changed under the same ids since the checkpoint (refused otherwise, naming them)"})
     reward_workers: int = field(default=0, metadata={"help": "reward worker processes, 0 = number of CPU cores", "range": "[0, inf)"})
     sandbox: str = field(default="full", metadata={"help": "how generated code runs: full (namespaces, private root, a uid of its own, cgroup caps), namespaces (no cgroup), rlimits (trusted code only: the real filesystem and network); a mode that cannot run here stops the run, never falls back (README: the sandbox)", "choices": rewards.SANDBOX_MODES})
     dtype: str = field(default="auto", metadata={"help": "compute dtype of generation and the update: auto = bf16 on GPU, fp32 on CPU (weights, gradients and AdamW state stay fp32)", "choices": ("auto", "bf16", "fp32")})
@@ -499,17 +501,20 @@ def main(argv=None, reward_fn=score_responses) -> int:
     shell reports a process killed by N). reward_fn(tok, problems, rolls, cfg) -> list[rewards.Score]
     scores rollouts, in training and in evaluation: a fork passes its own (README, "Fork it")."""
     cfg = parse_config(argv)
-    # plumbing.Run: the processes, the precision, the run's folder (locked), the stop signals, the policy
-    with Run(cfg, argv) as run:
+    # Everything a user gives is checked before anything is written to --out_dir or the weights load:
+    # plumbing.Run checks the run's folder, the model's config and tokenizer; then every data row.
+    run = Run(cfg, argv)
+    stages, tests = load_data(cfg)
+    by_id = {p.id: p for p in stages[2]}
+    every_prompt = stages[2] + sum(tests.values(), [])
+    prompt_ids = {p.id: encode_prompt(run.tok, p, cfg.one_shot) for p in every_prompt}
+    if "code" in tests or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
+        # Generated code will run: the sandbox mode asked for must work here, checked now rather
+        # than at stage 2. It never falls back to a weaker one (sandbox.check_sandbox).
+        print0(f"code sandbox: {rewards.check_sandbox(cfg.sandbox)}")
+    # Entering the Run: the run's folder claimed (locked), the stop signals, the precision, the policy
+    with run:
         tok, rank, world, device = run.tok, run.rank, run.world, run.device
-        stages, tests = load_data(cfg)
-        by_id = {p.id: p for p in stages[2]}
-        every_prompt = stages[2] + sum(tests.values(), [])
-        prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in every_prompt}
-        if "code" in tests or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
-            # Generated code will run: the sandbox mode asked for must work here, checked now rather
-            # than at stage 2. It never falls back to a weaker one (sandbox.check_sandbox).
-            print0(f"code sandbox: {rewards.check_sandbox(cfg.sandbox)}")
         run.prepare(every_prompt, prompt_ids)  # the memory plan, the sampler's copy and KV cache, AdamW
         settings = UpdateSettings.from_config(cfg, micro_tokens=run.plan.micro_tokens)
         cur = Curriculum({s: [p.id for p in ps] for s, ps in stages.items()}, cfg.prompts_per_step, cfg.seed,
@@ -568,6 +573,6 @@ def main(argv=None, reward_fn=score_responses) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
+    status = exit_on_user_error("srpo", main)  # a user's mistake: one line and exit status 2, no traceback
     exit_torchrun(status)
     sys.exit(status)
