@@ -1144,9 +1144,6 @@ class Run:
         self.resumed = open_checkpoint(self.ckpt, cfg, rank, world) if self.ckpt else None
         # fp32 master weights, sharded if world > 1
         self.model = build_policy(self.model_path, self.device, rank, world, param_dtype=self.prec.compute)
-        if rank == 0:  # only now: a refused resume, or weights that do not load, leave config.json as it was
-            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
 
     def prepare(self, problems: list, prompt_ids: dict):
         """For these prompts (every one the run will generate for): the memory plan, decided now (or a
@@ -1194,8 +1191,15 @@ class Run:
             print0(f"resumed from {self.ckpt} at step {step} (stage {curriculum.stage}, epoch {curriculum.epoch})")
             if self.rank == 0:
                 _truncate_metrics(self.metrics_path, step)
-        elif self.rank == 0 and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)
+        elif self.rank == 0:  # afresh: an earlier run's log and checkpoint go (a crash before the first
+            # save would otherwise resume that run's checkpoint under this run's log)
+            for path in (self.metrics_path, os.path.join(self.cfg.out_dir, CKPT_FILE)):
+                if os.path.exists(path):
+                    os.remove(path)
+            shutil.rmtree(os.path.join(self.cfg.out_dir, CKPT_DIR), ignore_errors=True)
+        if self.rank == 0:  # only now: a refused start or resume leaves the run's config.json as it was
+            with open(os.path.join(self.cfg.out_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(self.cfg), f, indent=2)
         if self.cfg.wandb_project and self.rank == 0:
             try:
                 import wandb

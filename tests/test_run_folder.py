@@ -17,6 +17,7 @@ import srpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+MARKER = ".srpo-run"  # the file that marks a run's folder, by the name the README gives it (plumbing.MARKER)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -116,7 +117,7 @@ def test_a_run_resumes_in_its_own_folder_and_starts_afresh_only_when_asked(world
     """An earlier run's folder (its marker) resumes; without a checkpoint, only --no_resume starts afresh (issue 27)."""
     out = tmp_path / "own"
     assert run(world, out) == 0
-    assert json.loads((out / plumbing.MARKER).read_text())["created_by"] == "srpo", "the run must mark its folder"
+    assert json.loads((out / MARKER).read_text())["created_by"] == "srpo", "the run must mark its folder"
     (out / "notes.txt").write_text("mine")  # the user's own file in the run's folder
     (out / "checkpoint.pt").unlink()        # as if the run had been killed before its first save
     with pytest.raises(ValueError, match=r"holds an earlier run .* no checkpoint .*--no_resume"):
@@ -131,7 +132,7 @@ def test_a_foreign_marker_is_not_a_runs_own(world, tmp_path, no_weights):
     """A marker file that is not srpo's (not its JSON) does not make the folder the run's own (issue 27)."""
     out = tmp_path / "odd"
     out.mkdir()
-    (out / plumbing.MARKER).write_text("hello")
+    (out / MARKER).write_text("hello")
     (out / "config.json").write_text("{}")
     before = snapshot(out)
     with pytest.raises(ValueError, match=r"\.srpo-run is not the mark an srpo run writes"):
@@ -286,7 +287,7 @@ def test_every_kind_of_mistake_is_one_line(world, tmp_path, capsys, case):
     holder = None
     if case == "busy":
         out.mkdir()
-        (out / plumbing.MARKER).write_text('{"created_by": "srpo"}')
+        (out / MARKER).write_text('{"created_by": "srpo"}')
         holder = plumbing.lock_out_dir(str(out))  # another run holds the folder
     try:
         status = exit_on_user_error("srpo", srpo.main, harness.world_args(world, str(out), **over),
@@ -297,3 +298,15 @@ def test_every_kind_of_mistake_is_one_line(world, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1, f"status {status}, stderr {err}"
     assert err[0].startswith("srpo: error: ") and want in err[0], err[0]
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_mistake_is_said_once(world, tmp_path):
+    """Under torchrun every rank stops on a user's mistake with status 2, and rank 0 alone says it (issue 27)."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                        os.path.join(ROOT, "srpo.py"), *harness.world_args(world, str(tmp_path / "out")),
+                        "--math_train", bad_math(world, tmp_path)], env=ENV, capture_output=True, text=True, timeout=600)
+    said = (p.stdout + p.stderr).count("srpo: error: ")
+    assert p.returncode != 0 and said == 1, f"status {p.returncode}, said {said} times:\n{p.stderr[-3000:]}"
+    assert "exitcode  : 2" in p.stderr or "exitcode: 2" in p.stderr.replace(" ", ""), p.stderr[-3000:]
+    assert not (tmp_path / "out").exists(), "a refused start must leave no --out_dir"
