@@ -537,13 +537,14 @@ def load_hf_config(path):
     else:
         try:
             hf = AutoConfig.from_pretrained(path)
-        except Exception as e:  # not JSON, a field of the wrong type (huggingface_hub's own error class), ...:
-            # transformers' messages name the field but not the file
+        except Exception as e:  # not JSON, a field of the wrong type (huggingface_hub's own error class),
+            # ...: transformers' messages name the field but not the file
             raise UserError(f"{os.path.join(path, 'config.json')}: {type(e).__name__}: {e}") from e
     try:
         ModelConfig.from_hf(hf)
     except (ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"{path if path.endswith('.gguf') else os.path.join(path, 'config.json')}: {e}") from e
+        file = path if path.endswith(".gguf") else os.path.join(path, "config.json")
+        raise UserError(f"{file}: {e}") from e
     return hf
 
 

@@ -7,7 +7,8 @@ read can skip this file. In order:
   - precision and the memory plan, decided once at start-up;
   - the sampler's KV cache, sized for the longest prompt;
   - checkpoints (one file from one process, a DCP folder from several; verified before loading);
-  - the run's folder (locked, tidied after a crash) and stop signals answered with a checkpoint;
+  - the run's folder (its own: new, empty or marked by an earlier run; locked, tidied after a crash)
+    and stop signals answered with a checkpoint;
   - Run: all of the above put together for srpo.main, plus the metrics log;
   - the status line, the plot, the export in the Hugging Face format.
 """
@@ -869,9 +870,10 @@ def check_resumed_rows(path: str, saved: dict, now: dict, by_id: dict, accept: b
     shown = ", ".join(f"{pid!r} ({by_id[pid].source})" for pid in changed[:5]) \
         + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
     if not accept:
-        raise UserError(f"{path} was trained on other content in {len(changed)} data rows with the same ids: {shown}. "
-                        f"Restore the files the run began with, add --accept_changed_data to continue on the changed "
-                        f"rows, or start afresh with --no_resume or another --out_dir")
+        raise UserError(f"{path} was trained on other content in {len(changed)} data rows with the same "
+                        f"ids: {shown}. Restore the files the run began with, add --accept_changed_data to "
+                        f"continue on the changed rows, or start afresh with --no_resume or another "
+                        f"--out_dir")
     print0(f"--accept_changed_data: resuming on {len(changed)} changed data rows: {shown}")
 
 
@@ -907,7 +909,8 @@ def check_out_dir(out_dir: str, model_path: str, resume: bool) -> str:
                         + ": the run writes config.json, checkpoints and policy/ into --out_dir, and must not write "
                           "into the model's folder. Choose an --out_dir outside it")
     if os.path.islink(out_dir) and not os.path.exists(out_dir):
-        raise UserError(f"--out_dir {out_dir} is a symbolic link that leads nowhere (a loop, or its target is gone)")
+        raise UserError(f"--out_dir {out_dir} is a symbolic link that leads nowhere (a loop, or its target "
+                        f"is gone)")
     if not os.path.exists(out_dir):
         parent = os.path.dirname(os.path.abspath(out_dir))
         while not os.path.exists(parent):
@@ -925,9 +928,9 @@ def check_out_dir(out_dir: str, model_path: str, resume: bool) -> str:
         return "empty"
     if MARKER not in names:
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise UserError(f"--out_dir {out_dir} holds what no srpo run put there ({shown}): a run writes only into a "
-                        f"new or empty folder, or one of an earlier run of its own (marked by its {MARKER} file). "
-                        f"Choose another --out_dir")
+        raise UserError(f"--out_dir {out_dir} holds what no srpo run put there ({shown}): a run writes only "
+                        f"into a new or empty folder, or one of an earlier run of its own (marked by its "
+                        f"{MARKER} file). Choose another --out_dir")
     marker = os.path.join(out_dir, MARKER)
     try:
         with open(marker) as f:
@@ -935,13 +938,13 @@ def check_out_dir(out_dir: str, model_path: str, resume: bool) -> str:
     except (OSError, ValueError):
         mark = None
     if not isinstance(mark, dict) or mark.get("created_by") != "srpo":
-        raise UserError(f"{marker} is not the mark an srpo run writes, so --out_dir {out_dir} is not known to be "
-                        f"a run's own folder. Choose another --out_dir")
+        raise UserError(f"{marker} is not the mark an srpo run writes, so --out_dir {out_dir} is not known "
+                        f"to be a run's own folder. Choose another --out_dir")
     resumable = find_checkpoint(out_dir) or os.path.isdir(os.path.join(out_dir, CKPT_DIR + ".old"))
     if resume and not resumable and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        raise UserError(f"--out_dir {out_dir} holds an earlier run (its metrics.jsonl) but no checkpoint to resume "
-                        f"from: add --no_resume to start afresh there (the run's own files are replaced, nothing "
-                        f"else), or choose another --out_dir")
+        raise UserError(f"--out_dir {out_dir} holds an earlier run (its metrics.jsonl) but no checkpoint to "
+                        f"resume from: add --no_resume to start afresh there (the run's own files are "
+                        f"replaced, nothing else), or choose another --out_dir")
     return "own"
 
 
@@ -969,8 +972,8 @@ class RunFolder:
                                    "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv}, f)
                 remove_partial_checkpoints(out_dir)
             except (OSError, UserError) as e:
-                error = e if isinstance(e, UserError) else UserError(f"--out_dir {out_dir}: cannot write there "
-                                                                     f"({type(e).__name__}: {e})")
+                error = e if isinstance(e, UserError) else \
+                    UserError(f"--out_dir {out_dir}: cannot write there ({type(e).__name__}: {e})")
                 self.undo()
         raise_together(error)  # and no rank looks for a checkpoint before rank 0 has tidied up
 
@@ -1031,7 +1034,8 @@ def remove_partial_checkpoints(out_dir: str):
     """A save cut off by a kill leaves checkpoint.pt.tmp or checkpoint.tmp/, as large as a checkpoint,
     until the next save: remove them. One cut off between the two renames of a folder checkpoint
     leaves the previous checkpoint as checkpoint.old/ with no checkpoint/: put it back. Called under
-    the lock, so no save in progress is touched."""
+    the lock, so no save in progress is touched, and only in the run's own folder (RunFolder): in
+    another tool's folder a checkpoint.tmp/ is not ours to delete."""
     old, folder = os.path.join(out_dir, CKPT_DIR + ".old"), os.path.join(out_dir, CKPT_DIR)
     if os.path.isdir(old) and not os.path.exists(folder):
         os.replace(old, folder)

@@ -30,13 +30,15 @@ def world(tmp_path_factory):
 def no_weights(monkeypatch):
     """The policy's weights must not load: a check that runs after them fails the test here."""
     def build_policy(*args, **kwargs):
-        raise AssertionError("the model's weights were loaded before the check that should have stopped the run")
+        raise AssertionError("the model's weights were loaded before the check that should have stopped "
+                             "the run")
     monkeypatch.setattr(plumbing, "build_policy", build_policy)
 
 
 def run(world, out, **over) -> int:
     """srpo.main in this process: a one-step run in the tiny world, unless over says otherwise."""
-    return srpo.main(harness.world_args(world, str(out), **{"total_steps": 1} | over), reward_fn=harness.contains_reference)
+    return srpo.main(harness.world_args(world, str(out), **{"total_steps": 1} | over),
+                     reward_fn=harness.contains_reference)
 
 
 def snapshot(folder) -> dict:
@@ -86,7 +88,7 @@ def test_a_folder_of_something_else_is_refused_untouched_before_the_model_loads(
     and deleted its checkpoint.tmp/."""
     out = foreign_folder(world, tmp_path / "theirs")
     before = snapshot(out)
-    with pytest.raises(ValueError, match=r"--out_dir \S*theirs holds what no srpo run put there \(.*config.json"):
+    with pytest.raises(ValueError, match=r"--out_dir \S*theirs holds what no srpo run put there \(.*config"):
         run(world, out)
     assert snapshot(out) == before, "a refused run changed a folder it does not own"
 
@@ -102,7 +104,7 @@ def test_a_refused_start_in_a_new_folder_leaves_no_folder(world, tmp_path, no_we
 
 
 def test_a_failed_start_in_an_empty_folder_leaves_it_empty(world, tmp_path):
-    """A start that fails after claiming an empty folder (weights that do not load) leaves it empty (issue 27)."""
+    """A start that fails after claiming an empty folder (unreadable weights) leaves it empty (issue 27)."""
     model = tmp_path / "model"
     shutil.copytree(f"{world}/model", model)
     (model / "model.safetensors").write_bytes(b"not safetensors" * 10)
@@ -114,7 +116,7 @@ def test_a_failed_start_in_an_empty_folder_leaves_it_empty(world, tmp_path):
 
 
 def test_a_run_resumes_in_its_own_folder_and_starts_afresh_only_when_asked(world, tmp_path):
-    """An earlier run's folder (its marker) resumes; without a checkpoint, only --no_resume starts afresh (issue 27)."""
+    """An earlier run's folder (its marker) resumes; with no checkpoint only --no_resume starts afresh."""
     out = tmp_path / "own"
     assert run(world, out) == 0
     assert json.loads((out / MARKER).read_text())["created_by"] == "srpo", "the run must mark its folder"
@@ -125,7 +127,7 @@ def test_a_run_resumes_in_its_own_folder_and_starts_afresh_only_when_asked(world
     assert run(world, out, resume=False) == 0, "--no_resume must start afresh over the run's own folder"
     assert (out / "notes.txt").read_text() == "mine", "starting afresh touched a file the run did not make"
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in lines if r["type"] == "step"] == [1], "the earlier run's metrics must be replaced"
+    assert [r["step"] for r in lines if r["type"] == "step"] == [1], "the earlier run's metrics must go"
 
 
 def test_a_foreign_marker_is_not_a_runs_own(world, tmp_path, no_weights):
@@ -170,7 +172,8 @@ def test_read_only_out_dir_is_named(world, tmp_path, no_weights):
     ro.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a read-only tmpfs needs root")
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                       capture_output=True, text=True)
     if p.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
     try:
@@ -187,7 +190,7 @@ def test_read_only_out_dir_is_named(world, tmp_path, no_weights):
 
 @pytest.mark.parametrize("damage", ["folder", "nan_level", "infinity", "huge", "repeated_key"])
 def test_bad_data_file_is_named_before_the_model_loads(world, tmp_path, no_weights, damage):
-    """A data file that is a folder, a non-finite number, a repeated key: file, line and field, early (issue 27).
+    """A data file that is a folder, a non-finite number, a repeated key: named, and early (issue 27).
 
     A folder gave a bare IsADirectoryError; "level": NaN and duplicate keys (the last wins) were accepted."""
     good = open(f"{world}/math_train.jsonl").read().splitlines()
@@ -209,7 +212,7 @@ def test_bad_data_file_is_named_before_the_model_loads(world, tmp_path, no_weigh
 
 @pytest.mark.parametrize("damage", ["wrong_type", "not_json"])
 def test_bad_model_config_names_the_file_before_the_weights_load(world, tmp_path, no_weights, damage):
-    """A model config.json with "hidden_size": "big", or not JSON, is named before the weights load (issue 27).
+    """A model config.json with "hidden_size": "big", or not JSON, is named before the weights load (27).
 
     It named the field, not the file, and came after the run had written into --out_dir."""
     model = tmp_path / "model"
@@ -217,7 +220,8 @@ def test_bad_model_config_names_the_file_before_the_weights_load(world, tmp_path
     cfg = json.loads((model / "config.json").read_text())
     cfg["hidden_size"] = "big"
     (model / "config.json").write_text(json.dumps(cfg) if damage == "wrong_type" else "{not json")
-    with pytest.raises(ValueError, match=rf"{model}/config.json: .*" + ("hidden_size" if damage == "wrong_type" else "")):
+    want = rf"{model}/config.json: .*" + ("hidden_size" if damage == "wrong_type" else "")
+    with pytest.raises(ValueError, match=want):
         run(world, tmp_path / "out", model=str(model))
     assert not (tmp_path / "out").exists(), "a refused start must leave no --out_dir"
 
@@ -226,9 +230,10 @@ def test_bad_model_config_names_the_file_before_the_weights_load(world, tmp_path
 
 
 def test_resume_on_rewritten_rows_is_refused_naming_them_unless_accepted(world, tmp_path, capsys):
-    """Rows rewritten under the same ids stop a resume, naming them; --accept_changed_data goes on, saying so (issue 27).
+    """Rows rewritten under the same ids stop a resume, naming them; --accept_changed_data goes on, saying so.
 
-    Every math row rewritten with the same ids resumed without a word, HR's state carried over to other problems."""
+    Issue 27: every math row rewritten under the same ids resumed without a word, HR's state carried
+    over to other problems."""
     train = tmp_path / "math_train.jsonl"
     shutil.copy(f"{world}/math_train.jsonl", train)
     out = tmp_path / "run"
@@ -237,8 +242,9 @@ def test_resume_on_rewritten_rows_is_refused_naming_them_unless_accepted(world, 
     for r in rows:
         r["question"] = "What is " + r["question"]
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(ValueError, match=r"checkpoint.pt was trained on other content in 8 data rows with the same "
-                                         r"ids: 'math-train-0' \(\S+math_train.jsonl:1\), .* and 3 more"):
+    want = r"checkpoint.pt was trained on other content in 8 data rows with the same ids: " \
+           r"'math-train-0' \(\S+math_train.jsonl:1\), .* and 3 more"
+    with pytest.raises(ValueError, match=want):
         run(world, out, math_train=str(train), total_steps=2)
     capsys.readouterr()
     assert run(world, out, math_train=str(train), total_steps=2, accept_changed_data=True) == 0
@@ -251,8 +257,8 @@ def test_resume_on_rewritten_rows_is_refused_naming_them_unless_accepted(world, 
 
 
 def srpo_cli(world, out, *opts, env=ENV) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "srpo.py"), *harness.world_args(world, str(out)), *opts],
-                          env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, os.path.join(ROOT, "srpo.py"), *harness.world_args(world, str(out)), *opts]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_a_user_mistake_is_one_line_and_exit_status_2(world, tmp_path):
@@ -263,7 +269,7 @@ def test_a_user_mistake_is_one_line_and_exit_status_2(world, tmp_path):
     p = srpo_cli(world, tmp_path / "f")
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2, f"exit status {p.returncode}:\n{p.stderr[-3000:]}"
-    assert "Traceback" not in p.stderr and len(lines) == 1, f"expected one line on stderr:\n{p.stderr[-3000:]}"
+    assert "Traceback" not in p.stderr and len(lines) == 1, f"not one line on stderr:\n{p.stderr[-3000:]}"
     assert lines[0].startswith("srpo: error: --out_dir ") and "is a file, not a folder" in lines[0], lines[0]
     debug = srpo_cli(world, tmp_path / "f", env=dict(ENV, SRPO_DEBUG="1"))
     assert debug.returncode == 2 and "Traceback" in debug.stderr, "SRPO_DEBUG=1 should show the traceback"
@@ -271,7 +277,7 @@ def test_a_user_mistake_is_one_line_and_exit_status_2(world, tmp_path):
 
 @pytest.mark.parametrize("case", ["option", "data", "model", "out_dir", "busy"])
 def test_every_kind_of_mistake_is_one_line(world, tmp_path, capsys, case):
-    """Options, data, model files and folders: each mistake is one line naming it, exit status 2 (issue 27)."""
+    """Options, data, model files and folders: each mistake is one line naming it, exit status 2 (27)."""
     from errors import exit_on_user_error
     model = tmp_path / "model"
     shutil.copytree(f"{world}/model", model)
@@ -302,10 +308,11 @@ def test_every_kind_of_mistake_is_one_line(world, tmp_path, capsys, case):
 
 @pytest.mark.slow
 def test_under_torchrun_the_mistake_is_said_once(world, tmp_path):
-    """Under torchrun every rank stops on a user's mistake with status 2, and rank 0 alone says it (issue 27)."""
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                        os.path.join(ROOT, "srpo.py"), *harness.world_args(world, str(tmp_path / "out")),
-                        "--math_train", bad_math(world, tmp_path)], env=ENV, capture_output=True, text=True, timeout=600)
+    """Under torchrun every rank stops on a user's mistake with status 2, and rank 0 alone says it (27)."""
+    cmd = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           os.path.join(ROOT, "srpo.py"), *harness.world_args(world, str(tmp_path / "out")),
+           "--math_train", bad_math(world, tmp_path)]
+    p = subprocess.run([sys.executable, *cmd], env=ENV, capture_output=True, text=True, timeout=600)
     said = (p.stdout + p.stderr).count("srpo: error: ")
     assert p.returncode != 0 and said == 1, f"status {p.returncode}, said {said} times:\n{p.stderr[-3000:]}"
     assert "exitcode  : 2" in p.stderr or "exitcode: 2" in p.stderr.replace(" ", ""), p.stderr[-3000:]
