@@ -1105,12 +1105,11 @@ class Run:
         self.rank, self.world, self.device = setup_dist()
         self.model_path = resolve_model_path(cfg.model)
         check_out_dir(cfg.out_dir, self.model_path, cfg.resume)  # a folder refused now costs no wait
-        # The tokenizer and the model's config, checked before the weights load (minutes for a large model)
-        vocab = load_hf_config(self.model_path).vocab_size
+        # The model's config.json and tokenizer, checked before the weights load (minutes for a large
+        # model). A GGUF file's config is read with its weights: its metadata take as long to parse again.
+        if not self.model_path.endswith(".gguf"):
+            load_hf_config(self.model_path)
         self.tok = load_tokenizer(self.model_path)
-        if len(self.tok) > vocab:
-            raise UserError(f"the tokenizer has {len(self.tok)} tokens but the model's vocabulary is {vocab} "
-                            f"({self.model_path}): they do not belong together")
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.steps_this_run = 0
         self.begun = False  # a record logged: from then on the run's folder stays, however the run ends
@@ -1148,6 +1147,9 @@ class Run:
         self.resumed = open_checkpoint(self.ckpt, cfg, rank, world) if self.ckpt else None
         # fp32 master weights, sharded if world > 1
         self.model = build_policy(self.model_path, self.device, rank, world, param_dtype=self.prec.compute)
+        if len(self.tok) > self.model.config.vocab_size:
+            raise UserError(f"the tokenizer has {len(self.tok)} tokens but the model's vocabulary is "
+                            f"{self.model.config.vocab_size}: they do not belong together")
 
     def prepare(self, problems: list, prompt_ids: dict):
         """For these prompts (every one the run will generate for): the memory plan, decided now (or a

@@ -502,9 +502,10 @@ def main(argv=None, reward_fn=score_responses) -> int:
     scores rollouts, in training and in evaluation: a fork passes its own (README, "Fork it")."""
     cfg = parse_config(argv)
     # Everything a user gives is checked before anything is written to --out_dir or the weights load:
-    # plumbing.Run checks the run's folder, the model's config and tokenizer; then every data row.
-    run = Run(cfg, argv)
+    # every data row (in a second), then plumbing.Run checks the run's folder, the model's config and
+    # tokenizer.
     stages, tests = load_data(cfg)
+    run = Run(cfg, argv)
     by_id = {p.id: p for p in stages[2]}
     every_prompt = stages[2] + sum(tests.values(), [])
     prompt_ids = {p.id: encode_prompt(run.tok, p, cfg.one_shot) for p in every_prompt}
