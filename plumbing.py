@@ -387,7 +387,7 @@ def exit_torchrun(status: int = 0):
 
 
 def print0(*args, **kwargs):
-    """print on rank 0 alone; before the process group is up (the data are checked first), by torchrun's RANK."""
+    """print on rank 0 alone; before the process group is up (data are checked first), by torchrun's RANK."""
     if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0:
         print(*args, **kwargs, flush=True)
 
