@@ -359,6 +359,18 @@ def raise_together(error: Exception | None):
         raise error
 
 
+def together(fn, *args):
+    """fn(*args) on every rank, for a check of what the user gave: a UserError on any rank is raised on
+    all of them at once. Raised by one rank alone, it ends that process, and torchrun stops the others,
+    rank 0 perhaps before it could say why."""
+    try:
+        result, error = fn(*args), None
+    except UserError as e:
+        result, error = None, e
+    raise_together(error)
+    return result
+
+
 def _gather(obj) -> list:
     """obj from every rank, in rank order; [obj] in one process."""
     if not dist.is_initialized():
@@ -387,8 +399,7 @@ def exit_torchrun(status: int = 0):
 
 
 def print0(*args, **kwargs):
-    """print on rank 0 alone; before the process group is up (data are checked first), by torchrun's RANK."""
-    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -1093,8 +1104,8 @@ class StopSignals:
 
 # -----------------------------------------------------------------------------
 # Run: what srpo.main needs around the algorithm, in the order it needs it. Making one starts the
-# processes and checks, writing nothing, the run's folder and the model's config and tokenizer;
-# entering claims the folder, catches the stop signals, decides the precision, verifies a checkpoint
+# processes and checks, writing nothing, the run's folder and the model's config; entering loads the
+# tokenizer, claims the folder, catches the stop signals, decides the precision, verifies a checkpoint
 # to resume from and loads the policy; prepare() sizes the rest for the data; resume() puts the run
 # where its checkpoint left it; log_*() write the metrics; step_boundary() saves and stops; finish()
 # ends it.
@@ -1104,20 +1115,25 @@ class Run:
     def __init__(self, cfg, argv=None):
         self.cfg, self.argv = cfg, sys.argv[1:] if argv is None else argv
         self.rank, self.world, self.device = setup_dist()
-        self.model_path = resolve_model_path(cfg.model)
-        check_out_dir(cfg.out_dir, self.model_path, cfg.resume)  # a folder refused now costs no wait
-        # The model's config.json and tokenizer, checked before the weights load (minutes for a large
-        # model). A GGUF file's config is read with its weights: its metadata take as long to parse again.
-        if not self.model_path.endswith(".gguf"):
-            load_hf_config(self.model_path)
-        self.tok = load_tokenizer(self.model_path)
+        self.model_path = together(self._check, cfg)
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.steps_this_run = 0
         self.begun = False  # a record logged: from then on the run's folder stays, however the run ends
         self.wandb = self.bar = self.folder = None
         self._exit = contextlib.ExitStack()
 
+    def _check(self, cfg) -> str:
+        """The model's path, its config.json and the run's folder, checked before anything is written
+        or loaded (a folder refused now costs no wait). A GGUF file's config is read with its weights:
+        parsing its metadata takes about as long again."""
+        path = resolve_model_path(cfg.model)
+        check_out_dir(cfg.out_dir, path, cfg.resume)
+        if not path.endswith(".gguf"):
+            load_hf_config(path)
+        return path
+
     def __enter__(self):
+        self.tok = together(load_tokenizer, self.model_path)  # still nothing written
         self.folder = RunFolder(self.cfg.out_dir, self.model_path, self.cfg.resume, self.rank)
         self.stop = self._exit.enter_context(StopSignals())
         try:

@@ -48,7 +48,8 @@ from errors import exit_on_user_error
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
 from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,
                       empty_micro_batch, eos_ids, exit_torchrun, make_micro_batch, make_shared_micro_batch,
-                      pack_micro_batches, pack_shared_micro_batches, parse_options, print0, read_rows)
+                      pack_micro_batches, pack_shared_micro_batches, parse_options, print0, read_rows,
+                      together)
 from rollout import generate
 
 # -----------------------------------------------------------------------------
@@ -502,20 +503,21 @@ def main(argv=None, reward_fn=score_responses) -> int:
     scores rollouts, in training and in evaluation: a fork passes its own (README, "Fork it")."""
     cfg = parse_config(argv)
     # Everything a user gives is checked before anything is written to --out_dir or the weights load:
-    # every data row (in a second), then plumbing.Run checks the run's folder, the model's config and
-    # tokenizer.
-    stages, tests = load_data(cfg)
+    # plumbing.Run checks the run's folder and the model's config, then every data row is (on every
+    # rank together: under torchrun all stop at once, and rank 0 says why).
     run = Run(cfg, argv)
+    stages, tests = together(load_data, cfg)
     by_id = {p.id: p for p in stages[2]}
     every_prompt = stages[2] + sum(tests.values(), [])
-    prompt_ids = {p.id: encode_prompt(run.tok, p, cfg.one_shot) for p in every_prompt}
     if "code" in tests or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
         # Generated code will run: the sandbox mode asked for must work here, checked now rather
         # than at stage 2. It never falls back to a weaker one (sandbox.check_sandbox).
         print0(f"code sandbox: {rewards.check_sandbox(cfg.sandbox)}")
-    # Entering the Run: the run's folder claimed (locked), the stop signals, the precision, the policy
+    # Entering the Run: the tokenizer, the run's folder claimed (locked), the stop signals, the precision,
+    # the policy
     with run:
         tok, rank, world, device = run.tok, run.rank, run.world, run.device
+        prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in every_prompt}
         run.prepare(every_prompt, prompt_ids)  # the memory plan, the sampler's copy and KV cache, AdamW
         settings = UpdateSettings.from_config(cfg, micro_tokens=run.plan.micro_tokens)
         cur = Curriculum({s: [p.id for p in ps] for s, ps in stages.items()}, cfg.prompts_per_step, cfg.seed,
