@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from errors import MissingFile, UserError
+
 # flash-attn is optional (a CUDA-only extra). Without it we use torch's own attention kernels.
 try:
     from flash_attn import flash_attn_varlen_func
@@ -515,22 +517,35 @@ def resolve_model_path(path) -> str:
         return default_model_path()
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path!r} does not exist: give a Hugging Face checkpoint "
+        raise MissingFile(f"model path {path!r} does not exist: give a Hugging Face checkpoint "
                                 f"folder (config.json + *.safetensors) or a .gguf file")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path!r} has no config.json: not a Hugging Face checkpoint folder")
+        raise MissingFile(f"{path!r} has no config.json: not a Hugging Face checkpoint folder")
     if os.path.isfile(path) and not path.endswith(".gguf"):
-        raise ValueError(f"{path!r} is a file but not .gguf: give a checkpoint folder or a .gguf file")
+        raise UserError(f"{path!r} is a file but not .gguf: give a checkpoint folder or a .gguf file")
     return path
 
 
 def load_hf_config(path):
+    """The checkpoint's Hugging Face config, checked to be one this file can build: a config.json
+    that is not JSON, or has `"hidden_size": "big"`, is an error naming the file."""
     from transformers import AutoConfig
     if path.endswith(".gguf"):
         _require_gguf()
         with _reading_gguf(path):
-            return AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    return AutoConfig.from_pretrained(path)
+            hf = AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    else:
+        try:
+            hf = AutoConfig.from_pretrained(path)
+        except Exception as e:  # not JSON, a field of the wrong type (huggingface_hub's own error class),
+            # ...: transformers' messages name the field but not the file
+            raise UserError(f"{os.path.join(path, 'config.json')}: {type(e).__name__}: {e}") from e
+    try:
+        ModelConfig.from_hf(hf)
+    except (ValueError, TypeError, AttributeError) as e:
+        file = path if path.endswith(".gguf") else os.path.join(path, "config.json")
+        raise UserError(f"{file}: {e}") from e
+    return hf
 
 
 def load_tokenizer(path=None):
@@ -543,7 +558,7 @@ def load_tokenizer(path=None):
             return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     # Without these files AutoTokenizer tries to convert a slow tokenizer and talks of sentencepiece.
     if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"{path!r} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there "
+        raise MissingFile(f"{path!r} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there "
                                 f"(copy the tokenizer files of the model it came from into it)")
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -557,7 +572,7 @@ def load_tokenizer(path=None):
             except FileNotFoundError:
                 continue
             except ValueError as bad:
-                raise ValueError(f"{file}: not valid JSON, truncated or damaged? ({bad})") from e
+                raise UserError(f"{file}: not valid JSON, truncated or damaged? ({bad})") from e
         raise
 
 
@@ -578,7 +593,7 @@ def _reading_gguf(path):
         problem = _gguf_problem(path)
         if problem is None:
             raise
-        raise ValueError(f"{path}: {problem}") from e
+        raise UserError(f"{path}: {problem}") from e
 
 
 def _gguf_problem(path) -> str | None:
@@ -608,23 +623,23 @@ def _load_safetensors_state(folder) -> dict:
             with open(index) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{index}: not a safetensors index, JSON with a 'weight_map' of tensor name -> "
+            raise UserError(f"{index}: not a safetensors index, JSON with a 'weight_map' of tensor name -> "
                              f"file ({type(e).__name__}: {e})") from None
         absent = [name for name in files if not os.path.exists(os.path.join(folder, name))]
         if absent:
-            raise FileNotFoundError(f"{index} lists {absent[:4]}{' ...' if len(absent) > 4 else ''}, "
+            raise MissingFile(f"{index} lists {absent[:4]}{' ...' if len(absent) > 4 else ''}, "
                                     f"not in {folder} (an incomplete download?)")
     else:
         files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder} (only safetensors checkpoints are read)")
+        raise MissingFile(f"no *.safetensors weights in {folder} (only safetensors checkpoints are read)")
     state = {}
     for name in files:
         file = os.path.join(folder, name)
         try:
             state.update(load_file(file))
         except SafetensorError as e:  # its message names no file: "Error while deserializing header: ..."
-            raise ValueError(f"{file}: not a readable safetensors file ({os.path.getsize(file)} bytes): truncated "
+            raise UserError(f"{file}: not a readable safetensors file ({os.path.getsize(file)} bytes): truncated "
                              f"(an interrupted download or copy?) or not safetensors at all ({e})") from None
     return state
 

