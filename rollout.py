@@ -59,7 +59,7 @@ valid while the weights are updated in place, and are re-recorded automatically 
 are new tensors. With FSDP2 (`fully_shard`), each rank holds only shards (DTensors). Generation needs
 whole weights, so use `inference_copy(model)`: it builds a plain, unsharded, no-grad copy of the
 model (bf16 by default) and fills it by all-gathering one parameter at a time with
-`DTensor.full_tensor()`; `inference_copy(model, into=copy)` refreshes it in place after each step
+`DTensor.full_tensor()`, each shard cast to bf16 before it travels; `inference_copy(model, into=copy)` refreshes it in place after each step
 (every rank must call it: it is a collective). Generate with the copy; the training model and its
 shards are untouched. Keeping the copy between steps costs one full set of bf16 weights per rank and
 lets the recorded CUDA graphs be reused; to release it, `del copy` and `cache.graphs.clear()`.
@@ -745,8 +745,8 @@ def _find_stop(tokenizer, tokens, start, stop_strings):
 def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16, device=None) -> Transformer:
     """A plain, unsharded, no-grad copy of `model` for generation, or `into` refreshed in place.
     `model` may be a plain Transformer or one wrapped by FSDP2's fully_shard, whose parameters are
-    DTensor shards: each is all-gathered with full_tensor(), one at a time (so at most one whole
-    parameter is in flight), and copied into the copy. Under FSDP every rank must call this."""
+    DTensor shards: each is cast to the copy's dtype and all-gathered with full_tensor(), one at a
+    time (so at most one whole parameter is in flight), and copied into the copy. Under FSDP every rank must call this."""
     if into is None:
         p = next(model.parameters())
         device = device or (p.device_mesh.device_type if hasattr(p, "device_mesh") else p.device)
@@ -755,6 +755,10 @@ def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16,
         into = into.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
     ours = into.state_dict()
     for name, t in model.state_dict().items():
+        # Cast this rank's shard first, then gather: rounding each element commutes with putting the
+        # shards together, so the result is the same as gathering fp32 and casting, for half the bytes
+        # over the interconnect and no fp32 copy of the whole matrix.
+        t = t.to(ours[name].dtype)
         if hasattr(t, "full_tensor"):   # a DTensor: gather the shards
             t = t.full_tensor()
         ours[name].copy_(t)
