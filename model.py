@@ -174,7 +174,9 @@ class AttnInputs:
                                        causal=True)
             return y.transpose(0, 1)[None]                                   # (1, nh, T, D)
         if self.block_mask is not None:
-            return _flex_attention()(q, k, v, block_mask=self.block_mask, enable_gqa=True)
+            # Past dynamo's recompile limit the compiled function would run flex eagerly, and quietly.
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return _flex_attention()(q, k, v, block_mask=self.block_mask, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
@@ -486,12 +488,43 @@ _compiled_flex = None
 
 
 def _flex_attention():
-    # flex_attention is only fast compiled; compile once, on first use.
+    # flex_attention is only fast compiled; compile once, on first use. fullgraph: a graph break
+    # would run part of it eagerly, quietly.
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
-        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+        _compiled_flex = torch.compile(flex_attention, dynamic=True, fullgraph=True)
     return _compiled_flex
+
+
+def require_compiled_flex(device, dtype):
+    """Stop now, with the reason, unless flex_attention compiles and runs compiled on `device`.
+    Run eagerly it builds the whole (T, T) score matrix (about 30 GB for a 16k-token micro-batch of
+    the qwen preset) and runs out of memory far from the cause, so on a GPU it never runs eagerly:
+    called at start-up wherever the update will use it (the shared-prompt update always does). A
+    tiny packed batch with branches, in the compute dtype, goes forward, and backward where flex has
+    one (not on a CPU)."""
+    fix = ("; packed attention must not run flex_attention eagerly (the whole T x T score matrix: out of "
+           "memory at training lengths). Use a torch whose torch.compile works here (Python version, a C "
+           "compiler, Triton), or --no_shared_prompts with flash-attn installed (flex is then not used)")
+    if torch._dynamo.config.disable:
+        raise RuntimeError("torch.compile is switched off (TORCHDYNAMO_DISABLE or torch._dynamo.config.disable)"
+                           + fix)
+    try:
+        flex = _flex_attention()
+        doc = torch.tensor([0] * 96 + [1] * 64, device=device)                 # (T,) two documents,
+        branches = torch.tensor([0] * 32 + [1] * 32 + [2] * 32 + [0] * 16 + [1] * 48, device=device)  # each branched
+        grad = device.type == "cuda"
+        q = torch.randn(1, 4, 160, 64, device=device, dtype=dtype, requires_grad=grad)             # (1, nh, T, D)
+        k, v = (torch.randn(1, 2, 160, 64, device=device, dtype=dtype, requires_grad=grad)    # (1, nkv, T, D)
+                for _ in range(2))
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            y = flex(q, k, v, block_mask=document_block_mask(doc, branches=branches), enable_gqa=True)
+        if y.requires_grad:
+            y.sum().backward()
+    except Exception as e:
+        raise RuntimeError(f"flex_attention does not compile on {device} ({type(e).__name__}: "
+                           f"{str(e).strip()[:300]})" + fix) from e
 
 # -----------------------------------------------------------------------------
 # Finding and reading checkpoints

@@ -36,7 +36,8 @@ import torch.distributed as dist
 
 from kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
 from kernels.utils import chunk_rows
-from model import Transformer, _packed_attention, load_hf_config, load_tokenizer, num_params, resolve_model_path
+from model import (Transformer, _packed_attention, load_hf_config, load_tokenizer, num_params, require_compiled_flex,
+                   resolve_model_path)
 from rollout import KVCache, free_memory, inference_copy, longest_slot, slot_bytes
 
 # -----------------------------------------------------------------------------
@@ -999,6 +1000,11 @@ class Run:
         self.tok = load_tokenizer(self.model_path)
         # fp32 master weights, sharded if world > 1
         self.model = build_policy(self.model_path, self.device, rank, world, param_dtype=self.prec.compute)
+        # On a GPU the update's packed attention runs flex_attention compiled or not at all: check it
+        # compiles here, now, rather than run it eagerly out of memory at the first step.
+        impl = _packed_attention(True, self.prec.compute) if self.device.type == "cuda" else "sdpa"
+        if impl == "flex" or (impl == "flash" and cfg.shared_prompts):  # flash-attn has no mask for branches
+            require_compiled_flex(self.device, self.prec.compute)
         if len(self.tok) > self.model.config.vocab_size:
             raise ValueError(f"the tokenizer has {len(self.tok)} tokens but the model's vocabulary is "
                              f"{self.model.config.vocab_size}: they do not belong together")

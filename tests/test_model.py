@@ -290,3 +290,29 @@ def test_activation_checkpointing_gives_the_same_gradients():
         m(ids, cu_seqlens=cu).logsumexp(-1).sum().backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6), f"checkpointing changed the gradient of {n}"
+
+
+def test_flex_attention_that_does_not_compile_stops_the_run(monkeypatch):
+    """On a GPU flex_attention never runs eagerly (issue 21.7): a compile that fails, at torch.compile
+    or at the first call, or that is switched off, stops start-up naming the reason; it used to run
+    eagerly, building the whole T x T scores, and run out of memory far from the cause."""
+    import model as model_mod
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Dynamo is not supported on Python 3.99+")
+    monkeypatch.setattr(model_mod, "_compiled_flex", None)
+    monkeypatch.setattr(torch, "compile", unsupported)
+    with pytest.raises(RuntimeError, match=r"flex_attention does not compile on cuda.*Python 3\.99.*eagerly"):
+        model_mod.require_compiled_flex(torch.device("cuda"), torch.bfloat16)
+
+    def inductor_fails(*args, **kwargs):      # torch.compile is lazy: its errors come at the first call
+        def run(*a, **k):
+            raise RuntimeError("inductor: triton not found")
+        return run
+    monkeypatch.setattr(model_mod, "_compiled_flex", None)
+    monkeypatch.setattr(torch, "compile", inductor_fails)
+    with pytest.raises(RuntimeError, match="triton not found"):
+        model_mod.require_compiled_flex(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    with pytest.raises(RuntimeError, match="torch.compile is switched off"):
+        model_mod.require_compiled_flex(torch.device("cuda"), torch.bfloat16)
