@@ -508,14 +508,13 @@ def require_compiled_flex(device, dtype):
            "memory at training lengths). Use a torch whose torch.compile works here (Python version, a C "
            "compiler, Triton), or --no_shared_prompts with flash-attn installed (flex is then not used)")
     if torch._dynamo.config.disable:
-        raise RuntimeError("torch.compile is switched off (TORCHDYNAMO_DISABLE or torch._dynamo.config.disable)"
-                           + fix)
+        raise RuntimeError("torch.compile is switched off (TORCHDYNAMO_DISABLE=1?)" + fix)
     try:
         flex = _flex_attention()
-        doc = torch.tensor([0] * 96 + [1] * 64, device=device)                 # (T,) two documents,
-        branches = torch.tensor([0] * 32 + [1] * 32 + [2] * 32 + [0] * 16 + [1] * 48, device=device)  # each branched
+        doc = torch.tensor([0] * 96 + [1] * 64, device=device)                      # (T,) two documents
+        branches = torch.tensor([0] * 32 + [1] * 32 + [2] * 32 + [0] * 16 + [1] * 48, device=device)  # (T,)
         grad = device.type == "cuda"
-        q = torch.randn(1, 4, 160, 64, device=device, dtype=dtype, requires_grad=grad)             # (1, nh, T, D)
+        q = torch.randn(1, 4, 160, 64, device=device, dtype=dtype, requires_grad=grad)  # (1, nh, T, D)
         k, v = (torch.randn(1, 2, 160, 64, device=device, dtype=dtype, requires_grad=grad)    # (1, nkv, T, D)
                 for _ in range(2))
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
