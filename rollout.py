@@ -142,10 +142,10 @@ class KVCache:
     The host's own record of which slot holds which request lives in generate() (Slot)."""
 
     def __init__(self, cfg, n_slots: int, max_len: int, dtype=torch.bfloat16, device="cpu",
-                 compile: bool | None = None):
+                 compile: bool | None = None, graphs: bool | None = None):
         dev = torch.device(device)
         N, S = n_slots, max_len
-        self.n_slots, self.max_len, self.dtype, self.device = N, S, dtype, dev
+        self.config, self.n_slots, self.max_len, self.dtype, self.device = cfg, N, S, dtype, dev
 
         # ---- 1. KV buffers: (N, n_kv_heads, S, head_dim) per layer. One tensor per layer rather
         # than one (L, ...) block: each is then a plain input to the compiled step, written in
@@ -180,7 +180,8 @@ class KVCache:
         # True (inductor), False, or a torch.compile backend (tests count graphs with one)
         self.compile = dev.type == "cuda" if compile is None else compile
         self.core = None         # decode_core, compiled or not; made by the first generate()
-        self.use_graphs = dev.type == "cuda"
+        # CUDA graphs on a GPU unless graphs=False (--no_cuda_graphs: where capture fails beside NCCL)
+        self.use_graphs = dev.type == "cuda" if graphs is None else graphs
         self.graphs = {}         # (batch, S_b, DecodeMode) -> torch.cuda.CUDAGraph
         self.weights_key = None  # which parameter tensors the graphs were recorded with
         self.stats = GenStats()  # what the last generate() did
@@ -193,7 +194,7 @@ class KVCache:
 
     @staticmethod
     def for_model(model, max_len: int, max_slots: int = 256, mem_fraction: float = 0.5,
-                  mem_bytes: int | None = None, dtype=None, device=None, compile=None) -> "KVCache":
+                  mem_bytes: int | None = None, dtype=None, device=None, compile=None, graphs=None) -> "KVCache":
         """As many slots (up to max_slots) as fit in mem_bytes, by default mem_fraction of the free
         memory: the GPU's, or on a CPU the RAM available (a CPU cache of max_slots slots whatever
         their length was once ~64 GB for one long prompt, and the OS killed the process). Each slot
@@ -210,7 +211,7 @@ class KVCache:
         if n < 1:
             raise MemoryError(f"the KV cache budget ({mem_bytes / 2**20:.1f} MiB) does not fit one slot "
                               f"of {per_slot / 2**20:.1f} MiB (max_len {max_len}); lower max_len or raise it")
-        return KVCache(model.config, n, max_len, dtype, device, compile)
+        return KVCache(model.config, n, max_len, dtype, device, compile, graphs)
 
 
 def slot_bytes(cfg, max_len: int, dtype) -> int:

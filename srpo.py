@@ -89,7 +89,7 @@ class Config:
     update_epochs: int = field(default=1, metadata={"help": "update passes over each step's rollouts; > 1 recomputes logp_old with the trainer", "range": "[1, inf)"})
     shared_prompts: bool = field(default=True, metadata={"help": "in the update, the G responses of a prompt share one forward and backward of the prompt (each attends to it and to itself); --no_shared_prompts packs every rollout whole, the prompt computed G times"})
     micro_tokens: int = field(default=16384, metadata={"help": "token budget of one packed micro-batch (gradient accumulation over them); lowered at start-up if the memory plan says it does not fit the GPU", "range": "[1, inf)"})
-    grad_ckpt: str = field(default="auto", metadata={"help": "activation checkpointing per transformer block (less memory, ~1/3 more compute): on, off, or auto = on when the start-up memory plan says the micro-batch would not fit the GPU", "choices": ("auto", "on", "off")})
+    grad_ckpt: str = field(default="auto", metadata={"help": "activation checkpointing per transformer block (less memory, ~1/3 more compute): on, off, or auto = on when the start-up memory plan says the micro-batch would not fit the GPU beside a KV cache for a step's rollouts", "choices": ("auto", "on", "off")})
     reference_loss: bool = field(default=False, metadata={"help": "plain-torch loss instead of the Triton kernels, for debugging (CPU tensors use it anyway)"})
     # SRPO
     hr: bool = field(default=True, metadata={"help": "history resampling at each epoch end; --no_hr = plain GRPO"})
@@ -109,8 +109,9 @@ class Config:
     reward_workers: int = field(default=0, metadata={"help": "reward worker processes, 0 = number of CPU cores", "range": "[0, inf)"})
     sandbox: str = field(default="full", metadata={"help": "how generated code runs: full (namespaces, private root, a uid of its own, cgroup caps), namespaces (no cgroup), rlimits (trusted code only: the real filesystem and network); a mode that cannot run here stops the run, never falls back (README: the sandbox)", "choices": rewards.SANDBOX_MODES})
     dtype: str = field(default="auto", metadata={"help": "compute dtype of generation and the update: auto = bf16 on GPU, fp32 on CPU (weights, gradients and AdamW state stay fp32)", "choices": ("auto", "bf16", "fp32")})
-    gen_slots: int = field(default=256, metadata={"help": "most sequences the sampler decodes at once (KV-cache slots)", "range": "[1, inf)"})
-    gen_mem: float = field(default=0.25, metadata={"help": "fraction of the free memory (the GPU's; on a CPU, the RAM available) the KV cache may take, measured at start-up", "range": "(0, 1]"})
+    gen_slots: int = field(default=256, metadata={"help": "most sequences the sampler decodes at once (KV-cache slots); on a GPU the memory plan gives the cache what the step leaves, up to this many", "range": "[1, inf)"})
+    gen_mem: float = field(default=0.25, metadata={"help": "on a CPU, the fraction of the RAM available the KV cache may take, measured at start-up (a GPU's cache is sized by the memory plan: cap it with --gen_slots)", "range": "(0, 1]"})
+    cuda_graphs: bool = field(default=True, metadata={"help": "on a GPU, record the decode step as CUDA graphs (one replay a step); --no_cuda_graphs runs it compiled but unrecorded, e.g. where capture fails beside NCCL (bench/preflight.py checks it)"})
     max_steps_this_run: int = field(default=0, metadata={"help": "stop (with a checkpoint) after N steps of this process; 0 = run to total_steps", "range": "[0, inf)"})
 
 
@@ -506,11 +507,13 @@ def main(argv=None, reward_fn=score_responses) -> int:
         by_id = {p.id: p for p in stages[2]}
         every_prompt = stages[2] + sum(tests.values(), [])
         prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in every_prompt}
+        sandbox = ""  # the checked mode, when generated code will run
         if "code" in tests or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
             # Generated code will run: the sandbox mode asked for must work here, checked now rather
             # than at stage 2. It never falls back to a weaker one (sandbox.check_sandbox).
-            print0(f"code sandbox: {rewards.check_sandbox(cfg.sandbox)}")
-        run.prepare(every_prompt, prompt_ids)  # the memory plan, the sampler's copy and KV cache, AdamW
+            sandbox = rewards.check_sandbox(cfg.sandbox)
+            print0(f"code sandbox: {sandbox}")
+        run.prepare(every_prompt, prompt_ids, sandbox)  # the memory plan, the sampler's copy and KV cache, AdamW
         settings = UpdateSettings.from_config(cfg, micro_tokens=run.plan.micro_tokens)
         cur = Curriculum({s: [p.id for p in ps] for s, ps in stages.items()}, cfg.prompts_per_step, cfg.seed,
                          cfg.hr, cfg.hr_return_after, cfg.stage1_steps, cfg.stage1_epochs)
