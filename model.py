@@ -113,6 +113,11 @@ def rope_inv_freq(hf, head_dim: int) -> torch.Tensor:
 # The network
 
 
+def compute_dtype(device_type: str, weights: torch.dtype) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's when it is on (over fp32 weights), else the weights'."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weights
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -120,10 +125,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32 even for bf16 activations, as the reference implementations do.
+        # Normalise in fp32 (the residual stream is fp32), scale by the weight as the compute dtype
+        # holds it, and round once to that dtype for the matmuls that read the result: the same
+        # roundings whether the weights are fp32 under autocast or bf16 (FSDP2, the sampler's copy).
+        dt = compute_dtype(x.device.type, self.weight.dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (xf * self.weight.to(dt)).to(dt)
 
 
 class Rotary(nn.Module):
@@ -142,16 +150,17 @@ class Rotary(nn.Module):
         self.inv_freq = self.inv_freq_master.to(self.inv_freq.device)
         return self
 
-    def forward(self, positions, dtype):
+    def forward(self, positions):
+        # fp32 tables in every precision: a bf16 angle at position 4000 is visibly wrong
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # (B, 1, T, D): broadcast over heads
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos(), emb.sin()
 
 
 def apply_rotary(x, cos, sin):
     # The "rotate half" convention of the Hugging Face checkpoints: pairs are (i, i + D/2).
-    # Under autocast x is bf16 while cos/sin follow the fp32 residual stream: stay in x's dtype,
-    # or q and k would reach attention in fp32 beside a bf16 v.
+    # Rotated in fp32 (the tables' dtype), then back to x's dtype: in bf16 q and k reach attention
+    # in bf16 beside a bf16 v, rounded once.
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
@@ -271,14 +280,17 @@ class Transformer(nn.Module):
         if (attend is None) != (positions is None):
             raise ValueError("attend and positions (B, T) go together: the positions of the caller's attention")
         x = self.embed_tokens(idx)                                   # (B, T, H)
+        # One numeric recipe for the trainer (fp32 weights under autocast, or FSDP2's bf16 weights)
+        # and the sampler (a bf16 copy), so that they give a token the same log-prob up to kernel
+        # rounding: matmuls in the compute dtype (autocast's, else the weights': bf16 on GPUs, fp32
+        # on a CPU); the residual stream, the norms' arithmetic and the rotary tables in fp32; the
+        # embeddings and the norms' weights as the compute dtype holds them.
+        dtype = compute_dtype(idx.device.type, x.dtype)
+        x = x.to(dtype).float()                                      # (B, T, H) fp32 residual stream
         if attend is None:
-            # The dtype attention will run in: autocast's when it is on (the weights stay fp32), else
-            # the weights' (bf16 under FSDP2's mixed precision, fp32 on a CPU).
-            dev = idx.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             a = self._attention_inputs(idx, attention_mask, cu_seqlens, dtype, branches)
             attend, positions = a.attend, a.positions
-        cos, sin = self.rotary(positions, x.dtype)                   # (B, 1, T, D) each
+        cos, sin = self.rotary(positions)                            # (B, 1, T, D) each, fp32
         for block in self.layers:  # the one layer loop: training, scoring and sampling all come here
             if self.grad_ckpt and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attend, use_reentrant=False)

@@ -483,12 +483,12 @@ def plan_memory(mc, n_params: int, prec: Precision, world: int, max_len: int, ca
 
     fused = prec.device_type == "cuda" and not reference_loss   # the Triton loss, else the torch reference
     dense_mask = _packed_attention(prec.device_type == "cuda", prec.compute) == "sdpa"
-    r = 4 if prec.autocast else c   # the residual stream: fp32 under autocast (as the weights are)
-    # Saved for the backward, bytes per token of one block. Each RMSNorm keeps its input in fp32
-    # and the normalised x; a Linear keeps its input, under autocast one bf16 cast per consumer
-    # (q, k, v; gate, up); attention keeps q, k, v, its output (and o_proj a copy) and the row
-    # log-sum-exp; the MLP keeps gate, up, silu(gate) and their product.
-    norms = 16 * H + 5 * c * H if prec.autocast else 8 * H + 4 * c * H
+    r = 4   # the residual stream: fp32 in every precision (model.py's numeric recipe)
+    # Saved for the backward, bytes per token of one block. Each RMSNorm keeps its fp32 input and
+    # normalised x, and its output in the compute dtype, the input of the Linears that read it (q, k,
+    # v; gate, up); attention keeps q, k, v, its output (and o_proj a copy) and the row log-sum-exp;
+    # the MLP keeps gate, up, silu(gate) and their product.
+    norms = 2 * (8 * H + c * H)
     layer = norms + c * (3 * Hq + 2 * Hkv) + 4 * nh + 4 * c * I
     grad_tmp = c * (3 * I + 3 * H)   # a block's backward: gradients of the MLP's inner tensors and of x
 

@@ -354,6 +354,10 @@ class UpdateStats:
     kl: float = 0.0          # approximate KL(pi_old || pi)
     entropy: float = 0.0
     grad_norm: float = 0.0   # before clipping
+    # Mean |sampler's log-prob - trainer's| of the trained tokens, on the same weights (before the
+    # update): rounding noise in bf16 (different kernels, one numeric recipe); far above it, the two
+    # disagree and the ratio carries sampler noise. With top-p/top-k it also holds the truncation.
+    logp_diff: float = 0.0
 
 
 def trainer_logp(model, mb: MicroBatch, temperature: float, prec: Precision, reference_loss: bool) -> torch.Tensor:
@@ -390,30 +394,39 @@ def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Pr
         mbs = [make_micro_batch(trained, g, device) for g in pack_micro_batches(trained, u.micro_tokens)]
     n_micro = all_max(len(mbs), device)
     mbs += [empty_micro_batch(device) for _ in range(n_micro - len(mbs))]
+    gap = torch.zeros((), dtype=torch.float64, device=device)  # sum over trained tokens of |sampler - trainer| logp
     for mb in mbs:
         if u.kl_coef > 0:
             mb.logp_ref = trainer_logp(ref_model, mb, u.temperature, prec, u.reference_loss)
         if u.recompute_old:
+            sampled = mb.logp_old
             mb.logp_old = trainer_logp(model, mb, u.temperature, prec, u.reference_loss)
+            gap += ((mb.logp_old - sampled).abs() * mb.mask).sum()
 
-    def head(mb):
+    def head(mb, first_pass: bool):
         def loss_fn(h, W):  # runs inside model.forward, where FSDP2 has the lm_head weight whole
-            # Under autocast the final norm hands back fp32 h; the kernels' matmuls run in the
-            # dtype they are given, so hand them the compute dtype (bf16: the tensor-core rate).
+            # The kernels' matmuls run in the dtype they are given: the compute dtype (bf16: the
+            # tensor-core rate).
             dt = prec.compute if prec.autocast else h.dtype
-            return fused_grpo_loss(predicting(h, mb).to(dt), W.to(dt), mb.targets, mb.logp_old, mb.adv, mb.mask,
+            h, W = predicting(h, mb).to(dt), W.to(dt)                                 # (N, H), (V, H)
+            if first_pass and not u.recompute_old:   # the trainer's log-probs of the sampled tokens, for logp_diff
+                with torch.no_grad():
+                    logp = (token_logprobs_reference if u.reference_loss else token_logprobs)(
+                        h, W, mb.targets, temperature=u.temperature)                   # (N,)
+                    gap.add_(((logp.float() - mb.logp_old).abs() * mb.mask).sum())
+            return fused_grpo_loss(h, W, mb.targets, mb.logp_old, mb.adv, mb.mask,
                                    eps_low=u.eps_low, eps_high=u.eps_high, temperature=u.temperature,
                                    kl_coef=u.kl_coef, logp_ref=mb.logp_ref, reference=u.reference_loss)
         return loss_fn
 
     diagnostics = ("clip_frac", "ratio", "kl", "entropy")
-    for _ in range(u.passes):
+    for pass_ in range(u.passes):
         opt.zero_grad(set_to_none=True)
         totals = torch.zeros(5, dtype=torch.float64, device=device)
         for mb in mbs:
             weight = mb.mask.sum() / max(n_tokens, 1.0) * world  # this micro-batch's share of the mean
             with prec.cast():   # bf16 compute over fp32 master weights, in one process (FSDP2 casts when sharded)
-                loss, st = model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches, head=head(mb))
+                loss, st = model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches, head=head(mb, pass_ == 0))
             (loss * weight).backward()
             ntok = mb.mask.sum()
             totals += torch.stack([loss.detach() * ntok, st.clip_frac * ntok, st.ratio_mean * ntok,
@@ -431,6 +444,8 @@ def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Pr
         if stats.tokens_trained:  # the diagnostics describe the tokens that were trained on
             for k in diagnostics:
                 setattr(stats, k, totals[k] / stats.tokens_trained)
+    if stats.tokens_trained:
+        stats.logp_diff = all_sum({"gap": gap.item()}, device)["gap"] / stats.tokens_trained
     return stats
 
 # -----------------------------------------------------------------------------
