@@ -36,8 +36,8 @@ import torch.distributed as dist
 
 from kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
 from kernels.utils import chunk_rows
-from model import (Transformer, _packed_attention, load_hf_config, load_tokenizer, num_params, require_compiled_flex,
-                   resolve_model_path)
+from model import (Transformer, _packed_attention, load_hf_config, load_tokenizer, num_params,
+                   require_compiled_flex, resolve_model_path)
 from rollout import KVCache, free_memory, inference_copy, longest_slot, slot_bytes
 
 # -----------------------------------------------------------------------------
@@ -444,7 +444,8 @@ class MemoryPlan:
         room = f"of {g(self.capacity)} GiB usable" if self.capacity else "(a CPU: not checked)"
         return (f"memory plan per {'GPU' if self.capacity else 'process'}, GiB: weights {g(self.weights)} | grads {g(self.grads)} | AdamW {g(self.optimizer)} | "
                 f"casts {g(self.casts)} | sampler {g(self.sampler)} | reference {g(self.reference)} | "
-                f"KV cache {g(self.kv_cache)} ({self.kv_slots} slots) | activations {g(self.activations)} at {self.micro_tokens} tokens "
+                f"KV cache {g(self.kv_cache)} ({self.kv_slots} slots) | "
+                f"activations {g(self.activations)} at {self.micro_tokens} tokens "
                 f"(checkpointed {g(self.act_ckpt)}, not {g(self.act_plain)}; checkpointing "
                 f"{'on' if self.grad_ckpt else 'off'}) | total {g(self.total)} {room}")
 
@@ -509,8 +510,8 @@ def plan_memory(mc, n_params: int, prec: Precision, world: int, max_len: int, ca
         # a sample is never split, so the largest micro-batch holds max(T, max_len) tokens
         Tmax = max(T, max_len)
         return MemoryPlan(4 * N // world, 4 * N // world, 8 * N // world, casts, sampler, reference,
-                          slots * per_slot, activations(Tmax, False), activations(Tmax, True), ckpt, T, capacity,
-                          slots)
+                          slots * per_slot, activations(Tmax, False), activations(Tmax, True), ckpt, T,
+                          capacity, slots)
 
     if capacity is None:
         return plan(grad_ckpt == "on", micro_tokens, gen_slots)
@@ -530,8 +531,8 @@ def plan_memory(mc, n_params: int, prec: Precision, world: int, max_len: int, ca
             if slots >= need:
                 return plan(ckpt, T, slots)
     raise MemoryError(
-        f"a step does not fit in the GPU's memory with one KV-cache slot ({per_slot / 2**30:.2f} GiB: the longest "
-        f"prompt + --max_new_tokens = {max_len} positions) even at --micro_tokens {T}"
+        f"a step does not fit in the GPU's memory with one KV-cache slot ({per_slot / 2**30:.2f} GiB: the "
+        f"longest prompt + --max_new_tokens = {max_len} positions) even at --micro_tokens {T}"
         f"{' with activation checkpointing' if True in tries else ''}:\n  {rest}\n"
         f"Lower --max_new_tokens, " + ("allow --grad_ckpt auto, " if True not in tries else "")
         + "use more GPUs, or a smaller model.")
@@ -559,7 +560,8 @@ def kv_budget(plan: MemoryPlan, device, gen_mem: float) -> tuple[int | None, str
         torch.cuda.empty_cache()
         free = free_memory(device)
         if free < plan.kv_cache:
-            return free, f"{free / 2**20:.0f} MiB free on the GPU, less than the memory plan's {plan.kv_cache / 2**20:.0f}"
+            return free, (f"{free / 2**20:.0f} MiB free on the GPU, less than the memory plan's "
+                          f"{plan.kv_cache / 2**20:.0f}")
         return plan.kv_cache, "what the memory plan leaves after weights, optimizer and activations"
     free = free_memory(device)
     if free is None:
@@ -598,9 +600,9 @@ def make_cache(sampler, problems: list, prompt_ids: dict, max_new_tokens: int, m
     cache = KVCache.for_model(sampler, max_len=max_len, max_slots=max_slots, mem_bytes=budget,
                               graphs=None if cuda_graphs else False)
     if cache.n_slots < max_slots:
-        print0(f"sampler: {cache.n_slots} slots, not --gen_slots {max_slots}: {source} ({budget / 2**20:.1f} MiB) "
-               f"holds no more at {max_len} positions a slot, a length set by the longest prompt ({longest.source}, "
-               f"{n_prompt} tokens) plus --max_new_tokens")
+        print0(f"sampler: {cache.n_slots} slots, not --gen_slots {max_slots}: {source} "
+               f"({budget / 2**20:.1f} MiB) holds no more at {max_len} positions a slot, a length set by the "
+               f"longest prompt ({longest.source}, {n_prompt} tokens) plus --max_new_tokens")
     return cache
 
 
@@ -609,14 +611,15 @@ def generation_plan(cache: KVCache, rollouts: int, max_slots: int, source: str) 
     generation waves that makes, and why there are not more slots. (Continuous batching refills a
     slot as soon as it finishes, so a wave is a slot's turn rather than a barrier.)"""
     waves = -(-rollouts // cache.n_slots)
-    line = (f"generation plan: {cache.n_slots} KV-cache slots per rank of {cache.max_len} positions | {rollouts} "
-            f"rollouts per rank per step | {waves} wave{'s' if waves > 1 else ''} | "
+    line = (f"generation plan: {cache.n_slots} KV-cache slots per rank of {cache.max_len} positions | "
+            f"{rollouts} rollouts per rank per step | {waves} wave{'s' if waves > 1 else ''} | "
             f"CUDA graphs {'on' if cache.use_graphs else 'off'}")
     if waves > 1:
         slot = slot_bytes(cache.config, cache.max_len, cache.dtype) / 2**30
-        line += (" | fewer slots than rollouts: " + ("--gen_slots caps them" if cache.n_slots == max_slots else
-                 f"{source} holds no more, at {slot:.2f} GiB a slot (the longest prompt + --max_new_tokens); "
-                 f"more GPUs or a shorter --max_new_tokens give more"))
+        why = ("--gen_slots caps them" if cache.n_slots == max_slots else
+               f"{source} holds no more, at {slot:.2f} GiB a slot (the longest prompt + --max_new_tokens); "
+               f"more GPUs or a shorter --max_new_tokens give more")
+        line += " | fewer slots than rollouts: " + why
     return line
 
 
@@ -644,7 +647,8 @@ CKPT_FILE, CKPT_DIR = "checkpoint.pt", "checkpoint"
 # Options that may change between a run and its resumption; any other change makes it another run.
 RESUMABLE = {"total_steps", "max_steps_this_run", "eval_every", "eval_prompts", "eval_k", "save_every",
              "resume", "reward_workers", "eval_domains", "sandbox", "gen_slots", "gen_mem", "out_dir",
-             "grad_ckpt", "micro_tokens", "cuda_graphs"}  # memory knobs: the memory plan may pick others on another GPU
+             "grad_ckpt", "micro_tokens",  # memory knobs: the memory plan may pick others on another GPU
+             "cuda_graphs"}                # off to get past a graph capture failure
 
 
 def save_checkpoint(out_dir: str, model, opt, sched, position: dict, rank: int, cfg):
@@ -1080,13 +1084,13 @@ class Run:
         # One KV cache for the whole run, sized once for the longest prompt plus a full response. On a
         # GPU its recorded CUDA graphs are reused from step to step, which is why it is not rebuilt.
         budget, source = kv_budget(self.plan, self.device, cfg.gen_mem)
-        self.cache = make_cache(self.infer or model, problems, prompt_ids, cfg.max_new_tokens, cfg.gen_slots, budget,
-                                source, cfg.cuda_graphs)
+        self.cache = make_cache(self.infer or model, problems, prompt_ids, cfg.max_new_tokens, cfg.gen_slots,
+                                budget, source, cfg.cuda_graphs)
         print0(f"sampler: {self.cache.n_slots} slots of {self.cache.max_len} positions, {gen_dtype}")
         print0(generation_plan(self.cache, rollouts, cfg.gen_slots, source))
         # As srpo.score_responses starts them: --reward_workers, 0 = one per CPU core
-        print0(f"rewards: {cfg.reward_workers or os.cpu_count()} worker processes per rank | code sandbox: "
-               + (f"{sandbox} (--sandbox {cfg.sandbox}, checked at start-up)" if sandbox else "none, no code runs"))
+        checked = f"{sandbox} (--sandbox {cfg.sandbox}, checked at start-up)" if sandbox else "none, no code runs"
+        print0(f"rewards: {cfg.reward_workers or os.cpu_count()} worker processes per rank | code sandbox: {checked}")
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)

@@ -194,7 +194,8 @@ class KVCache:
 
     @staticmethod
     def for_model(model, max_len: int, max_slots: int = 256, mem_fraction: float = 0.5,
-                  mem_bytes: int | None = None, dtype=None, device=None, compile=None, graphs=None) -> "KVCache":
+                  mem_bytes: int | None = None, dtype=None, device=None, compile=None,
+                  graphs=None) -> "KVCache":
         """As many slots (up to max_slots) as fit in mem_bytes, by default mem_fraction of the free
         memory: the GPU's, or on a CPU the RAM available (a CPU cache of max_slots slots whatever
         their length was once ~64 GB for one long prompt, and the OS killed the process). Each slot
@@ -747,7 +748,8 @@ def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16,
     """A plain, unsharded, no-grad copy of `model` for generation, or `into` refreshed in place.
     `model` may be a plain Transformer or one wrapped by FSDP2's fully_shard, whose parameters are
     DTensor shards: each is cast to the copy's dtype and all-gathered with full_tensor(), one at a
-    time (so at most one whole parameter is in flight), and copied into the copy. Under FSDP every rank must call this."""
+    time (so at most one whole parameter is in flight), and copied into the copy. Under FSDP every
+    rank must call this."""
     if into is None:
         p = next(model.parameters())
         device = device or (p.device_mesh.device_type if hasattr(p, "device_mesh") else p.device)

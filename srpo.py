@@ -394,7 +394,7 @@ def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Pr
         mbs = [make_micro_batch(trained, g, device) for g in pack_micro_batches(trained, u.micro_tokens)]
     n_micro = all_max(len(mbs), device)
     mbs += [empty_micro_batch(device) for _ in range(n_micro - len(mbs))]
-    gap = torch.zeros((), dtype=torch.float64, device=device)  # sum over trained tokens of |sampler - trainer| logp
+    gap = torch.zeros((), dtype=torch.float64, device=device)  # sum of |sampler - trainer| logp, trained tokens
     for mb in mbs:
         if u.kl_coef > 0:
             mb.logp_ref = trainer_logp(ref_model, mb, u.temperature, prec, u.reference_loss)
@@ -409,7 +409,7 @@ def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Pr
             # tensor-core rate).
             dt = prec.compute if prec.autocast else h.dtype
             h, W = predicting(h, mb).to(dt), W.to(dt)                                 # (N, H), (V, H)
-            if first_pass and not u.recompute_old:   # the trainer's log-probs of the sampled tokens, for logp_diff
+            if first_pass and not u.recompute_old:   # the trainer's log-probs of the sampled tokens: logp_diff
                 with torch.no_grad():
                     logp = (token_logprobs_reference if u.reference_loss else token_logprobs)(
                         h, W, mb.targets, temperature=u.temperature)                   # (N,)

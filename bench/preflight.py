@@ -117,8 +117,8 @@ def check_packed_attention():
     ids = torch.randint(0, 512, (1, 700), device="cuda")
     cu = torch.tensor([0, 1, 130, 131, 400, 700], device="cuda")
     # The shared-prompt layout: each document a prompt (branch 0) and responses 1, 2, ... after it
-    branches = torch.tensor([0] + [0] * 100 + [1] * 20 + [2] * 9 + [0] + [0] * 150 + [1] * 119 + [0] * 50 + [1] * 150
-                            + [2] * 100, device="cuda")
+    branches = torch.tensor([0] * 101 + [1] * 20 + [2] * 9 + [0] * 151 + [1] * 119 + [0] * 50 + [1] * 150
+                            + [2] * 100, device="cuda")                              # (700,)
 
     def run(impl, branches=None):
         model_mod.PACKED_ATTENTION = impl
@@ -130,7 +130,7 @@ def check_packed_attention():
     try:
         notes = []
         for layout, b in (("documents", None), ("branches", branches)):
-            m.grad_ckpt = b is not None   # the shared-prompt update under activation checkpointing, as train.sh qwen
+            m.grad_ckpt = b is not None   # the shared-prompt update checkpointed, as in train.sh qwen
             ref, ref_g = run("sdpa", b)
             # flash-attn has no branch mask: with branches, 'flash' runs flex (the trainer's GPU path)
             for impl in ("flash", "flex") if b is None else ("flex",):
@@ -141,8 +141,8 @@ def check_packed_attention():
                 err = rel(out, ref)
                 gerr = max(rel(x, y) for x, y in zip(g, ref_g))
                 if err > 2e-2 or gerr > 5e-2:
-                    raise AssertionError(f"{impl} ({layout}): logits differ from SDPA by {err:.1e} (relative), "
-                                         f"gradients by {gerr:.1e}")
+                    raise AssertionError(f"{impl} ({layout}): logits differ from SDPA by {err:.1e} "
+                                         f"(relative), gradients by {gerr:.1e}")
                 notes.append(f"{impl} {layout} ok")
         m.grad_ckpt = False
         # fp32 without autocast (--dtype fp32): 'auto' must pick a kernel that takes fp32
@@ -233,15 +233,16 @@ def graphs_worker():
     torch.distributed.all_reduce(flag)                       # the communicator is up before capture
     m = tiny(device=device).eval()
     kw = dict(n=3, max_new_tokens=40, temperature=1.0, top_p=0.9, eos_ids=(3,), seed=5 + rank)
-    fast = KVCache.for_model(m, max_len=60, max_slots=8)     # on a GPU: compiled + CUDA graphs, as in training
+    fast = KVCache.for_model(m, max_len=60, max_slots=8)     # on a GPU: compiled + CUDA graphs, as trained
     slow = KVCache.for_model(m, max_len=60, max_slots=8, compile=False, graphs=False)
     same_rollouts(generate(m, PROMPTS, cache=fast, **kw), generate(m, PROMPTS, cache=slow, **kw),
                   f"rank {rank}: graphs beside a live process group vs eager")
     torch.distributed.all_reduce(flag)                       # and still works after it
     if device.type == "cuda" and not fast.graphs:
         raise AssertionError(f"rank {rank}: no CUDA graph was recorded")
-    plumbing.print0(f"graphs + {torch.distributed.get_backend()}: {world} ranks, {len(fast.graphs)} graphs recorded "
-                    f"a rank, rollouts equal to the eager step's" + ("" if device.type == "cuda" else " (dry run)"))
+    plumbing.print0(f"graphs + {torch.distributed.get_backend()}: {world} ranks, {len(fast.graphs)} graphs "
+                    f"recorded a rank, rollouts equal to the eager step's"
+                    + ("" if device.type == "cuda" else " (dry run)"))
     plumbing.close_dist()
     plumbing.exit_torchrun()
 
@@ -278,7 +279,7 @@ def check_bf16_update():
 # (path, check, what a training run does when this path fails on its GPU)
 CHECKS = [
     ("decode step (compiled + CUDA graphs)", check_decode_step,
-     "compile error: warns once, decodes uncompiled (slow); graph capture error: rerun with --no_cuda_graphs"),
+     "compile error: warns once, decodes uncompiled (slow); graph capture error: --no_cuda_graphs"),
     ("flash decode (flash_attn_with_kvcache)", check_flash_decode,
      "none, the run stops: uninstall flash-attn to decode with SDPA"),
     ("packed attention (flash / flex vs SDPA)", check_packed_attention,
