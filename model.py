@@ -115,6 +115,11 @@ def rope_inv_freq(hf, head_dim: int) -> torch.Tensor:
 # The network
 
 
+def compute_dtype(device_type: str, weights: torch.dtype) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's when it is on (over fp32 weights), else the weights'."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weights
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -122,10 +127,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # Normalise in fp32 even for bf16 activations, as the reference implementations do.
+        # Normalise in fp32 (the residual stream is fp32), scale by the weight as the compute dtype
+        # holds it, and round once to that dtype for the matmuls that read the result: the same
+        # roundings whether the weights are fp32 under autocast or bf16 (FSDP2, the sampler's copy).
+        dt = compute_dtype(x.device.type, self.weight.dtype)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (xf * self.weight.to(dt)).to(dt)
 
 
 class Rotary(nn.Module):
@@ -144,16 +152,17 @@ class Rotary(nn.Module):
         self.inv_freq = self.inv_freq_master.to(self.inv_freq.device)
         return self
 
-    def forward(self, positions, dtype):
+    def forward(self, positions):
+        # fp32 tables in every precision: a bf16 angle at position 4000 is visibly wrong
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]      # (B, 1, T, D): broadcast over heads
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return emb.cos(), emb.sin()
 
 
 def apply_rotary(x, cos, sin):
     # The "rotate half" convention of the Hugging Face checkpoints: pairs are (i, i + D/2).
-    # Under autocast x is bf16 while cos/sin follow the fp32 residual stream: stay in x's dtype,
-    # or q and k would reach attention in fp32 beside a bf16 v.
+    # Rotated in fp32 (the tables' dtype), then back to x's dtype: in bf16 q and k reach attention
+    # in bf16 beside a bf16 v, rounded once.
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
@@ -176,7 +185,9 @@ class AttnInputs:
                                        causal=True)
             return y.transpose(0, 1)[None]                                   # (1, nh, T, D)
         if self.block_mask is not None:
-            return _flex_attention()(q, k, v, block_mask=self.block_mask, enable_gqa=True)
+            # Past dynamo's recompile limit the compiled function would run flex eagerly, and quietly.
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                return _flex_attention()(q, k, v, block_mask=self.block_mask, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
@@ -271,14 +282,17 @@ class Transformer(nn.Module):
         if (attend is None) != (positions is None):
             raise ValueError("attend and positions (B, T) go together: the positions of the caller's attention")
         x = self.embed_tokens(idx)                                   # (B, T, H)
+        # One numeric recipe for the trainer (fp32 weights under autocast, or FSDP2's bf16 weights)
+        # and the sampler (a bf16 copy), so that they give a token the same log-prob up to kernel
+        # rounding: matmuls in the compute dtype (autocast's, else the weights': bf16 on GPUs, fp32
+        # on a CPU); the residual stream, the norms' arithmetic and the rotary tables in fp32; the
+        # embeddings and the norms' weights as the compute dtype holds them.
+        dtype = compute_dtype(idx.device.type, x.dtype)
+        x = x.to(dtype).float()                                      # (B, T, H) fp32 residual stream
         if attend is None:
-            # The dtype attention will run in: autocast's when it is on (the weights stay fp32), else
-            # the weights' (bf16 under FSDP2's mixed precision, fp32 on a CPU).
-            dev = idx.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             a = self._attention_inputs(idx, attention_mask, cu_seqlens, dtype, branches)
             attend, positions = a.attend, a.positions
-        cos, sin = self.rotary(positions, x.dtype)                   # (B, 1, T, D) each
+        cos, sin = self.rotary(positions)                            # (B, 1, T, D) each, fp32
         for block in self.layers:  # the one layer loop: training, scoring and sampling all come here
             if self.grad_ckpt and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, attend, use_reentrant=False)
@@ -488,12 +502,42 @@ _compiled_flex = None
 
 
 def _flex_attention():
-    # flex_attention is only fast compiled; compile once, on first use.
+    # flex_attention is only fast compiled; compile once, on first use. fullgraph: a graph break
+    # would run part of it eagerly, quietly.
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
-        _compiled_flex = torch.compile(flex_attention, dynamic=True)
+        _compiled_flex = torch.compile(flex_attention, dynamic=True, fullgraph=True)
     return _compiled_flex
+
+
+def require_compiled_flex(device, dtype):
+    """Stop now, with the reason, unless flex_attention compiles and runs compiled on `device`.
+    Run eagerly it builds the whole (T, T) score matrix (about 30 GB for a 16k-token micro-batch of
+    the qwen preset) and runs out of memory far from the cause, so on a GPU it never runs eagerly:
+    called at start-up wherever the update will use it (the shared-prompt update always does). A
+    tiny packed batch with branches, in the compute dtype, goes forward, and backward where flex has
+    one (not on a CPU)."""
+    fix = ("; packed attention must not run flex_attention eagerly (the whole T x T score matrix: out of "
+           "memory at training lengths). Use a torch whose torch.compile works here (Python version, a C "
+           "compiler, Triton), or --no_shared_prompts with flash-attn installed (flex is then not used)")
+    if torch._dynamo.config.disable:
+        raise RuntimeError("torch.compile is switched off (TORCHDYNAMO_DISABLE=1?)" + fix)
+    try:
+        flex = _flex_attention()
+        doc = torch.tensor([0] * 96 + [1] * 64, device=device)                      # (T,) two documents
+        branches = torch.tensor([0] * 32 + [1] * 32 + [2] * 32 + [0] * 16 + [1] * 48, device=device)  # (T,)
+        grad = device.type == "cuda"
+        q = torch.randn(1, 4, 160, 64, device=device, dtype=dtype, requires_grad=grad)  # (1, nh, T, D)
+        k, v = (torch.randn(1, 2, 160, 64, device=device, dtype=dtype, requires_grad=grad)    # (1, nkv, T, D)
+                for _ in range(2))
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            y = flex(q, k, v, block_mask=document_block_mask(doc, branches=branches), enable_gqa=True)
+        if y.requires_grad:
+            y.sum().backward()
+    except Exception as e:
+        raise RuntimeError(f"flex_attention does not compile on {device} ({type(e).__name__}: "
+                           f"{str(e).strip()[:300]})" + fix) from e
 
 # -----------------------------------------------------------------------------
 # Finding and reading checkpoints

@@ -34,12 +34,15 @@ import zipfile
 from dataclasses import dataclass
 
 import torch
+
+import rewards
 import torch.distributed as dist
 
 from errors import MissingFile, UserError
 from kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
 from kernels.utils import chunk_rows
-from model import Transformer, _packed_attention, load_hf_config, load_tokenizer, num_params, resolve_model_path
+from model import (Transformer, _packed_attention, load_hf_config, load_tokenizer, num_params,
+                   require_compiled_flex, resolve_model_path)
 from rollout import KVCache, free_memory, inference_copy, longest_slot, slot_bytes
 
 # -----------------------------------------------------------------------------
@@ -503,12 +506,13 @@ class MemoryPlan:
                           # or under FSDP2 the root's gathered weights and the blocks in flight
     sampler: int          # the sampler's unsharded copy (0 in one fp32 process: it samples the model itself)
     reference: int        # the frozen initial policy, only with the KL term
-    kv_cache: int         # --gen_mem of the memory free when it is made, at most --gen_slots slots
+    kv_cache: int         # the sampler's KV cache: kv_slots slots, each the longest prompt + --max_new_tokens
     act_plain: int        # one micro-batch's forward + backward without activation checkpointing
     act_ckpt: int         # with it
     grad_ckpt: bool
     micro_tokens: int
     capacity: int | None
+    kv_slots: int = 0     # on a GPU what the rest leaves room for, at most --gen_slots; on a CPU --gen_slots
 
     @property
     def activations(self) -> int:
@@ -524,20 +528,24 @@ class MemoryPlan:
         room = f"of {g(self.capacity)} GiB usable" if self.capacity else "(a CPU: not checked)"
         return (f"memory plan per {'GPU' if self.capacity else 'process'}, GiB: weights {g(self.weights)} | grads {g(self.grads)} | AdamW {g(self.optimizer)} | "
                 f"casts {g(self.casts)} | sampler {g(self.sampler)} | reference {g(self.reference)} | "
-                f"KV cache {g(self.kv_cache)} | activations {g(self.activations)} at {self.micro_tokens} tokens "
+                f"KV cache {g(self.kv_cache)} ({self.kv_slots} slots) | "
+                f"activations {g(self.activations)} at {self.micro_tokens} tokens "
                 f"(checkpointed {g(self.act_ckpt)}, not {g(self.act_plain)}; checkpointing "
                 f"{'on' if self.grad_ckpt else 'off'}) | total {g(self.total)} {room}")
 
 
 def plan_memory(mc, n_params: int, prec: Precision, world: int, max_len: int, capacity: int | None, *,
-                micro_tokens: int, grad_ckpt: str, gen_slots: int, gen_mem: float, kl_coef: float,
+                micro_tokens: int, grad_ckpt: str, gen_slots: int, rollouts: int, kl_coef: float,
                 reference_loss: bool) -> MemoryPlan:
     """What each GPU will hold (model config mc of n_params parameters, samples of up to max_len
-    tokens), and the settings that make it fit in capacity bytes: as asked (--micro_tokens,
-    --grad_ckpt) if that fits; else, with --grad_ckpt auto, activation checkpointing (it keeps the
-    micro-batch asked for); else --micro_tokens halved until it fits. Past that, a MemoryError that
-    names what to change. The keyword arguments are the Config's options of those names.
-    tests/test_gpu_ready.py holds the activation estimate to measured peaks on a CPU."""
+    tokens), and the settings that make it fit in capacity bytes. The KV cache gets what the rest
+    leaves, at most --gen_slots slots of max_len positions; the settings are tried in this order:
+    as asked (--micro_tokens, --grad_ckpt); with --grad_ckpt auto, activation checkpointing (it
+    keeps the micro-batch asked for); then --micro_tokens halved. The first that leaves slots for
+    all of a step's `rollouts` on this rank (one generation wave) wins; if none does, the first that
+    leaves one slot. Past that, a MemoryError that names what to change. The other keyword arguments
+    are the Config's options of those names. tests/test_gpu_ready.py holds the activation estimate
+    to measured peaks on a CPU."""
     c = torch.finfo(prec.compute).bits // 8
     N, H, L, V, I = n_params, mc.hidden_size, mc.n_layers, mc.vocab_size, mc.intermediate_size
     Hq, Hkv, nh, D = mc.n_heads * mc.head_dim, mc.n_kv_heads * mc.head_dim, mc.n_heads, mc.head_dim
@@ -554,20 +562,18 @@ def plan_memory(mc, n_params: int, prec: Precision, world: int, max_len: int, ca
         raise MemoryError(f"the weights, gradients, AdamW state and their copies alone take {static / 2**30:.1f} GiB "
                           f"per GPU, more than the {capacity / 2**30:.1f} GiB usable: use more GPUs (FSDP2 divides the "
                           f"first three by their number) or a smaller model")
-    # The KV cache takes --gen_mem of the memory free when it is made (make_cache), which is after
-    # the master weights and the sampler's copy, before gradients and AdamW state: at most this.
-    kv = gen_slots * slot_bytes(mc, max_len, prec.compute)
-    if capacity is not None:
-        kv = min(kv, int(gen_mem * (capacity - 4 * N // world - sampler - reference)))
+    # One KV-cache slot holds the longest prompt and a whole response. The cache lives through the
+    # step (its CUDA graphs are reused), beside everything else here at the update's peak.
+    per_slot = slot_bytes(mc, max_len, prec.compute)
 
     fused = prec.device_type == "cuda" and not reference_loss   # the Triton loss, else the torch reference
     dense_mask = _packed_attention(prec.device_type == "cuda", prec.compute) == "sdpa"
-    r = 4 if prec.autocast else c   # the residual stream: fp32 under autocast (as the weights are)
-    # Saved for the backward, bytes per token of one block. Each RMSNorm keeps its input in fp32
-    # and the normalised x; a Linear keeps its input, under autocast one bf16 cast per consumer
-    # (q, k, v; gate, up); attention keeps q, k, v, its output (and o_proj a copy) and the row
-    # log-sum-exp; the MLP keeps gate, up, silu(gate) and their product.
-    norms = 16 * H + 5 * c * H if prec.autocast else 8 * H + 4 * c * H
+    r = 4   # the residual stream: fp32 in every precision (model.py's numeric recipe)
+    # Saved for the backward, bytes per token of one block. Each RMSNorm keeps its fp32 input and
+    # normalised x, and its output in the compute dtype, the input of the Linears that read it (q, k,
+    # v; gate, up); attention keeps q, k, v, its output (and o_proj a copy) and the row log-sum-exp;
+    # the MLP keeps gate, up, silu(gate) and their product.
+    norms = 2 * (8 * H + c * H)
     layer = norms + c * (3 * Hq + 2 * Hkv) + 4 * nh + 4 * c * I
     grad_tmp = c * (3 * I + 3 * H)   # a block's backward: gradients of the MLP's inner tensors and of x
 
@@ -584,28 +590,36 @@ def plan_memory(mc, n_params: int, prec: Precision, world: int, max_len: int, ca
         block = T * (grad_tmp + (layer if ckpt else 0))
         return T * per_token + mask + max(head, block)   # the loss's or a block's backward on top
 
-    def plan(ckpt: bool, T: int) -> MemoryPlan:
+    def plan(ckpt: bool, T: int, slots: int) -> MemoryPlan:
         # a sample is never split, so the largest micro-batch holds max(T, max_len) tokens
         Tmax = max(T, max_len)
-        return MemoryPlan(4 * N // world, 4 * N // world, 8 * N // world, casts, sampler, reference, kv,
-                          activations(Tmax, False), activations(Tmax, True), ckpt, T, capacity)
+        return MemoryPlan(4 * N // world, 4 * N // world, 8 * N // world, casts, sampler, reference,
+                          slots * per_slot, activations(Tmax, False), activations(Tmax, True), ckpt, T,
+                          capacity, slots)
 
     if capacity is None:
-        return plan(grad_ckpt == "on", micro_tokens)
+        return plan(grad_ckpt == "on", micro_tokens, gen_slots)
     tries = [ckpt for ckpt in (False, True) if grad_ckpt in ("auto", "on" if ckpt else "off")]
-    T = micro_tokens
+    settings, T = [], micro_tokens   # (checkpointing, micro-batch budget), in order of preference
     while True:
-        for ckpt in tries:
-            p = plan(ckpt, T)
-            if p.total <= capacity:
-                return p
+        settings += [(ckpt, T) for ckpt in tries]
         if T <= max_len:   # a shorter budget would not shrink the longest micro-batch
-            raise MemoryError(
-                f"a step does not fit in the GPU's memory even at --micro_tokens {T} (the longest sample: prompt + "
-                f"--max_new_tokens = {max_len} tokens){' with activation checkpointing' if True in tries else ''}:\n  {p}\n"
-                f"Lower --gen_mem (the KV cache), --max_new_tokens or --gen_slots, "
-                + ("allow --grad_ckpt auto, " if True not in tries else "") + "use more GPUs, or a smaller model.")
+            break
         T = max(T // 2, max_len)
+    # A generation wave is a whole decode of the longest response: fewer slots than rollouts cost
+    # whole waves, more than activation checkpointing or a smaller micro-batch cost the update.
+    for need in (min(gen_slots, rollouts), 1):
+        for ckpt, T in settings:
+            rest = plan(ckpt, T, 0)
+            slots = min(gen_slots, max(0, capacity - rest.total) // per_slot)
+            if slots >= need:
+                return plan(ckpt, T, slots)
+    raise MemoryError(
+        f"a step does not fit in the GPU's memory with one KV-cache slot ({per_slot / 2**30:.2f} GiB: the "
+        f"longest prompt + --max_new_tokens = {max_len} positions) even at --micro_tokens {T}"
+        f"{' with activation checkpointing' if True in tries else ''}:\n  {rest}\n"
+        f"Lower --max_new_tokens, " + ("allow --grad_ckpt auto, " if True not in tries else "")
+        + "use more GPUs, or a smaller model.")
 
 # -----------------------------------------------------------------------------
 # The sampler: its weights, its KV cache, its end-of-sequence tokens.
@@ -621,15 +635,32 @@ def sampler_weights(model, infer):
     return inference_copy(model, into=infer)
 
 
+def kv_budget(plan: MemoryPlan, device, gen_mem: float) -> tuple[int | None, str]:
+    """The bytes the KV cache may take, and where that number comes from. On a GPU, what the memory
+    plan left it (plan.kv_slots slots), or what is free now if less (another process on the GPU),
+    measured with the allocator's cached blocks handed back first: torch counts them as used. On a
+    CPU, --gen_mem of the RAM available; None where that cannot be known."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        free = free_memory(device)
+        if free < plan.kv_cache:
+            return free, (f"{free / 2**20:.0f} MiB free on the GPU, less than the memory plan's "
+                          f"{plan.kv_cache / 2**20:.0f}")
+        return plan.kv_cache, "what the memory plan leaves after weights, optimizer and activations"
+    free = free_memory(device)
+    if free is None:
+        return None, "no limit known"
+    return int(gen_mem * free), f"--gen_mem {gen_mem} of {free / 2**20:.0f} MiB free"
+
+
 def make_cache(sampler, problems: list, prompt_ids: dict, max_new_tokens: int, max_slots: int,
-               mem_fraction: float) -> KVCache:
-    """The run's one KV cache. Every slot holds the longest prompt plus a full response; there are as
-    many slots (up to max_slots) as mem_fraction of the free memory holds, measured once, here. So
-    one long prompt means fewer slots for all (said once), and a prompt that cannot fit at all, past
-    the model's positions or past what one slot holds in the budget, is an error naming its row."""
+               budget: int | None, source: str, cuda_graphs: bool = True) -> KVCache:
+    """The run's one KV cache, in `budget` bytes (kv_budget: `source` says where they come from).
+    Every slot holds the longest prompt plus a full response; there are as many slots (up to
+    max_slots) as the budget holds. So one long prompt means fewer slots for all (said once), and a
+    prompt that cannot fit at all, past the model's positions or past what one slot holds in the
+    budget, is an error naming its row. cuda_graphs False: the decode step is not recorded as graphs."""
     p = next(sampler.parameters())
-    free = free_memory(p.device)
-    budget = None if free is None else int(mem_fraction * free)
     limits = []  # (positions, what sets them)
     max_pos = getattr(sampler.hf_config, "max_position_embeddings", None)
     if max_pos:
@@ -637,7 +668,7 @@ def make_cache(sampler, problems: list, prompt_ids: dict, max_new_tokens: int, m
     if budget is not None:
         room = longest_slot(sampler.config, budget, p.dtype)
         limits.append((room, f"the {room} positions one KV-cache slot holds in the sampler's memory budget "
-                             f"({budget / 2**20:.1f} MiB: --gen_mem {mem_fraction} of {free / 2**20:.0f} MiB free)"))
+                             f"({budget / 2**20:.1f} MiB: {source})"))
     by_len = sorted(problems, key=lambda q: len(prompt_ids[q.id]), reverse=True)
     longest, n_prompt = by_len[0], len(prompt_ids[by_len[0].id])
     max_len = n_prompt + max_new_tokens
@@ -650,12 +681,30 @@ def make_cache(sampler, problems: list, prompt_ids: dict, max_new_tokens: int, m
                              f"{max_new_tokens} it needs {max_len} positions, more than {what}"
                              + (f"; {more} more rows are too long too" if more else "")
                              + "; shorten or drop it, or lower --max_new_tokens")
-    cache = KVCache.for_model(sampler, max_len=max_len, max_slots=max_slots, mem_bytes=budget)
+    cache = KVCache.for_model(sampler, max_len=max_len, max_slots=max_slots, mem_bytes=budget,
+                              graphs=None if cuda_graphs else False)
     if cache.n_slots < max_slots:
-        print0(f"sampler: {cache.n_slots} slots, not --gen_slots {max_slots}: --gen_mem {mem_fraction} of the "
-               f"free memory ({budget / 2**20:.1f} MiB) holds no more at {max_len} positions a slot, a length set "
-               f"by the longest prompt ({longest.source}, {n_prompt} tokens) plus --max_new_tokens")
+        print0(f"sampler: {cache.n_slots} slots, not --gen_slots {max_slots}: {source} "
+               f"({budget / 2**20:.1f} MiB) holds no more at {max_len} positions a slot, a length set by the "
+               f"longest prompt ({longest.source}, {n_prompt} tokens) plus --max_new_tokens")
     return cache
+
+
+def generation_plan(cache: KVCache, rollouts: int, max_slots: int, source: str) -> str:
+    """One line: the KV cache's slots on this rank against a training step's rollouts on it, the
+    generation waves that makes, and why there are not more slots. (Continuous batching refills a
+    slot as soon as it finishes, so a wave is a slot's turn rather than a barrier.)"""
+    waves = -(-rollouts // cache.n_slots)
+    line = (f"generation plan: {cache.n_slots} KV-cache slots per rank of {cache.max_len} positions | "
+            f"{rollouts} rollouts per rank per step | {waves} wave{'s' if waves > 1 else ''} | "
+            f"CUDA graphs {'on' if cache.use_graphs else 'off'}")
+    if waves > 1:
+        slot = slot_bytes(cache.config, cache.max_len, cache.dtype) / 2**30
+        why = ("--gen_slots caps them" if cache.n_slots == max_slots else
+               f"{source} holds no more, at {slot:.2f} GiB a slot (the longest prompt + --max_new_tokens); "
+               f"more GPUs or a shorter --max_new_tokens give more")
+        line += " | fewer slots than rollouts: " + why
+    return line
 
 
 def eos_ids(tok) -> list[int]:
@@ -683,7 +732,7 @@ CKPT_FILE, CKPT_DIR = "checkpoint.pt", "checkpoint"
 RESUMABLE = {"total_steps", "max_steps_this_run", "eval_every", "eval_prompts", "eval_k", "save_every",
              "resume", "reward_workers", "eval_domains", "eval_humaneval", "sandbox", "gen_slots", "gen_mem",
              "out_dir", "grad_ckpt", "micro_tokens",  # memory knobs: the memory plan may pick others on another GPU
-             "accept_changed_data"}
+             "accept_changed_data", "cuda_graphs"}  # cuda_graphs off: to get past a graph capture failure
 
 
 def save_checkpoint(out_dir: str, model, opt, sched, position: dict, rank: int, cfg):
@@ -1201,21 +1250,29 @@ class Run:
         self.resumed = open_checkpoint(self.ckpt, cfg, rank, world) if self.ckpt else None
         # fp32 master weights, sharded if world > 1
         self.model = build_policy(self.model_path, self.device, rank, world, param_dtype=self.prec.compute)
+        # On a GPU the update's packed attention runs flex_attention compiled or not at all: check it
+        # compiles here, now, rather than run it eagerly out of memory at the first step.
+        impl = _packed_attention(True, self.prec.compute) if self.device.type == "cuda" else "sdpa"
+        if impl == "flex" or (impl == "flash" and cfg.shared_prompts):  # flash-attn has no mask for branches
+            require_compiled_flex(self.device, self.prec.compute)
         if len(self.tok) > self.model.config.vocab_size:
             raise UserError(f"the tokenizer has {len(self.tok)} tokens but the model's vocabulary is "
                             f"{self.model.config.vocab_size}: they do not belong together")
 
-    def prepare(self, problems: list, prompt_ids: dict):
+    def prepare(self, problems: list, prompt_ids: dict, sandbox: str = ""):
         """For these prompts (every one the run will generate for): the memory plan, decided now (or a
         stop now, naming the option to change), the frozen reference policy for the KL term, the
-        sampler's copy of the policy and its KV cache, the optimizer and its schedule."""
+        sampler's copy of the policy and its KV cache, the optimizer and its schedule. Prints the
+        plan: memory, generation (slots, rollouts, waves), rewards (workers, the sandbox mode
+        `sandbox` that main checked, "" when no code runs)."""
         cfg, model, gen_dtype = self.cfg, self.model, self.prec.compute
         # 10% of the GPU left for CUDA, NCCL and fragmentation
         usable = int(0.9 * torch.cuda.get_device_properties(self.device).total_memory) if self.device.type == "cuda" else None
+        rollouts = -(-cfg.prompts_per_step // self.world) * cfg.G   # a step's rollouts on the busiest rank
         self.plan = plan_memory(model.config, num_params(model), self.prec, self.world,
                                 max_len=max(map(len, prompt_ids.values())) + cfg.max_new_tokens, capacity=usable,
                                 micro_tokens=cfg.micro_tokens, grad_ckpt=cfg.grad_ckpt, gen_slots=cfg.gen_slots,
-                                gen_mem=cfg.gen_mem, kl_coef=cfg.kl_coef, reference_loss=cfg.reference_loss)
+                                rollouts=rollouts, kl_coef=cfg.kl_coef, reference_loss=cfg.reference_loss)
         print0(self.plan)
         model.grad_ckpt = self.plan.grad_ckpt
         if self.plan.micro_tokens != cfg.micro_tokens:
@@ -1227,10 +1284,16 @@ class Run:
         self.infer = None
         if self.world > 1 or gen_dtype != torch.float32:
             self.infer = inference_copy(model, dtype=gen_dtype, device=self.device)
-        # One KV cache for the whole run, sized for the longest prompt plus a full response. On a GPU
-        # its recorded CUDA graphs are reused from step to step, which is why it is not rebuilt.
-        self.cache = make_cache(self.infer or model, problems, prompt_ids, cfg.max_new_tokens, cfg.gen_slots, cfg.gen_mem)
+        # One KV cache for the whole run, sized once for the longest prompt plus a full response. On a
+        # GPU its recorded CUDA graphs are reused from step to step, which is why it is not rebuilt.
+        budget, source = kv_budget(self.plan, self.device, cfg.gen_mem)
+        self.cache = make_cache(self.infer or model, problems, prompt_ids, cfg.max_new_tokens, cfg.gen_slots,
+                                budget, source, cfg.cuda_graphs)
         print0(f"sampler: {self.cache.n_slots} slots of {self.cache.max_len} positions, {gen_dtype}")
+        print0(generation_plan(self.cache, rollouts, cfg.gen_slots, source))
+        # As srpo.score_responses starts them: --reward_workers, 0 = this rank's share of the node's CPUs
+        checked = f"{sandbox} (--sandbox {cfg.sandbox}, checked at start-up)" if sandbox else "none, no code runs"
+        print0(f"rewards: {cfg.reward_workers or rewards.default_workers()} worker processes per rank | code sandbox: {checked}")
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)

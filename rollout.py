@@ -59,7 +59,7 @@ valid while the weights are updated in place, and are re-recorded automatically 
 are new tensors. With FSDP2 (`fully_shard`), each rank holds only shards (DTensors). Generation needs
 whole weights, so use `inference_copy(model)`: it builds a plain, unsharded, no-grad copy of the
 model (bf16 by default) and fills it by all-gathering one parameter at a time with
-`DTensor.full_tensor()`; `inference_copy(model, into=copy)` refreshes it in place after each step
+`DTensor.full_tensor()`, each shard cast to bf16 before it travels; `inference_copy(model, into=copy)` refreshes it in place after each step
 (every rank must call it: it is a collective). Generate with the copy; the training model and its
 shards are untouched. Keeping the copy between steps costs one full set of bf16 weights per rank and
 lets the recorded CUDA graphs be reused; to release it, `del copy` and `cache.graphs.clear()`.
@@ -142,10 +142,10 @@ class KVCache:
     The host's own record of which slot holds which request lives in generate() (Slot)."""
 
     def __init__(self, cfg, n_slots: int, max_len: int, dtype=torch.bfloat16, device="cpu",
-                 compile: bool | None = None):
+                 compile: bool | None = None, graphs: bool | None = None):
         dev = torch.device(device)
         N, S = n_slots, max_len
-        self.n_slots, self.max_len, self.dtype, self.device = N, S, dtype, dev
+        self.config, self.n_slots, self.max_len, self.dtype, self.device = cfg, N, S, dtype, dev
 
         # ---- 1. KV buffers: (N, n_kv_heads, S, head_dim) per layer. One tensor per layer rather
         # than one (L, ...) block: each is then a plain input to the compiled step, written in
@@ -180,7 +180,8 @@ class KVCache:
         # True (inductor), False, or a torch.compile backend (tests count graphs with one)
         self.compile = dev.type == "cuda" if compile is None else compile
         self.core = None         # decode_core, compiled or not; made by the first generate()
-        self.use_graphs = dev.type == "cuda"
+        # CUDA graphs on a GPU unless graphs=False (--no_cuda_graphs: where capture fails beside NCCL)
+        self.use_graphs = dev.type == "cuda" if graphs is None else graphs
         self.graphs = {}         # (batch, S_b, DecodeMode) -> torch.cuda.CUDAGraph
         self.weights_key = None  # which parameter tensors the graphs were recorded with
         self.stats = GenStats()  # what the last generate() did
@@ -193,7 +194,8 @@ class KVCache:
 
     @staticmethod
     def for_model(model, max_len: int, max_slots: int = 256, mem_fraction: float = 0.5,
-                  mem_bytes: int | None = None, dtype=None, device=None, compile=None) -> "KVCache":
+                  mem_bytes: int | None = None, dtype=None, device=None, compile=None,
+                  graphs=None) -> "KVCache":
         """As many slots (up to max_slots) as fit in mem_bytes, by default mem_fraction of the free
         memory: the GPU's, or on a CPU the RAM available (a CPU cache of max_slots slots whatever
         their length was once ~64 GB for one long prompt, and the OS killed the process). Each slot
@@ -210,7 +212,7 @@ class KVCache:
         if n < 1:
             raise MemoryError(f"the KV cache budget ({mem_bytes / 2**20:.1f} MiB) does not fit one slot "
                               f"of {per_slot / 2**20:.1f} MiB (max_len {max_len}); lower max_len or raise it")
-        return KVCache(model.config, n, max_len, dtype, device, compile)
+        return KVCache(model.config, n, max_len, dtype, device, compile, graphs)
 
 
 def slot_bytes(cfg, max_len: int, dtype) -> int:
@@ -745,8 +747,9 @@ def _find_stop(tokenizer, tokens, start, stop_strings):
 def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16, device=None) -> Transformer:
     """A plain, unsharded, no-grad copy of `model` for generation, or `into` refreshed in place.
     `model` may be a plain Transformer or one wrapped by FSDP2's fully_shard, whose parameters are
-    DTensor shards: each is all-gathered with full_tensor(), one at a time (so at most one whole
-    parameter is in flight), and copied into the copy. Under FSDP every rank must call this."""
+    DTensor shards: each is cast to the copy's dtype and all-gathered with full_tensor(), one at a
+    time (so at most one whole parameter is in flight), and copied into the copy. Under FSDP every
+    rank must call this."""
     if into is None:
         p = next(model.parameters())
         device = device or (p.device_mesh.device_type if hasattr(p, "device_mesh") else p.device)
@@ -755,6 +758,10 @@ def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16,
         into = into.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
     ours = into.state_dict()
     for name, t in model.state_dict().items():
+        # Cast this rank's shard first, then gather: rounding each element commutes with putting the
+        # shards together, so the result is the same as gathering fp32 and casting, for half the bytes
+        # over the interconnect and no fp32 copy of the whole matrix.
+        t = t.to(ours[name].dtype)
         if hasattr(t, "full_tensor"):   # a DTensor: gather the shards
             t = t.full_tensor()
         ours[name].copy_(t)

@@ -51,6 +51,7 @@ from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all
                       empty_micro_batch, eos_ids, exit_torchrun, make_cache, make_micro_batch,
                       make_shared_micro_batch, pack_micro_batches, pack_shared_micro_batches, parse_options,
                       print0, read_rows, together)
+from plumbing import kv_budget
 from plumbing import check_torch
 from rollout import generate
 
@@ -93,7 +94,7 @@ class Config:
     update_epochs: int = field(default=1, metadata={"help": "update passes over each step's rollouts; > 1 recomputes logp_old with the trainer", "range": "[1, inf)"})
     shared_prompts: bool = field(default=True, metadata={"help": "in the update, the G responses of a prompt share one forward and backward of the prompt (each attends to it and to itself); --no_shared_prompts packs every rollout whole, the prompt computed G times"})
     micro_tokens: int = field(default=16384, metadata={"help": "token budget of one packed micro-batch (gradient accumulation over them); lowered at start-up if the memory plan says it does not fit the GPU", "range": "[1, inf)"})
-    grad_ckpt: str = field(default="auto", metadata={"help": "activation checkpointing per transformer block (less memory, ~1/3 more compute): on, off, or auto = on when the start-up memory plan says the micro-batch would not fit the GPU", "choices": ("auto", "on", "off")})
+    grad_ckpt: str = field(default="auto", metadata={"help": "activation checkpointing per transformer block (less memory, ~1/3 more compute): on, off, or auto = on when the start-up memory plan says the micro-batch would not fit the GPU beside a KV cache for a step's rollouts", "choices": ("auto", "on", "off")})
     reference_loss: bool = field(default=False, metadata={"help": "plain-torch loss instead of the Triton kernels, for debugging (CPU tensors use it anyway)"})
     # SRPO
     hr: bool = field(default=True, metadata={"help": "history resampling at each epoch end; --no_hr = plain GRPO"})
@@ -119,8 +120,9 @@ class Config:
     check_tests: str = field(default="full", metadata={"help": "at load, code rows' tests must test: full = their reference solution passes and no trivial program (return 0, its argument...) does, run in the sandbox over the reward workers; static = only that they parse and each case compares the program with an expected value (testcheck.py)", "choices": ("full", "static")})
     sandbox: str = field(default="full", metadata={"help": "how generated code runs: full (namespaces, private root, a uid of its own, cgroup caps), namespaces (no cgroup), rlimits (trusted code only: the real filesystem and network); a mode that cannot run here stops the run, never falls back (README: the sandbox)", "choices": rewards.SANDBOX_MODES})
     dtype: str = field(default="auto", metadata={"help": "compute dtype of generation and the update: auto = bf16 on GPU, fp32 on CPU (weights, gradients and AdamW state stay fp32)", "choices": ("auto", "bf16", "fp32")})
-    gen_slots: int = field(default=256, metadata={"help": "most sequences the sampler decodes at once (KV-cache slots)", "range": "[1, inf)"})
-    gen_mem: float = field(default=0.25, metadata={"help": "fraction of the free memory (the GPU's; on a CPU, the RAM available) the KV cache may take, measured at start-up", "range": "(0, 1]"})
+    gen_slots: int = field(default=256, metadata={"help": "most sequences the sampler decodes at once (KV-cache slots); on a GPU the memory plan gives the cache what the step leaves, up to this many", "range": "[1, inf)"})
+    gen_mem: float = field(default=0.25, metadata={"help": "on a CPU, the fraction of the RAM available the KV cache may take, measured at start-up (a GPU's cache is sized by the memory plan: cap it with --gen_slots)", "range": "(0, 1]"})
+    cuda_graphs: bool = field(default=True, metadata={"help": "on a GPU, record the decode step as CUDA graphs (one replay a step); --no_cuda_graphs runs it compiled but unrecorded, e.g. where capture fails beside NCCL (bench/preflight.py checks it)"})
     max_steps_this_run: int = field(default=0, metadata={"help": "stop (with a checkpoint) after N steps of this process; 0 = run to total_steps", "range": "[0, inf)"})
 
 
@@ -456,6 +458,10 @@ class UpdateStats:
     kl: float = 0.0          # approximate KL(pi_old || pi)
     entropy: float = 0.0
     grad_norm: float = 0.0   # before clipping
+    # Mean |sampler's log-prob - trainer's| of the trained tokens, on the same weights (before the
+    # update): rounding noise in bf16 (different kernels, one numeric recipe); far above it, the two
+    # disagree and the ratio carries sampler noise. With top-p/top-k it also holds the truncation.
+    logp_diff: float = 0.0
 
 
 def trainer_logp(model, mb: MicroBatch, temperature: float, prec: Precision, reference_loss: bool) -> torch.Tensor:
@@ -492,30 +498,39 @@ def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Pr
         mbs = [make_micro_batch(trained, g, device) for g in pack_micro_batches(trained, u.micro_tokens)]
     n_micro = all_max(len(mbs), device)
     mbs += [empty_micro_batch(device) for _ in range(n_micro - len(mbs))]
+    gap = torch.zeros((), dtype=torch.float64, device=device)  # sum of |sampler - trainer| logp, trained tokens
     for mb in mbs:
         if u.kl_coef > 0:
             mb.logp_ref = trainer_logp(ref_model, mb, u.temperature, prec, u.reference_loss)
         if u.recompute_old:
+            sampled = mb.logp_old
             mb.logp_old = trainer_logp(model, mb, u.temperature, prec, u.reference_loss)
+            gap += ((mb.logp_old - sampled).abs() * mb.mask).sum()
 
-    def head(mb):
+    def head(mb, first_pass: bool):
         def loss_fn(h, W):  # runs inside model.forward, where FSDP2 has the lm_head weight whole
-            # Under autocast the final norm hands back fp32 h; the kernels' matmuls run in the
-            # dtype they are given, so hand them the compute dtype (bf16: the tensor-core rate).
+            # The kernels' matmuls run in the dtype they are given: the compute dtype (bf16: the
+            # tensor-core rate).
             dt = prec.compute if prec.autocast else h.dtype
-            return fused_grpo_loss(predicting(h, mb).to(dt), W.to(dt), mb.targets, mb.logp_old, mb.adv, mb.mask,
+            h, W = predicting(h, mb).to(dt), W.to(dt)                                 # (N, H), (V, H)
+            if first_pass and not u.recompute_old:   # the trainer's log-probs of the sampled tokens: logp_diff
+                with torch.no_grad():
+                    logp = (token_logprobs_reference if u.reference_loss else token_logprobs)(
+                        h, W, mb.targets, temperature=u.temperature)                   # (N,)
+                    gap.add_(((logp.float() - mb.logp_old).abs() * mb.mask).sum())
+            return fused_grpo_loss(h, W, mb.targets, mb.logp_old, mb.adv, mb.mask,
                                    eps_low=u.eps_low, eps_high=u.eps_high, temperature=u.temperature,
                                    kl_coef=u.kl_coef, logp_ref=mb.logp_ref, reference=u.reference_loss)
         return loss_fn
 
     diagnostics = ("clip_frac", "ratio", "kl", "entropy")
-    for _ in range(u.passes):
+    for pass_ in range(u.passes):
         opt.zero_grad(set_to_none=True)
         totals = torch.zeros(5, dtype=torch.float64, device=device)
         for mb in mbs:
             weight = mb.mask.sum() / max(n_tokens, 1.0) * world  # this micro-batch's share of the mean
             with prec.cast():   # bf16 compute over fp32 master weights, in one process (FSDP2 casts when sharded)
-                loss, st = model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches, head=head(mb))
+                loss, st = model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches, head=head(mb, pass_ == 0))
             (loss * weight).backward()
             ntok = mb.mask.sum()
             totals += torch.stack([loss.detach() * ntok, st.clip_frac * ntok, st.ratio_mean * ntok,
@@ -533,6 +548,8 @@ def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Pr
         if stats.tokens_trained:  # the diagnostics describe the tokens that were trained on
             for k in diagnostics:
                 setattr(stats, k, totals[k] / stats.tokens_trained)
+    if stats.tokens_trained:
+        stats.logp_diff = all_sum({"gap": gap.item()}, device)["gap"] / stats.tokens_trained
     return stats
 
 # -----------------------------------------------------------------------------
@@ -610,22 +627,24 @@ def main(argv=None, reward_fn=score_responses) -> int:
     stages, tests, humaneval = together(load_data, cfg)
     by_id = {p.id: p for p in stages[2]}
     every_prompt = stages[2] + sum(tests.values(), [])
+    sandbox = ""  # the checked mode, when generated code will run
     if "code" in tests or humaneval or cfg.stage1_epochs or cfg.total_steps > cfg.stage1_steps:
         # Generated code will run: the sandbox mode asked for must work here, checked now rather
         # than at stage 2. It never falls back to a weaker one (sandbox.check_sandbox).
-        print0(f"code sandbox: {rewards.check_sandbox(cfg.sandbox)}")
+        sandbox = rewards.check_sandbox(cfg.sandbox)
+        print0(f"code sandbox: {sandbox}")
     # Entering the Run: the tokenizer, the run's folder claimed (locked), the stop signals, the precision,
     # the policy
     with run:
         tok, rank, world, device = run.tok, run.rank, run.world, run.device
         prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in every_prompt}
-        run.prepare(every_prompt, prompt_ids)  # the memory plan, the sampler's copy and KV cache, AdamW
+        run.prepare(every_prompt, prompt_ids, sandbox)  # the memory plan, the sampler's copy and KV cache, AdamW
         if humaneval:
             # HumanEval's prompts are longer than the held-out sets': a KV cache of their own leaves the
             # run's cache and memory plan, and so every other number of the run, as they are without it.
             humaneval_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in humaneval}
             humaneval_cache = make_cache(run.sampler(), humaneval, humaneval_ids, cfg.max_new_tokens,
-                                         cfg.gen_slots, cfg.gen_mem)
+                                         cfg.gen_slots, *kv_budget(run.plan, device, cfg.gen_mem), cfg.cuda_graphs)
         settings = UpdateSettings.from_config(cfg, micro_tokens=run.plan.micro_tokens)
         cur = Curriculum({s: [p.id for p in ps] for s, ps in stages.items()}, cfg.prompts_per_step, cfg.seed,
                          cfg.hr, cfg.hr_return_after, cfg.stage1_steps, cfg.stage1_epochs,

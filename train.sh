@@ -45,7 +45,11 @@ elif [ "$what" = "qwen" ]; then
     # Memory: 16k-token micro-batches of a 7B model keep ~100 GiB of activations for the backward,
     # so the start-up memory plan (printed first) turns activation checkpointing on (--grad_ckpt
     # auto) and, if even that does not fit, lowers --micro_tokens, or stops naming what to change.
-    # Run `python bench/preflight.py` once on a new machine first: every GPU path, in minutes.
+    # KV cache: what the memory plan leaves (about 96 slots per rank for 7B on 80 GB GPUs against 256
+    # rollouts per rank: 3 generation waves); the run prints this plan, reward workers and the
+    # sandbox mode before its first step.
+    # Run `python bench/preflight.py` once on a new machine first: every GPU path, in minutes, with
+    # a 2-rank check of CUDA graphs beside NCCL (if that fails, add --no_cuda_graphs).
     model=${1:?usage: bash train.sh qwen /path/to/Qwen2.5-checkpoint --math_train M --code_train C --math_test MT --code_test CT [options]}
     shift
     # Real data, converted by data/convert.py: the shipped procedural problems ("Calculate 59 - 22.")

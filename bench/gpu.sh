@@ -46,11 +46,11 @@ for what in "${parts[@]}"; do
         update)  part update 540 python3 bench/update.py ;;
         compare)
             # The demo's GPU configuration (train.sh), HR on and off, seeds 1 and 2, all four at once:
-            # a 135M model leaves the GPU mostly idle, so they share it. Each keeps 1/5 of the memory
-            # for its KV cache.
+            # a 135M model leaves the GPU mostly idle, so they share it. Each one's memory plan sees
+            # the whole GPU, so its KV cache is capped by slots (64 of ~600 positions: ~1 GB).
             for seed in 1 2; do
                 for m in demo grpo; do
-                    timeout 560 bash train.sh $m --seed $seed --eval_every 10 --gen_mem 0.15 \
+                    timeout 560 bash train.sh $m --seed $seed --eval_every 10 --gen_slots 64 \
                         --out_dir runs/cmp-$m-s$seed > "$out/cmp-$m-s$seed.log" 2>&1 &
                 done
             done

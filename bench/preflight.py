@@ -2,6 +2,7 @@
 
     python bench/preflight.py          # on a GPU machine, before a long run: one table, < 3 minutes
     python bench/preflight.py          # on a CPU: lists what it would check, exits 0
+    python bench/preflight.py --help   # this list
 
 The GPU paths have been proven on a CPU only as far as a CPU can prove them (tests/test_gpu_ready.py:
 the Triton kernels compile for sm_80/sm_90, the decode step traces as one graph, the memory plan
@@ -10,9 +11,14 @@ CUDA and flash-attn is what this script finds out, on tiny random models:
 
   decode step      compiled + CUDA graphs vs the eager step (fp32: the same tokens)
   flash decode     flash-attn's KV-cache kernel vs SDPA in the decode step (bf16)
-  packed attention flash-attn / flex_attention vs SDPA with a dense mask, forward and backward (bf16)
+  packed attention flash-attn / flex_attention vs SDPA with a dense mask, forward and backward (bf16),
+                   and flex's branch mask (the shared-prompt layout) under activation checkpointing
   Triton loss      the fused GRPO loss vs its torch reference, loss and both gradients (bf16, fp32)
-  FSDP2 over NCCL  a 2-rank update vs one process (when two GPUs are visible)
+  FSDP2 over NCCL  a 2-rank shared-prompt update (flex branch mask, activation checkpointing) vs one
+                   process (when two GPUs are visible)
+  graphs + NCCL    2 ranks capture and replay the decode step's CUDA graphs with NCCL initialised, vs
+                   the eager step (when two GPUs are visible; also run alone: torchrun
+                   --nproc_per_node 2 bench/preflight.py --graphs-worker, which on a CPU is a gloo dry run)
   bf16 update      policy_update in bf16 autocast vs fp32, on one GPU
 
 Each row: path, OK / FAIL / SKIP, the error, and what a training run does when that path fails.
@@ -110,27 +116,35 @@ def check_packed_attention():
     m = tiny()
     ids = torch.randint(0, 512, (1, 700), device="cuda")
     cu = torch.tensor([0, 1, 130, 131, 400, 700], device="cuda")
+    # The shared-prompt layout: each document a prompt (branch 0) and responses 1, 2, ... after it
+    branches = torch.tensor([0] * 101 + [1] * 20 + [2] * 9 + [0] * 151 + [1] * 119 + [0] * 50 + [1] * 150
+                            + [2] * 100, device="cuda")                              # (700,)
 
-    def run(impl):
+    def run(impl, branches=None):
         model_mod.PACKED_ATTENTION = impl
         m.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = m(ids, cu_seqlens=cu)
+            logits = m(ids, cu_seqlens=cu, branches=branches)
         logits.logsumexp(-1).mean().backward()
         return logits.detach(), [p.grad.clone() for p in m.parameters()]
     try:
-        ref, ref_g = run("sdpa")
         notes = []
-        for impl in ("flash", "flex"):
-            if impl == "flash" and model_mod.flash_attn_varlen_func is None:
-                notes.append("flash: not installed")
-                continue
-            out, g = run(impl)
-            err = rel(out, ref)
-            gerr = max(rel(a, b) for a, b in zip(g, ref_g))
-            if err > 2e-2 or gerr > 5e-2:
-                raise AssertionError(f"{impl}: logits differ from SDPA by {err:.1e} (relative), gradients by {gerr:.1e}")
-            notes.append(f"{impl} ok")
+        for layout, b in (("documents", None), ("branches", branches)):
+            m.grad_ckpt = b is not None   # the shared-prompt update checkpointed, as in train.sh qwen
+            ref, ref_g = run("sdpa", b)
+            # flash-attn has no branch mask: with branches, 'flash' runs flex (the trainer's GPU path)
+            for impl in ("flash", "flex") if b is None else ("flex",):
+                if impl == "flash" and model_mod.flash_attn_varlen_func is None:
+                    notes.append("flash: not installed")
+                    continue
+                out, g = run(impl, b)
+                err = rel(out, ref)
+                gerr = max(rel(x, y) for x, y in zip(g, ref_g))
+                if err > 2e-2 or gerr > 5e-2:
+                    raise AssertionError(f"{impl} ({layout}): logits differ from SDPA by {err:.1e} "
+                                         f"(relative), gradients by {gerr:.1e}")
+                notes.append(f"{impl} {layout} ok")
+        m.grad_ckpt = False
         # fp32 without autocast (--dtype fp32): 'auto' must pick a kernel that takes fp32
         model_mod.PACKED_ATTENTION = "auto"
         m(ids, cu_seqlens=cu).sum().backward()
@@ -167,10 +181,14 @@ def fsdp_worker(out: str):
     """One update of a tiny model on this rank's share of a fixed batch; rank 0 saves loss and grads."""
     rank, world, device = plumbing.setup_dist()
     m = tiny(device=device, sharpen=1.0)
+    m.grad_ckpt = True   # as train.sh qwen: activation checkpointing around the branch-masked attention
     if world > 1:
         plumbing.shard_model(m, param_dtype=torch.float32)   # fp32 compute: the comparison can be tight
     g = torch.Generator().manual_seed(0)
-    samples = [srpo.Sample(torch.randint(0, 512, (20 + 7 * i,), generator=g).tolist(), 8,   # 8 prompt tokens
+    # 2 prompts of 8 tokens x 4 responses each: the shared-prompt update packs a prompt once, its
+    # responses as branches after it (flex_attention's branch mask on a GPU)
+    prompts = [torch.randint(0, 512, (8,), generator=g).tolist() for _ in range(2)]
+    samples = [srpo.Sample(prompts[i % 2] + torch.randint(0, 512, (12 + 7 * i,), generator=g).tolist(), 8,
                            (-6.2 + torch.rand(12 + 7 * i, generator=g)).tolist(), float(torch.randn((), generator=g)))
                for i in range(8)]
     cfg = srpo.Config(micro_tokens=60, lr=0.0, grad_clip=0.0, dtype="fp32", reference_loss=False)
@@ -205,6 +223,41 @@ def check_fsdp():
     return f"grads {gerr:.0e}"
 
 
+def graphs_worker():
+    """Under torchrun: each rank, with its process group up (NCCL on GPUs), records and replays the
+    decode step's CUDA graphs and must sample what the eager step samples; a collective before and
+    after, so the group is live around the capture. Without GPUs it is a gloo dry run of the same
+    code with eager steps (what tests/test_gpu_ready.py runs)."""
+    rank, world, device = plumbing.setup_dist()
+    flag = torch.ones(1, device=device)
+    torch.distributed.all_reduce(flag)                       # the communicator is up before capture
+    m = tiny(device=device).eval()
+    kw = dict(n=3, max_new_tokens=40, temperature=1.0, top_p=0.9, eos_ids=(3,), seed=5 + rank)
+    fast = KVCache.for_model(m, max_len=60, max_slots=8)     # on a GPU: compiled + CUDA graphs, as trained
+    slow = KVCache.for_model(m, max_len=60, max_slots=8, compile=False, graphs=False)
+    same_rollouts(generate(m, PROMPTS, cache=fast, **kw), generate(m, PROMPTS, cache=slow, **kw),
+                  f"rank {rank}: graphs beside a live process group vs eager")
+    torch.distributed.all_reduce(flag)                       # and still works after it
+    if device.type == "cuda" and not fast.graphs:
+        raise AssertionError(f"rank {rank}: no CUDA graph was recorded")
+    plumbing.print0(f"graphs + {torch.distributed.get_backend()}: {world} ranks, {len(fast.graphs)} graphs "
+                    f"recorded a rank, rollouts equal to the eager step's"
+                    + ("" if device.type == "cuda" else " (dry run)"))
+    plumbing.close_dist()
+    plumbing.exit_torchrun()
+
+
+def check_graphs_beside_nccl():
+    if torch.cuda.device_count() < 2:
+        raise Skip("one GPU visible")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.abspath(__file__), "--graphs-worker"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=200)
+    if p.returncode != 0:
+        raise AssertionError(f"2 ranks failed: {(p.stderr.strip().splitlines() or [''])[-1][:200]}")
+    return p.stdout.strip().splitlines()[-1]
+
+
 def check_bf16_update():
     # logp_old near log(1/V): ratios near 1, so most tokens carry a gradient
     samples = [srpo.Sample(list(range(3, 40 + 5 * i)), 10, [-6.2] * (27 + 5 * i), 1.0 if i % 2 else -1.0) for i in range(6)]
@@ -226,14 +279,17 @@ def check_bf16_update():
 # (path, check, what a training run does when this path fails on its GPU)
 CHECKS = [
     ("decode step (compiled + CUDA graphs)", check_decode_step,
-     "compile error: warns once, decodes uncompiled (slow); graph capture error: the run stops"),
+     "compile error: warns once, decodes uncompiled (slow); graph capture error: --no_cuda_graphs"),
     ("flash decode (flash_attn_with_kvcache)", check_flash_decode,
      "none, the run stops: uninstall flash-attn to decode with SDPA"),
     ("packed attention (flash / flex vs SDPA)", check_packed_attention,
-     "none, the run stops: set model.PACKED_ATTENTION = 'flex' (or 'sdpa': a dense T x T mask)"),
+     "flex does not compile: the run stops at start-up; else none: model.PACKED_ATTENTION = 'sdpa' "
+     "(a dense T x T mask)"),
     ("Triton loss (fused GRPO vs reference)", check_triton_loss,
      "none, the run stops: --reference_loss (plain torch, more memory)"),
     ("FSDP2 over NCCL (2 ranks vs 1)", check_fsdp, "none, the run stops: train on one GPU"),
+    ("CUDA graphs beside NCCL (2 ranks)", check_graphs_beside_nccl,
+     "the run stops at its first generation: rerun with --no_cuda_graphs (compiled steps, not recorded)"),
     ("bf16 update (autocast vs fp32)", check_bf16_update, "--dtype fp32 (TF32 matmuls, twice the activations)"),
 ]
 
@@ -246,17 +302,22 @@ def table(rows):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fsdp-worker", metavar="OUT", help=argparse.SUPPRESS)
+    ap.add_argument("--graphs-worker", action="store_true",
+                    help="one rank of the 'graphs + NCCL' check: run under torchrun --nproc_per_node 2")
     args = ap.parse_args()
     if args.fsdp_worker:
         return fsdp_worker(args.fsdp_worker)
+    if args.graphs_worker:
+        return graphs_worker()
     if not torch.cuda.is_available():
         print("preflight: no GPU here, so nothing runs. On a GPU machine it would check:")
         print(table([(p, "skip", "no GPU", f) for p, _, f in CHECKS]))
         return 0
     print(f"preflight on {torch.cuda.get_device_name()} x{torch.cuda.device_count()}, torch {torch.__version__}, "
-          f"flash-attn {'yes' if model_mod.flash_attn_varlen_func is not None else 'no'}", flush=True)
+          f"flash-attn {'yes' if model_mod.flash_attn_varlen_func is not None else 'no'}; checks: "
+          + ", ".join(p for p, _, _ in CHECKS), flush=True)
     rows, failed, t0 = [], False, time.time()
     for path, check, fallback in CHECKS:
         t = time.time()

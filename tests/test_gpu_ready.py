@@ -392,8 +392,9 @@ def test_memory_plan_matches_measured_peaks():
 def plan_memory(m, cfg, prec, world, max_len, capacity):
     """plumbing.plan_memory for model m with the options of cfg, as srpo.main passes them."""
     return plumbing.plan_memory(m.config, num_params(m), prec, world, max_len, capacity, micro_tokens=cfg.micro_tokens,
-                                grad_ckpt=cfg.grad_ckpt, gen_slots=cfg.gen_slots, gen_mem=cfg.gen_mem,
-                                kl_coef=cfg.kl_coef, reference_loss=cfg.reference_loss)
+                                grad_ckpt=cfg.grad_ckpt, gen_slots=cfg.gen_slots,
+                                rollouts=-(-cfg.prompts_per_step // world) * cfg.G, kl_coef=cfg.kl_coef,
+                                reference_loss=cfg.reference_loss)
 
 
 def train_sh_args(what: str, model_path: str) -> list[str]:
@@ -422,15 +423,60 @@ def test_qwen_launch_fits_8x80gb(shape, size):
         f"Qwen2.5-{size}: expected checkpointing at the asked budget: {plan}"
     if size == "7B":
         assert plan.act_plain > 80 * GiB, f"without checkpointing 16k tokens of 7B should not fit: {plan}"
+        # Without checkpointing it fits only at a smaller micro-batch, with fewer KV-cache slots (the
+        # cache takes what is left); with responses so long that no micro-batch fits, it stops, naming it.
+        off = plan_memory(m, srpo.parse_config(train_sh_args("qwen", "/m") + ["--grad_ckpt", "off"]), prec, 8,
+                          max_len=max_len, capacity=usable)
+        assert off.micro_tokens < cfg.micro_tokens and off.kv_slots < plan.kv_slots, f"{off}\nvs\n{plan}"
         with pytest.raises(MemoryError, match="--grad_ckpt"):
             plan_memory(m, srpo.parse_config(train_sh_args("qwen", "/m") + ["--grad_ckpt", "off"]), prec, 8,
-                        max_len=max_len, capacity=usable)
+                        max_len=1024 + 16384, capacity=usable)
     # One 80 GB GPU with a 1.5B model: over the edge as asked; checkpointing brings it back.
     if size == "1.5B":
         one = plumbing.decide_precision("cuda", 1, sharded=False, dtype=cfg.dtype)
         plan1 = plan_memory(m, cfg, one, 1, max_len=max_len, capacity=usable)
         assert plan1.grad_ckpt and plan1.total <= usable, f"Qwen2.5-1.5B on one GPU: {plan1}"
         assert plan1.casts > 0 and plan1.sampler > 0, "one GPU: autocast's bf16 casts and the sampler's bf16 copy"
+
+
+def test_qwen_kv_cache_takes_what_the_plan_leaves(monkeypatch, capsys):
+    """train.sh qwen on 8 x 80 GB: the KV cache is sized once from the memory plan's leftover, with the
+    allocator's cache emptied first, and the start-up plan says slots, rollouts and waves, and why
+    not one wave (issue 21.2: --gen_mem 0.25 of mem_get_info gave ~50 slots and left ~18 GiB idle)."""
+    cfg = srpo.parse_config(train_sh_args("qwen", "/models/qwen"))
+    world, total = 8, 80 * 10**9
+    usable = int(0.9 * total)                                     # as Run.prepare
+    with torch.device("meta"):
+        m = qwen(QWEN_7B, device="meta")
+    prec = plumbing.decide_precision("cuda", world, sharded=True, dtype=cfg.dtype)
+    max_len = 1024 + cfg.max_new_tokens                            # a generous one-shot prompt + a whole response
+    plan = plan_memory(m, cfg, prec, world, max_len=max_len, capacity=usable)
+    rollouts = cfg.prompts_per_step // world * cfg.G
+    assert rollouts == 256, rollouts
+    per_slot = rollout.slot_bytes(m.config, max_len, prec.compute)
+    assert plan.total <= usable, f"the plan does not fit: {plan}"
+    assert plan.kv_slots >= min(rollouts, cfg.gen_slots) or plan.total + per_slot > usable, \
+        f"{plan.kv_slots} slots, yet the plan leaves room for more ({(usable - plan.total) / GiB:.1f} GiB idle): {plan}"
+    # The GPU at the cache's making: weights, the sampler's copy and cached allocator blocks in use.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: calls.append("mem_get_info") or
+                        (total - plan.weights - plan.sampler - (0 if "empty_cache" in calls else 10 * GiB), total))
+    budget, source = plumbing.kv_budget(plan, torch.device("cuda", 0), cfg.gen_mem)
+    assert calls == ["empty_cache", "mem_get_info"], f"free memory measured before emptying the cache: {calls}"
+    assert budget == plan.kv_cache, f"the cache's budget {budget} is not the plan's {plan.kv_cache} ({source})"
+    sampler = m.to(torch.bfloat16)                                # the sampler's copy, on the meta device
+    problems = [srpo.Problem("long", "math", "q", "1"), srpo.Problem("short", "math", "q", "1")]
+    prompt_ids = {"long": [1] * 1024, "short": [1] * 100}
+    cache = plumbing.make_cache(sampler, problems, prompt_ids, cfg.max_new_tokens, cfg.gen_slots, budget, source)
+    assert cache.n_slots == plan.kv_slots, f"the cache has {cache.n_slots} slots, the plan {plan.kv_slots}"
+    line = plumbing.generation_plan(cache, rollouts, cfg.gen_slots, source)
+    waves = -(-rollouts // cache.n_slots)
+    assert f"{cache.n_slots} KV-cache slots per rank" in line and f"{rollouts} rollouts per rank per step" in line \
+        and f"{waves} wave" in line, line
+    if waves > 1:
+        assert "fewer slots than rollouts: what the memory plan leaves" in line and "GiB a slot" in line, line
+    print(plan, line, sep="\n")
 
 
 # -----------------------------------------------------------------------------
@@ -570,6 +616,47 @@ def test_preflight_on_a_cpu_lists_its_checks_and_exits_cleanly():
     for path in ("decode step", "packed attention", "Triton loss", "FSDP2", "bf16 update"):
         assert path in p.stdout, f"the CPU listing does not mention {path!r}:\n{p.stdout}"
     assert "no GPU" in p.stdout
+
+
+def test_preflight_lists_what_it_covers_and_its_two_rank_graphs_mode_runs():
+    """The preflight lists its checks (--help) and its 2-rank decode-graphs mode runs under torchrun;
+    on a CPU as a gloo dry run of the same code (issue 21.7, 21.8: graphs beside NCCL, the branch
+    mask under checkpointing and FSDP2 were not covered)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    script = os.path.join(ROOT, "bench", "preflight.py")
+    p = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for covered in ("branch mask", "activation checkpointing", "graphs + NCCL", "--graphs-worker"):
+        assert covered in p.stdout, f"preflight --help does not say it covers {covered!r}:\n{p.stdout}"
+    p = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=300)
+    assert "CUDA graphs beside NCCL" in p.stdout and "--no_cuda_graphs" in p.stdout, \
+        f"the listing does not name the 2-rank graphs check and its way out:\n{p.stdout}"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        script, "--graphs-worker"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, f"the 2-rank graphs mode failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert "graphs + gloo: 2 ranks" in p.stdout and "dry run" in p.stdout, p.stdout
+
+
+def test_cuda_graphs_option_reaches_the_cache(monkeypatch):
+    """--no_cuda_graphs (the way out when capture fails beside NCCL, issue 21.8) reaches the KV cache."""
+    cfg = srpo.parse_config(["--no_cuda_graphs"])
+    assert cfg.cuda_graphs is False and srpo.parse_config([]).cuda_graphs is True
+    asked = {}
+    real = KVCache.for_model
+
+    def for_model(model, **kw):
+        asked.update(kw)
+        return real(model, **kw)
+    monkeypatch.setattr(KVCache, "for_model", staticmethod(for_model))
+    m = tiny()
+    problems = [srpo.Problem("a", "math", "q", "1")]
+    for graphs, expect in ((False, False), (True, None)):
+        cache = plumbing.make_cache(m, problems, {"a": [1, 2, 3]}, max_new_tokens=4, max_slots=2, budget=None,
+                                    source="", cuda_graphs=graphs)
+        assert asked["graphs"] is expect, f"cuda_graphs={graphs} gave KVCache graphs={asked['graphs']!r}"
+    assert cache.use_graphs is False, "a CPU cache records no graphs"
+    assert "cuda_graphs" in plumbing.RESUMABLE, "a run stopped by a capture failure must resume with --no_cuda_graphs"
 
 
 def test_broken_flash_attn_install_is_announced(tmp_path):

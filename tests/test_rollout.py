@@ -329,3 +329,24 @@ def test_cuda_graphs_match_eager_on_gpu():
     assert len(fast_cache.graphs) > 0, "no CUDA graph was recorded"
     for r, (a, b) in enumerate(zip(fast, slow)):
         assert a.tokens == b.tokens and a.finish == b.finish, f"request {r}: graphs {a.tokens} != eager {b.tokens}"
+
+
+def test_sharded_inference_copy_gathers_bf16(tmp_path):
+    """inference_copy casts each shard to bf16 before the all-gather (issue 21.5): it gathered fp32,
+    twice the bytes, and held an fp32 copy of the largest matrix; the weights stay bitwise the same."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out.pt"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                        os.path.join(root, "tests", "dist_sampler_check.py"), str(out)],
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"the 2-process check failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    r = torch.load(out)
+    assert r["gather_dtypes"], "no all-gather was seen: the check watched nothing"
+    assert set(r["gather_dtypes"]) == {"torch.bfloat16"}, \
+        f"the sampler's copy all-gathers {sorted(set(r['gather_dtypes']))}, not bf16 alone"
+    assert r["copy_dtypes"] == ["torch.bfloat16"], r["copy_dtypes"]
+    differ = [n for n, same in r["bitwise_equal"].items() if not same]
+    assert not differ, f"weights differ from the fp32 gather cast to bf16: {differ}"
