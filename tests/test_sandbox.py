@@ -777,7 +777,7 @@ def looks():
 """
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="without root only: run as nobody by the test above")
+@pytest.mark.rootless
 def test_rootless_program_runs_as_the_user_with_no_capabilities():
     """Without root the program is this user's uid, with no capabilities, no new user namespace, no mounts."""
     described = sandbox.describe_sandbox("namespaces")
@@ -789,7 +789,7 @@ def test_rootless_program_runs_as_the_user_with_no_capabilities():
     assert passed, f"rootless sandbox: {output[-600:]}"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="without root only: run as nobody by the test above")
+@pytest.mark.rootless
 def test_rootless_full_mode_without_a_cgroup_says_what_to_use_instead(monkeypatch):
     """Without root and without a delegated cgroup, 'full' stops, naming 'namespaces' and what it gives up."""
     def no_cgroups():
