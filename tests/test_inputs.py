@@ -134,7 +134,7 @@ BAD = [("max_prompts", -1), ("max_level", -1), ("seed", -1), ("seed", 2**40), ("
        ("lr", -1), ("lr", "inf"), ("warmup_steps", -1), ("weight_decay", -1), ("grad_clip", -1), ("update_epochs", 0),
        ("micro_tokens", 0), ("grad_ckpt", "yes"), ("hr_return_after", -1), ("stage1_steps", -1), ("stage1_epochs", -1), ("total_steps", 0),
        ("eval_every", -1), ("eval_prompts", -1), ("eval_k", 0), ("eval_temperature", -1), ("save_every", -1),
-       ("reward_workers", -1), ("check_tests", "none"), ("sandbox", "none"), ("eval_domains", "chess"), ("dtype", "fp16"), ("gen_slots", 0), ("gen_mem", 0), ("gen_mem", 1.5),
+       ("reward_workers", -1), ("check_tests", "none"), ("hr_rule", "sometimes"), ("hr_tau", 0), ("hr_tau", 1), ("hr_q", 1), ("hr_q", -0.1), ("sandbox", "none"), ("eval_domains", "chess"), ("dtype", "fp16"), ("gen_slots", 0), ("gen_mem", 0), ("gen_mem", 1.5),
        ("max_steps_this_run", -1), ("eval_humaneval", -1), ("eval_humaneval", 165)]
 
 
