@@ -585,8 +585,9 @@ def plan_memory(mc, n_params: int, prec: Precision, world: int, max_len: int, ca
         if fused:   # logits chunk, dh and dW in the forward; dh and dW scaled in the backward
             buf = min(chunk_rows(T, V, c, CHUNK_BYTES), T) * V * c
             head = max(buf + c * (T * H + V * H) * (2 if prec.autocast else 1), 2 * c * (T * H + V * H))
-        else:       # the torch reference: a chunk's fp32 log-softmax, in the forward and again in the backward
-            head = 4 * 4 * min(chunk_rows(T, V, 4, REFERENCE_CHUNK_BYTES), T) * V   # fp32 z, log_softmax, exp, product
+        else:       # the torch reference: a chunk's fp32 log-softmax, in the forward and again in the backward;
+            # of z, log_softmax, its exp and their product (or their gradients) three are live at once
+            head = 3 * 4 * min(chunk_rows(T, V, 4, REFERENCE_CHUNK_BYTES), T) * V
         block = T * (grad_tmp + (layer if ckpt else 0))
         return T * per_token + mask + max(head, block)   # the loss's or a block's backward on top
 
