@@ -25,7 +25,7 @@ def one_line(e: BaseException) -> str:
 
 def exit_on_user_error(prog: str, fn, *args, **kwargs) -> int:
     """fn(*args, **kwargs), returning its exit status; a UserError instead returns 2 after one line
-    `prog: error: ...` on stderr. Under torchrun every rank raises the same error (plumbing.raise_together):
+    `prog: error: ...` on stderr. Under torchrun every rank raises the same error (common.raise_together):
     rank 0 alone says it. Any other exception propagates with its traceback: that is a bug."""
     try:
         return fn(*args, **kwargs)

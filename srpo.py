@@ -27,7 +27,8 @@ The loop in main() runs these steps, numbered the same in the code:
   5. update the policy (policy_update: packed micro-batches, the clipped token-level loss);
   6. log the step's metrics (and evaluate on held-out prompts every --eval_every steps);
   7. at the step boundary, save a checkpoint when one is due, and stop if asked to.
-Everything else a run needs (processes, checkpoints, the run's folder, the plot) is in plumbing.py.
+Everything else a run needs (processes, checkpoints, the run's folder, the plot) is in small support
+modules a first read can skip: common, datafile, memory, checkpoint, runfolder, run.
 
 Run it:
   python srpo.py                                   # the demo on the embedded SmolLM2-135M-Instruct
@@ -47,13 +48,11 @@ import rewards
 import testcheck
 from errors import exit_on_user_error
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
-from plumbing import (MicroBatch, Precision, Run, all_gather_lists, all_max, all_sum, check_unique_ids,
-                      empty_micro_batch, eos_ids, exit_torchrun, make_cache, make_micro_batch,
-                      make_shared_micro_batch, pack_micro_batches, pack_shared_micro_batches, parse_options,
-                      print0, read_rows, together)
-from plumbing import kv_budget
-from plumbing import check_torch
-from rollout import generate
+from common import all_gather_lists, all_max, all_sum, check_torch, exit_torchrun, print0, together
+from datafile import check_unique_ids, read_rows
+from memory import Precision, eos_ids
+from rollout import generate, inference_copy
+from run import Run, parse_options
 
 # -----------------------------------------------------------------------------
 # Config: every knob, with its default, why, and the values it allows ("range" in interval notation:
@@ -145,7 +144,7 @@ class Problem:
 def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0, check_tests: str = "full",
                   sandbox: str | None = None, workers: int | None = None) -> list[Problem]:
     """The first `limit` rows (0 = all) at levels <= max_level (0 = all) of a JSONL file of one domain.
-    A bad row stops the run with an error naming its file, line and field (plumbing.read_rows); so does
+    A bad row stops the run with an error naming its file, line and field (datafile.read_rows); so does
     a math answer math-verify cannot read, and code tests that do not test (testcheck.check_rows)."""
     key = "answer" if domain == "math" else "tests"
     rows = read_rows(path, domain, ("id", "question", key), limit, max_level)
@@ -409,8 +408,9 @@ def group_advantages(rewards_: torch.Tensor, eps: float) -> tuple[torch.Tensor, 
     return adv, zero
 
 # -----------------------------------------------------------------------------
-# The policy update: packed micro-batches by token budget (plumbing.py packs them; with shared
-# prompts a prompt is computed once for all its responses), the fused clipped loss, one optimizer step.
+# The policy update. The step's rollouts are packed into micro-batches of at most --micro_tokens
+# tokens (with shared prompts, a prompt is computed once for all its responses); each pass runs
+# the clipped token-level loss over all of them (gradient accumulation), then one optimizer step.
 
 
 @dataclass
@@ -422,28 +422,128 @@ class Sample:
     adv: float
 
 
-@dataclass(frozen=True)
-class UpdateSettings:
-    """What policy_update needs, decided once at start-up (from_config)."""
-    eps_low: float
-    eps_high: float
-    temperature: float       # the sampler's: the loss divides the logits by it too
-    kl_coef: float
-    grad_clip: float         # 0 = off
-    passes: int              # --update_epochs
-    micro_tokens: int        # the memory plan's budget of one micro-batch
-    recompute_old: bool      # logp_old from the trainer rather than from the sampler
-    reference_loss: bool     # the plain-torch loss instead of the Triton kernels
-    shared_prompts: bool = True  # a prompt's responses share its forward and backward
+@dataclass
+class MicroBatch:
+    ids: torch.Tensor       # (1, T) packed inputs: each sequence without its last token
+    cu: torch.Tensor        # (n+1,) sequence boundaries in ids
+    targets: torch.Tensor   # (N,) next tokens: N = T, or with shared prompts the response tokens
+    mask: torch.Tensor      # (N,) 1.0 where the target is a sampled response token
+    adv: torch.Tensor       # (N,) the sequence's advantage on each of its tokens
+    logp_old: torch.Tensor  # (N,)
+    samples: list           # indices into the step's samples
+    logp_ref: torch.Tensor | None = None  # (N,) under the initial policy, only for the KL term
+    # Shared prompts (make_shared_micro_batch): each sequence is a prompt (branch 0) and responses
+    # (branches 1, 2, ...) that attend to it (model.Transformer.forward), and rows (N,) says which
+    # input row predicts each target. None: every row predicts the next one.
+    branches: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
-    @classmethod
-    def from_config(cls, cfg: Config, micro_tokens: int | None = None) -> "UpdateSettings":
-        # The sampler's log-probs are of the *truncated* distribution when top-p/top-k is on; with
-        # several passes the ratio must start from the trainer's own numbers. Either way the
-        # trainer recomputes logp_old.
-        recompute = cfg.update_epochs > 1 or cfg.top_p < 1.0 or cfg.top_k > 0
-        return cls(cfg.eps_low, cfg.eps_high, cfg.temperature, cfg.kl_coef, cfg.grad_clip, cfg.update_epochs,
-                   micro_tokens or cfg.micro_tokens, recompute, cfg.reference_loss, cfg.shared_prompts)
+
+def pack_micro_batches(samples: list, budget: int) -> list[list[int]]:
+    """Greedy first-fit in sample order: sequences are never split, so one longer than the
+    budget gets a micro-batch of its own."""
+    return first_fit([len(s.tokens) - 1 for s in samples], budget)
+
+
+def first_fit(sizes: list[int], budget: int) -> list[list[int]]:
+    """Indices of `sizes`, in order, cut into runs whose sizes sum to at most budget (an item larger
+    than the budget is a run of its own)."""
+    groups, cur, used = [], [], 0
+    for i, n in enumerate(sizes):
+        if cur and used + n > budget:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def make_micro_batch(samples: list, idx: list[int], device) -> MicroBatch:
+    ids, targets, mask, adv, logp_old, lengths = [], [], [], [], [], [0]
+    for i in idx:
+        s = samples[i]
+        n = len(s.tokens) - 1
+        ids += s.tokens[:-1]
+        targets += s.tokens[1:]
+        # target j is token j+1 of the sequence: a response token iff j+1 >= n_prompt
+        is_resp = [1.0 if j + 1 >= s.n_prompt else 0.0 for j in range(n)]
+        mask += is_resp
+        adv += [s.adv] * n
+        logp_old += [0.0] * (s.n_prompt - 1) + list(s.logp_old)
+        lengths.append(n)
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
+    return MicroBatch(t(ids, torch.long)[None], t(lengths, torch.int32).cumsum(0).to(torch.int32),
+                      t(targets, torch.long), t(mask, torch.float32), t(adv, torch.float32),
+                      t(logp_old, torch.float32), idx)
+
+
+def prompt_units(samples: list, budget: int) -> list[list[int]]:
+    """The rollouts grouped by prompt, in order of first appearance: each unit (a list of sample
+    indices) is one prompt and as many of its responses as fit the budget with it, at least one."""
+    by_prompt = {}
+    for i, s in enumerate(samples):
+        by_prompt.setdefault(tuple(s.tokens[:s.n_prompt]), []).append(i)
+    units = []
+    for idx in by_prompt.values():
+        P = samples[idx[0]].n_prompt
+        rows = [len(samples[i].tokens) - P - 1 for i in idx]  # a response's input rows: all but its last token
+        units += [[idx[k] for k in run] for run in first_fit(rows, budget - P)]
+    return units
+
+
+def pack_shared_micro_batches(samples: list, budget: int) -> list[list[list[int]]]:
+    """prompt_units cut into micro-batches by first fit: each micro-batch is a list of units, and a
+    unit costs its prompt's rows once plus each response's rows (all but its last token)."""
+    units = prompt_units(samples, budget)
+    sizes = [samples[u[0]].n_prompt + sum(len(samples[i].tokens) - samples[i].n_prompt - 1 for i in u)
+             for u in units]
+    return [[units[k] for k in g] for g in first_fit(sizes, budget)]
+
+
+def make_shared_micro_batch(samples: list, units: list[list[int]], device) -> MicroBatch:
+    """Each unit packed as [prompt, response 1 (less its last token), response 2, ...]: the prompt is
+    computed once for all its responses. A response's first token is predicted at the prompt's
+    last row, each later token at the row of the token before it."""
+    ids, branches, rows, targets, adv, logp_old, lengths, order = [], [], [], [], [], [], [0], []
+    for unit in units:
+        P, base = samples[unit[0]].n_prompt, len(ids)
+        ids += samples[unit[0]].tokens[:P]
+        branches += [0] * P
+        for b, i in enumerate(unit, 1):
+            s = samples[i]
+            resp, start = s.tokens[P:], len(ids)
+            ids += resp[:-1]
+            branches += [b] * (len(resp) - 1)
+            rows += [base + P - 1] + list(range(start, start + len(resp) - 1))
+            targets += resp
+            adv += [s.adv] * len(resp)
+            logp_old += list(s.logp_old)
+        lengths.append(len(ids) - base)
+        order += unit
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
+    return MicroBatch(t(ids, torch.long)[None], t(lengths, torch.int32).cumsum(0).to(torch.int32),
+                      t(targets, torch.long), torch.ones(len(targets), device=device), t(adv, torch.float32),
+                      t(logp_old, torch.float32), order, branches=t(branches, torch.long), rows=t(rows, torch.long))
+
+
+def empty_micro_batch(device) -> MicroBatch:
+    # A rank with fewer micro-batches than the others still has to join every FSDP collective:
+    # it runs this two-token batch whose mask is zero, so it adds nothing to loss or gradients.
+    z = torch.zeros
+    return MicroBatch(z(1, 2, dtype=torch.long, device=device), torch.tensor([0, 2], dtype=torch.int32, device=device),
+                      z(2, dtype=torch.long, device=device), z(2, device=device), z(2, device=device), z(2, device=device), [])
+
+
+def pack_update(trained: list[Sample], shared: bool, budget: int, device) -> list[MicroBatch]:
+    """The rollouts that train, packed into micro-batches of at most `budget` tokens: every rank gets
+    as many as the busiest one, the rest empty (every rank must join every FSDP collective)."""
+    if shared:
+        mbs = [make_shared_micro_batch(trained, g, device) for g in pack_shared_micro_batches(trained, budget)]
+    else:
+        mbs = [make_micro_batch(trained, g, device) for g in pack_micro_batches(trained, budget)]
+    return mbs + [empty_micro_batch(device) for _ in range(all_max(len(mbs), device) - len(mbs))]
 
 
 @dataclass
@@ -464,6 +564,13 @@ class UpdateStats:
     logp_diff: float = 0.0
 
 
+def recomputes_logp_old(cfg: Config) -> bool:
+    """Whether the trainer recomputes logp_old: the sampler's log-probs are of the *truncated*
+    distribution when top-p/top-k is on, and with several passes the ratio must start from the
+    trainer's own numbers."""
+    return cfg.update_epochs > 1 or cfg.top_p < 1.0 or cfg.top_k > 0
+
+
 def trainer_logp(model, mb: MicroBatch, temperature: float, prec: Precision, reference_loss: bool) -> torch.Tensor:
     """Per-token log-probs (T,) under `model`, no grad: logp_old for off-policy passes and
     truncated sampling, and logp_ref under the frozen initial policy for the KL term. In the
@@ -479,75 +586,84 @@ def predicting(h: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     return h[0] if mb.rows is None else h[0, mb.rows]
 
 
-def policy_update(model, opt, samples: list[Sample], u: UpdateSettings, prec: Precision, device, ref_model=None,
-                  world: int = 1) -> UpdateStats:
-    """Update passes over one step's rollouts (this rank's share). The loss is the token-level mean
-    over *every* response token of the global batch, so each micro-batch's mean is re-weighted by
-    its token count over the global count (and by `world`, because FSDP averages over ranks)."""
+def grpo_head(mb: MicroBatch, cfg: Config, prec: Precision, gap: torch.Tensor | None):
+    """The loss head model.forward runs on the last hidden states, where FSDP2 has the lm_head weight
+    whole: the clipped surrogate of mb's tokens. With `gap`, it also adds the sum of |trainer's
+    log-prob - sampler's| of the trained tokens into it (UpdateStats.logp_diff)."""
+    def loss_fn(h, W):
+        # The kernels' matmuls run in the dtype they are given: the compute dtype (bf16: the tensor-core rate).
+        dt = prec.compute if prec.autocast else h.dtype
+        h, W = predicting(h, mb).to(dt), W.to(dt)                                     # (N, H), (V, H)
+        if gap is not None:
+            with torch.no_grad():
+                logp = (token_logprobs_reference if cfg.reference_loss else token_logprobs)(
+                    h, W, mb.targets, temperature=cfg.temperature)                     # (N,)
+                gap.add_(((logp.float() - mb.logp_old).abs() * mb.mask).sum())
+        return fused_grpo_loss(h, W, mb.targets, mb.logp_old, mb.adv, mb.mask,
+                               eps_low=cfg.eps_low, eps_high=cfg.eps_high, temperature=cfg.temperature,
+                               kl_coef=cfg.kl_coef, logp_ref=mb.logp_ref, reference=cfg.reference_loss)
+    return loss_fn
+
+
+def update_pass(model, opt, mbs: list[MicroBatch], cfg: Config, prec: Precision, device, world: int,
+                n_tokens: float, gap: torch.Tensor | None) -> dict:
+    """One pass over the micro-batches: the loss of each, weighted by its share of the step's
+    n_tokens response tokens, backward, accumulated; then the gradient clipped and one optimizer
+    step. Returns the token-weighted sums over ranks of the loss and the diagnostics, and the
+    gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    sums = dict.fromkeys(("loss", "clip_frac", "ratio", "kl", "entropy"), torch.zeros((), dtype=torch.float64,
+                                                                                  device=device))
+    for mb in mbs:
+        weight = mb.mask.sum() / max(n_tokens, 1.0) * world  # its share of the mean; FSDP averages over ranks
+        with prec.cast():   # bf16 compute over fp32 master weights, in one process (FSDP2 casts when sharded)
+            loss, st = model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches, head=grpo_head(mb, cfg, prec, gap))
+        (loss * weight).backward()
+        ntok = mb.mask.sum()
+        for k, v in zip(sums, (loss.detach(), st.clip_frac, st.ratio_mean, st.approx_kl, st.entropy)):
+            sums[k] = sums[k] + (v * ntok).double()
+    sums = all_sum({k: v.item() for k, v in sums.items()}, device)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    sums["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not (math.isfinite(sums["loss"]) and math.isfinite(sums["grad_norm"])):
+        # Stop before the optimizer step: the weights stay as the last good checkpoint has them.
+        raise FloatingPointError(f"non-finite loss ({sums['loss'] / max(n_tokens, 1.0)}) or gradient norm "
+                                 f"({sums['grad_norm']}); stopping without applying this update")
+    opt.step()
+    return sums
+
+
+def policy_update(model, opt, samples: list[Sample], cfg: Config, prec: Precision, device, ref_model=None,
+                  world: int = 1, micro_tokens: int = 0) -> UpdateStats:
+    """--update_epochs passes over one step's rollouts (this rank's share), in micro-batches of at
+    most micro_tokens tokens (the memory plan's; 0 = --micro_tokens). The loss is the token-level mean
+    over *every* response token of the global batch, so each micro-batch's mean is re-weighted by its
+    token count over the global count."""
     # A zero advantage makes every term of a rollout's surrogate zero: it adds nothing to the
     # gradient, so its forward and backward are skipped (unless a KL term gives it a gradient).
     # Its tokens still count in n_tokens: the loss is a mean over *all* response tokens.
-    trained = [s for s in samples if s.adv != 0.0 or u.kl_coef > 0]
+    trained = [s for s in samples if s.adv != 0.0 or cfg.kl_coef > 0]
     count = all_sum({"tokens": sum(len(s.tokens) - s.n_prompt for s in samples),
                      "tokens_trained": sum(len(s.tokens) - s.n_prompt for s in trained)}, device)  # global
     stats = UpdateStats(**count)
-    n_tokens = count["tokens"]
-    if u.shared_prompts:
-        mbs = [make_shared_micro_batch(trained, g, device) for g in pack_shared_micro_batches(trained, u.micro_tokens)]
-    else:
-        mbs = [make_micro_batch(trained, g, device) for g in pack_micro_batches(trained, u.micro_tokens)]
-    n_micro = all_max(len(mbs), device)
-    mbs += [empty_micro_batch(device) for _ in range(n_micro - len(mbs))]
+    mbs = pack_update(trained, cfg.shared_prompts, micro_tokens or cfg.micro_tokens, device)
+    recompute = recomputes_logp_old(cfg)
     gap = torch.zeros((), dtype=torch.float64, device=device)  # sum of |sampler - trainer| logp, trained tokens
     for mb in mbs:
-        if u.kl_coef > 0:
-            mb.logp_ref = trainer_logp(ref_model, mb, u.temperature, prec, u.reference_loss)
-        if u.recompute_old:
+        if cfg.kl_coef > 0:
+            mb.logp_ref = trainer_logp(ref_model, mb, cfg.temperature, prec, cfg.reference_loss)
+        if recompute:
             sampled = mb.logp_old
-            mb.logp_old = trainer_logp(model, mb, u.temperature, prec, u.reference_loss)
+            mb.logp_old = trainer_logp(model, mb, cfg.temperature, prec, cfg.reference_loss)
             gap += ((mb.logp_old - sampled).abs() * mb.mask).sum()
-
-    def head(mb, first_pass: bool):
-        def loss_fn(h, W):  # runs inside model.forward, where FSDP2 has the lm_head weight whole
-            # The kernels' matmuls run in the dtype they are given: the compute dtype (bf16: the
-            # tensor-core rate).
-            dt = prec.compute if prec.autocast else h.dtype
-            h, W = predicting(h, mb).to(dt), W.to(dt)                                 # (N, H), (V, H)
-            if first_pass and not u.recompute_old:   # the trainer's log-probs of the sampled tokens: logp_diff
-                with torch.no_grad():
-                    logp = (token_logprobs_reference if u.reference_loss else token_logprobs)(
-                        h, W, mb.targets, temperature=u.temperature)                   # (N,)
-                    gap.add_(((logp.float() - mb.logp_old).abs() * mb.mask).sum())
-            return fused_grpo_loss(h, W, mb.targets, mb.logp_old, mb.adv, mb.mask,
-                                   eps_low=u.eps_low, eps_high=u.eps_high, temperature=u.temperature,
-                                   kl_coef=u.kl_coef, logp_ref=mb.logp_ref, reference=u.reference_loss)
-        return loss_fn
-
-    diagnostics = ("clip_frac", "ratio", "kl", "entropy")
-    for pass_ in range(u.passes):
-        opt.zero_grad(set_to_none=True)
-        totals = torch.zeros(5, dtype=torch.float64, device=device)
-        for mb in mbs:
-            weight = mb.mask.sum() / max(n_tokens, 1.0) * world  # this micro-batch's share of the mean
-            with prec.cast():   # bf16 compute over fp32 master weights, in one process (FSDP2 casts when sharded)
-                loss, st = model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches, head=head(mb, pass_ == 0))
-            (loss * weight).backward()
-            ntok = mb.mask.sum()
-            totals += torch.stack([loss.detach() * ntok, st.clip_frac * ntok, st.ratio_mean * ntok,
-                                   st.approx_kl * ntok, st.entropy * ntok]).double()
-        totals = all_sum(dict(zip(("loss",) + diagnostics, totals.tolist())), device)  # token-weighted sums
-        loss_val = totals["loss"] / max(n_tokens, 1.0)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), u.grad_clip if u.grad_clip > 0 else float("inf"))
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
-            # Stop before the optimizer step: the weights stay as the last good checkpoint has them.
-            raise FloatingPointError(f"non-finite loss ({loss_val}) or gradient norm ({grad_norm}); "
-                                     f"stopping without applying this update")
-        opt.step()
-        stats.loss, stats.grad_norm = loss_val, grad_norm
+    for pass_ in range(cfg.update_epochs):
+        # the first pass also measures logp_diff, unless the recomputation above did
+        sums = update_pass(model, opt, mbs, cfg, prec, device, world, count["tokens"],
+                           gap if pass_ == 0 and not recompute else None)
+        stats.loss, stats.grad_norm = sums["loss"] / max(count["tokens"], 1.0), sums["grad_norm"]
         if stats.tokens_trained:  # the diagnostics describe the tokens that were trained on
-            for k in diagnostics:
-                setattr(stats, k, totals[k] / stats.tokens_trained)
+            for k in ("clip_frac", "ratio", "kl", "entropy"):
+                setattr(stats, k, sums[k] / stats.tokens_trained)
     if stats.tokens_trained:
         stats.logp_diff = all_sum({"gap": gap.item()}, device)["gap"] / stats.tokens_trained
     return stats
@@ -609,6 +725,13 @@ def step_record(step: int, cur: "Curriculum", problems: list[Problem], rolls: li
             "reward_errors": t["reward_errors"], "gen_tokens": t["gen_tokens"], "rollouts": t["rollouts"],
             **dataclasses.asdict(up)}
 
+def status_line(m: dict) -> str:
+    code = f" code {m['acc_code']:.2f}" if m["n_code"] else ""
+    return (f"step {m['step']} | stage {m['stage']} | epoch {m['epoch']} | reward {m['reward']:.3f} | "
+            f"acc math {m['acc_math']:.2f}{code} | zero_adv {m['zero_adv']:.2f} | len {m['resp_len']:.0f} | "
+            f"clip {m['clip_frac']:.3f} | ent {m['entropy']:.2f} | gen/score/upd {m['t_gen']:.1f}/{m['t_score']:.1f}/"
+            f"{m['t_update']:.1f}s | {m['tok_s']:.0f} tok/s")
+
 # -----------------------------------------------------------------------------
 # The training loop
 
@@ -621,7 +744,7 @@ def main(argv=None, reward_fn=score_responses) -> int:
     check_torch()  # first: an older torch would fail only after the model loaded
     cfg = parse_config(argv)
     # Everything a user gives is checked before anything is written to --out_dir or the weights load:
-    # plumbing.Run checks the run's folder and the model's config, then every data row is (on every
+    # run.Run checks the run's folder and the model's config, then every data row is (on every
     # rank together: under torchrun all stop at once, and rank 0 says why).
     run = Run(cfg, argv)
     stages, tests, humaneval = together(load_data, cfg)
@@ -643,13 +766,17 @@ def main(argv=None, reward_fn=score_responses) -> int:
             # HumanEval's prompts are longer than the held-out sets': a KV cache of their own leaves the
             # run's cache and memory plan, and so every other number of the run, as they are without it.
             humaneval_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in humaneval}
-            humaneval_cache = make_cache(run.sampler(), humaneval, humaneval_ids, cfg.max_new_tokens,
-                                         cfg.gen_slots, *kv_budget(run.plan, device, cfg.gen_mem), cfg.cuda_graphs)
-        settings = UpdateSettings.from_config(cfg, micro_tokens=run.plan.micro_tokens)
+            humaneval_cache = run.extra_cache(humaneval, humaneval_ids)
+        # The optimizer (AdamW, as in the report; constant 1e-6 there) and its schedule: linear warm-up,
+        # then constant. The KL term's reference: a frozen copy of the initial policy, as loaded.
+        opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+        ref_model = inference_copy(run.model, dtype=run.prec.compute, device=device) if cfg.kl_coef > 0 else None
         cur = Curriculum({s: [p.id for p in ps] for s, ps in stages.items()}, cfg.prompts_per_step, cfg.seed,
                          cfg.hr, cfg.hr_return_after, cfg.stage1_steps, cfg.stage1_epochs,
                          DropRule(cfg.hr_rule, cfg.hr_tau, cfg.hr_q))
-        step = run.resume(cur, by_id, [cfg.math_train, cfg.code_train])  # 0, or the checkpoint's step
+        step = run.resume(cur, by_id, [cfg.math_train, cfg.code_train], opt, sched)  # 0, or the checkpoint's step
 
         def run_eval(tag):
             res = evaluate(run.sampler(), run.cache, tok, tests, prompt_ids, cfg, rank, world, device,
@@ -687,14 +814,15 @@ def main(argv=None, reward_fn=score_responses) -> int:
             # --- 4. HR's buffer records the outcomes of every rank's prompts (it is the same on all)
             cur.record(all_gather_lists([(p.id, [bool(a) for a in acc[i].tolist()]) for i, p in enumerate(mine)]))
             # --- 5. the policy update
-            up = policy_update(run.model, run.opt, samples, settings, run.prec, device, run.ref_model, world)
-            run.sched.step()
+            up = policy_update(run.model, opt, samples, cfg, run.prec, device, ref_model, world, run.plan.micro_tokens)
+            sched.step()
             t3 = time.time()
             # --- 6. metrics, summed over ranks: one JSONL record, one status line
             step += 1
             m = step_record(step, cur, mine, rolls, scores, reward, zero, up, device)
-            run.log_step(m | {"lr": run.sched.get_last_lr()[0], "t_gen": t1 - t0, "t_score": t2 - t1,
-                              "t_update": t3 - t2, "tok_s": m["gen_tokens"] / max(t3 - t0, 1e-9)})
+            m |= {"lr": sched.get_last_lr()[0], "t_gen": t1 - t0, "t_score": t2 - t1, "t_update": t3 - t2,
+                  "tok_s": m["gen_tokens"] / max(t3 - t0, 1e-9)}
+            run.log_step(m, status_line(m))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
                 run_eval("periodic")
             # --- 7. a step boundary: where a run may stop (a signal, --max_steps_this_run), with a checkpoint

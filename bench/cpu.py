@@ -30,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import plumbing  # noqa: E402
+import memory  # noqa: E402
 import srpo  # noqa: E402
 from model import Transformer, flops_per_token, load_tokenizer, resolve_model_path  # noqa: E402
 from rollout import KVCache, generate  # noqa: E402
@@ -97,19 +97,18 @@ def bench_update(ours, tok, reps: int) -> list[str]:
     prompts = demo_prompts(tok, 4)
     cache = KVCache.for_model(ours, max_len=max(map(len, prompts)) + 48, max_slots=16)
     rolls = generate(ours, prompts, n=4, max_new_tokens=48, temperature=0.7, seed=1, cache=cache,
-                     eos_ids=plumbing.eos_ids(tok))
+                     eos_ids=memory.eos_ids(tok))
     samples = [srpo.Sample(prompts[r.prompt_idx] + r.tokens, len(prompts[r.prompt_idx]), r.logprobs,
                            1.0 if i % 2 else -1.0) for i, r in enumerate(rolls)]
     n_resp = sum(len(r.tokens) for r in rolls)
-    prec = plumbing.decide_precision("cpu", 1, sharded=False)
+    prec = memory.decide_precision("cpu", 1, sharded=False)
     start = {k: v.clone() for k, v in ours.state_dict().items()}
     rows = ["| update | seconds | response tok/s | x unshared |", "|---|---|---|---|"]
     base = None
     for shared in (False, True):
         cfg = srpo.Config(micro_tokens=1024, lr=2e-5, temperature=0.7, shared_prompts=shared)
         opt = torch.optim.AdamW(ours.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
-        u = srpo.UpdateSettings.from_config(cfg)
-        t, _ = timed(lambda: srpo.policy_update(ours, opt, samples, u, prec, "cpu"), reps)
+        t, _ = timed(lambda: srpo.policy_update(ours, opt, samples, cfg, prec, "cpu"), reps)
         ours.load_state_dict(start)
         base = base or t
         rows.append(f"| {'shared' if shared else 'unshared'} prompts | {t:.2f} | {n_resp / t:,.0f} | {base / t:.2f} |")

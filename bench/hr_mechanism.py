@@ -38,13 +38,13 @@ def estimate_rates(argv: list[str], n: int, reward_fn=srpo.score_responses) -> l
     reward_fn (the trainer's, by default). argv: srpo.py options (pool, model, sampling, seed)."""
     import torch
 
-    import plumbing
+    import memory
     from model import Transformer, load_tokenizer, resolve_model_path
     from rollout import inference_copy, free_memory
     cfg = srpo.parse_config(argv)
     path = resolve_model_path(cfg.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    prec = plumbing.decide_precision(device.type, 1, sharded=False, dtype=cfg.dtype)  # as the trainer decides
+    prec = memory.decide_precision(device.type, 1, sharded=False, dtype=cfg.dtype)  # as the trainer decides
     tok = load_tokenizer(path)
     sampler = Transformer.from_pretrained(path, dtype=torch.float32, device=device)
     sampler.eval().requires_grad_(False)
@@ -54,7 +54,7 @@ def estimate_rates(argv: list[str], n: int, reward_fn=srpo.score_responses) -> l
     prompt_ids = {p.id: srpo.encode_prompt(tok, p, cfg.one_shot) for p in pool}
     free = free_memory(device)  # no memory plan here (no update): --gen_mem of what is free, as on a CPU
     budget = None if free is None else int(cfg.gen_mem * free)
-    cache = plumbing.make_cache(sampler, pool, prompt_ids, cfg.max_new_tokens, cfg.gen_slots, budget,
+    cache = memory.make_cache(sampler, pool, prompt_ids, cfg.max_new_tokens, cfg.gen_slots, budget,
                                 f"--gen_mem {cfg.gen_mem} of what is free")
     rolls = srpo.sample_responses(sampler, cache, tok, pool, prompt_ids, n, cfg.temperature, cfg.seed,
                                   cfg.max_new_tokens, cfg.top_p, cfg.top_k)

@@ -40,7 +40,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import model as model_mod  # noqa: E402
 import rollout  # noqa: E402
-import plumbing  # noqa: E402
+import common  # noqa: E402
+import memory  # noqa: E402
 import srpo  # noqa: E402
 from model import Transformer  # noqa: E402
 from rollout import KVCache, generate  # noqa: E402
@@ -179,11 +180,11 @@ def check_triton_loss():
 
 def fsdp_worker(out: str):
     """One update of a tiny model on this rank's share of a fixed batch; rank 0 saves loss and grads."""
-    rank, world, device = plumbing.setup_dist()
+    rank, world, device = common.setup_dist()
     m = tiny(device=device, sharpen=1.0)
     m.grad_ckpt = True   # as train.sh qwen: activation checkpointing around the branch-masked attention
     if world > 1:
-        plumbing.shard_model(m, param_dtype=torch.float32)   # fp32 compute: the comparison can be tight
+        common.shard_model(m, param_dtype=torch.float32)   # fp32 compute: the comparison can be tight
     g = torch.Generator().manual_seed(0)
     # 2 prompts of 8 tokens x 4 responses each: the shared-prompt update packs a prompt once, its
     # responses as branches after it (flex_attention's branch mask on a GPU)
@@ -192,14 +193,14 @@ def fsdp_worker(out: str):
                            (-6.2 + torch.rand(12 + 7 * i, generator=g)).tolist(), float(torch.randn((), generator=g)))
                for i in range(8)]
     cfg = srpo.Config(micro_tokens=60, lr=0.0, grad_clip=0.0, dtype="fp32", reference_loss=False)
-    prec = plumbing.decide_precision(device.type, world, sharded=world > 1, dtype=cfg.dtype)
+    prec = memory.decide_precision(device.type, world, sharded=world > 1, dtype=cfg.dtype)
     stats = srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples[rank::world],
-                               srpo.UpdateSettings.from_config(cfg), prec, device, world=world)
+                               cfg, prec, device, world=world)
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
     grads = [full(p.grad).float().cpu() for p in m.parameters()]
     if rank == 0:
         torch.save({"loss": stats.loss, "grads": grads}, out)
-    plumbing.close_dist()
+    common.close_dist()
 
 
 def check_fsdp():
@@ -228,7 +229,7 @@ def graphs_worker():
     decode step's CUDA graphs and must sample what the eager step samples; a collective before and
     after, so the group is live around the capture. Without GPUs it is a gloo dry run of the same
     code with eager steps (what tests/test_gpu_ready.py runs)."""
-    rank, world, device = plumbing.setup_dist()
+    rank, world, device = common.setup_dist()
     flag = torch.ones(1, device=device)
     torch.distributed.all_reduce(flag)                       # the communicator is up before capture
     m = tiny(device=device).eval()
@@ -240,11 +241,11 @@ def graphs_worker():
     torch.distributed.all_reduce(flag)                       # and still works after it
     if device.type == "cuda" and not fast.graphs:
         raise AssertionError(f"rank {rank}: no CUDA graph was recorded")
-    plumbing.print0(f"graphs + {torch.distributed.get_backend()}: {world} ranks, {len(fast.graphs)} graphs "
+    common.print0(f"graphs + {torch.distributed.get_backend()}: {world} ranks, {len(fast.graphs)} graphs "
                     f"recorded a rank, rollouts equal to the eager step's"
                     + ("" if device.type == "cuda" else " (dry run)"))
-    plumbing.close_dist()
-    plumbing.exit_torchrun()
+    common.close_dist()
+    common.exit_torchrun()
 
 
 def check_graphs_beside_nccl():
@@ -265,8 +266,8 @@ def check_bf16_update():
     res = []
     for dtype in ("fp32", "bf16"):
         m = tiny(sharpen=1.0)
-        prec = plumbing.decide_precision("cuda", 1, sharded=False, dtype=dtype)
-        stats = srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples, srpo.UpdateSettings.from_config(cfg),
+        prec = memory.decide_precision("cuda", 1, sharded=False, dtype=dtype)
+        stats = srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples, cfg,
                                    prec, "cuda")
         res.append((stats.loss, torch.cat([p.grad.flatten().float() for p in m.parameters()])))
     (l32, g32), (l16, g16) = res

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import model as model_mod  # noqa: E402
-import plumbing  # noqa: E402
+import memory  # noqa: E402
 import srpo  # noqa: E402
 
 # Qwen2.5-1.5B's shape (its config.json), and a tiny one with the same structure for --cpu-smoke.
@@ -136,7 +136,7 @@ def time_update(model, samples, cfg: srpo.Config, device, cuda: bool, warmup: in
     change to the loop): 'fwd+bwd' is everything before opt.step() (packing, copies, forward,
     backward, grad clipping), 'optimizer' is AdamW's step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0)
-    u, prec = srpo.UpdateSettings.from_config(cfg), plumbing.decide_precision(torch.device(device).type, 1, False, cfg.dtype)
+    prec = memory.decide_precision(torch.device(device).type, 1, False, cfg.dtype)
     clock = Clock(cuda)
     marks = {}
     opt.register_step_pre_hook(lambda *_: marks.__setitem__("pre", clock.mark()))
@@ -144,7 +144,7 @@ def time_update(model, samples, cfg: srpo.Config, device, cuda: bool, warmup: in
 
     def one():
         marks["start"] = clock.mark()
-        srpo.policy_update(model, opt, samples, u, prec, device)
+        srpo.policy_update(model, opt, samples, cfg, prec, device)
         marks["end"] = clock.mark()
         return {"total": clock.ms(marks["start"], marks["end"]), "fwd_bwd": clock.ms(marks["start"], marks["pre"]),
                 "opt": clock.ms(marks["pre"], marks["post"])}

@@ -581,7 +581,7 @@ def detect(first: dict, path: str) -> str:
 
 def validate_row(row: dict) -> None:
     """Raise Skip unless the row's tests are usable. String tests: sandbox.check_tests (they parse;
-    a case expects a literal). stdin/stdout tests: the loader's shape check (plumbing's, imported
+    a case expects a literal). stdin/stdout tests: the loader's shape check (datafile's, imported
     here only: it brings torch with it)."""
     if row["domain"] == "math":
         return  # every math converter has already required a non-empty answer
@@ -589,7 +589,7 @@ def validate_row(row: dict) -> None:
         if isinstance(row["tests"], str):
             sandbox.check_tests(row["tests"])
         else:
-            from plumbing import check_stdin_cases
+            from datafile import check_stdin_cases
             check_stdin_cases(row["tests"])
     except ValueError as e:
         raise Skip(f"unusable tests: {e}") from None

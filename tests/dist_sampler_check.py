@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import plumbing  # noqa: E402
+import common  # noqa: E402
 from model import Transformer  # noqa: E402
 from rollout import inference_copy  # noqa: E402
 
@@ -31,7 +31,7 @@ class GatherDtypes(TorchDispatchMode):
 
 def main(out: str):
     from transformers import Qwen2Config
-    rank, world, device = plumbing.setup_dist()
+    rank, world, device = common.setup_dist()
     cfg = Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     torch.manual_seed(0)          # the same weights on every rank, then sharded
@@ -39,7 +39,7 @@ def main(out: str):
     with torch.no_grad():         # values that bf16 cannot hold exactly, so the rounding shows
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
-    plumbing.shard_model(model, param_dtype=torch.bfloat16)
+    common.shard_model(model, param_dtype=torch.bfloat16)
     # Today's recipe, for comparison: gather fp32, then cast.
     before = {n: t.full_tensor().to(torch.bfloat16) for n, t in model.state_dict().items()}
     with GatherDtypes() as seen:
@@ -48,9 +48,9 @@ def main(out: str):
     if rank == 0:
         torch.save({"gather_dtypes": seen.dtypes, "bitwise_equal": same,
                     "copy_dtypes": sorted({str(t.dtype) for t in copy.state_dict().values()})}, out)
-    plumbing.close_dist()
+    common.close_dist()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    plumbing.exit_torchrun()
+    common.exit_torchrun()

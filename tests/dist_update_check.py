@@ -15,7 +15,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import plumbing  # noqa: E402
+import common  # noqa: E402
+import memory  # noqa: E402
 import srpo  # noqa: E402
 
 
@@ -51,26 +52,26 @@ def main():
     model_dir, out = sys.argv[1], sys.argv[2]
     mode = sys.argv[3] if len(sys.argv) > 3 else "shared"
     batch = sys.argv[4] if len(sys.argv) > 4 else "global"
-    rank, world, device = plumbing.setup_dist()
+    rank, world, device = common.setup_dist()
     torch.manual_seed(0)
     # As srpo.main builds it: with 2 processes on the meta device, sharded, filled from rank 0.
-    model = plumbing.build_policy(model_dir, device, rank, world, param_dtype=torch.float32)
+    model = common.build_policy(model_dir, device, rank, world, param_dtype=torch.float32)
     cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.5, shared_prompts=mode == "shared")
     # SGD: the weights after one step are then a linear function of the gradient, so they compare
     # as tightly as the gradients do (Adam's first step is ~lr * sign(grad), noise included).
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     samples = (global_batch if batch == "global" else grouped_batch)(model.config.vocab_size)
-    prec = plumbing.decide_precision(device.type, world, sharded=world > 1)
-    stats = srpo.policy_update(model, opt, samples[rank::world], srpo.UpdateSettings.from_config(cfg), prec, device,
+    prec = memory.decide_precision(device.type, world, sharded=world > 1)
+    stats = srpo.policy_update(model, opt, samples[rank::world], cfg, prec, device,
                                world=world)
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
     grads = {n: full(p.grad).detach().clone() for n, p in model.named_parameters()}
     weights = {n: full(p).detach().clone() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save({"stats": dataclasses.asdict(stats), "grads": grads, "weights": weights}, out)
-    plumbing.close_dist()
+    common.close_dist()
 
 
 if __name__ == "__main__":
     main()
-    plumbing.exit_torchrun()
+    common.exit_torchrun()

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import rewards  # noqa: E402
-import plumbing  # noqa: E402
+import run as runmod  # noqa: E402
+import common  # noqa: E402
 import srpo  # noqa: E402
 
 def bench_module(name: str):
@@ -107,14 +108,14 @@ if __name__ == "__main__":
         i = argv.index("--pause_after_save")
         pause_step = int(argv[i + 1])
         del argv[i:i + 2]
-        real_save = plumbing.save_checkpoint
+        real_save = runmod.save_checkpoint
 
         def save_then_pause(path, model, opt, sched, position, rank, cfg):
             real_save(path, model, opt, sched, position, rank, cfg)
             if position["step"] == pause_step:
                 print(f"PAUSED after checkpoint at step {pause_step}", flush=True)
                 time.sleep(600)
-        plumbing.save_checkpoint = save_then_pause
+        runmod.save_checkpoint = save_then_pause  # Run.save's name for it
     status = srpo.main(world_args(world, out) + argv, reward_fn=contains_reference)  # later options win
-    plumbing.exit_torchrun(status)
+    common.exit_torchrun(status)
     sys.exit(status)

@@ -26,7 +26,8 @@ sys.path.insert(0, ROOT)
 
 import model as model_mod  # noqa: E402
 import rollout  # noqa: E402
-import plumbing  # noqa: E402
+import checkpoint  # noqa: E402
+import memory  # noqa: E402
 import srpo  # noqa: E402
 from model import Transformer, num_params  # noqa: E402
 from rollout import KVCache, decode_core, generate  # noqa: E402
@@ -74,9 +75,9 @@ def test_precision_for_every_device_world_and_sharding(device_type, world, shard
     """Issue 11.1: who casts to bf16 depends on sharding alone (one GPU under torchrun trained in fp32)."""
     if world > 1 and not sharded:
         with pytest.raises(ValueError, match="shards"):
-            plumbing.decide_precision(device_type, world, sharded, dtype)
+            memory.decide_precision(device_type, world, sharded, dtype)
         return
-    p = plumbing.decide_precision(device_type, world, sharded, dtype)
+    p = memory.decide_precision(device_type, world, sharded, dtype)
     want = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and device_type == "cuda") else torch.float32
     assert p.compute == want, f"{device_type} x{world} sharded={sharded} --dtype {dtype}: computes in {p.compute}"
     assert p.autocast == (want != torch.float32 and not sharded), \
@@ -100,8 +101,8 @@ def test_one_process_under_torchrun_updates_in_the_compute_dtype(tmp_path):
     cfg = srpo.Config(dtype="bf16", update_epochs=2, reference_loss=True, micro_tokens=64, lr=0.0)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples, srpo.UpdateSettings.from_config(cfg),
-                           plumbing.decide_precision("cpu", 1, False, cfg.dtype), "cpu", world=1)
+        srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), samples, cfg,
+                           memory.decide_precision("cpu", 1, False, cfg.dtype), "cpu", world=1)
     finally:
         dist.destroy_process_group()
     assert {g for g, _ in seen} == {True, False}, "expected both the update's forwards and trainer_logp's"
@@ -339,9 +340,8 @@ def measure_peak(H, L, I, nh, nkv, V, T, ckpt, mode):
                   num_key_value_heads=nkv, vocab_size=V, tie_word_embeddings=True))
     if mode == "bf16":
         m = m.to(torch.bfloat16)        # what FSDP2's policy computes in: bf16 weights, no autocast
-    prec = plumbing.Precision("cpu", torch.float32 if mode == "fp32" else torch.bfloat16, mode == "autocast", False)
+    prec = memory.Precision("cpu", torch.float32 if mode == "fp32" else torch.bfloat16, mode == "autocast", False)
     cfg = srpo.Config(micro_tokens=T, reference_loss=True, grad_clip=0.0, grad_ckpt="on" if ckpt else "off")
-    u = srpo.UpdateSettings.from_config(cfg)
     m.grad_ckpt = ckpt
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
 
@@ -353,12 +353,12 @@ def measure_peak(H, L, I, nh, nkv, V, T, ckpt, mode):
 
     def status(field):
         return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-    srpo.policy_update(m, opt, samples(64, 8), u, prec, "cpu")   # one-time initialisation, small
+    srpo.policy_update(m, opt, samples(64, 8), cfg, prec, "cpu")   # one-time initialisation, small
     opt.zero_grad(set_to_none=True)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                    # VmHWM := VmRSS
     before = status("VmRSS")
-    srpo.policy_update(m, opt, samples(2 * T, 8), u, prec, "cpu")
+    srpo.policy_update(m, opt, samples(2 * T, 8), cfg, prec, "cpu")
     peak = status("VmHWM") - before
     grads = sum(p.numel() * p.element_size() for p in m.parameters())
     plan = plan_memory(m, cfg, prec, 1, max_len=T // 4 + 1, capacity=None)
@@ -390,8 +390,8 @@ def test_memory_plan_matches_measured_peaks():
 
 
 def plan_memory(m, cfg, prec, world, max_len, capacity):
-    """plumbing.plan_memory for model m with the options of cfg, as srpo.main passes them."""
-    return plumbing.plan_memory(m.config, num_params(m), prec, world, max_len, capacity, micro_tokens=cfg.micro_tokens,
+    """memory.plan_memory for model m with the options of cfg, as srpo.main passes them."""
+    return memory.plan_memory(m.config, num_params(m), prec, world, max_len, capacity, micro_tokens=cfg.micro_tokens,
                                 grad_ckpt=cfg.grad_ckpt, gen_slots=cfg.gen_slots,
                                 rollouts=-(-cfg.prompts_per_step // world) * cfg.G, kl_coef=cfg.kl_coef,
                                 reference_loss=cfg.reference_loss)
@@ -414,7 +414,7 @@ def test_qwen_launch_fits_8x80gb(shape, size):
     cfg = srpo.parse_config(train_sh_args("qwen", "/models/qwen"))
     with torch.device("meta"):
         m = qwen(shape, device="meta")
-    prec = plumbing.decide_precision("cuda", 8, sharded=True, dtype=cfg.dtype)
+    prec = memory.decide_precision("cuda", 8, sharded=True, dtype=cfg.dtype)
     usable = int(0.9 * 80e9)
     max_len = 1024 + cfg.max_new_tokens  # a generous one-shot prompt, plus a whole response
     plan = plan_memory(m, cfg, prec, 8, max_len=max_len, capacity=usable)
@@ -433,7 +433,7 @@ def test_qwen_launch_fits_8x80gb(shape, size):
                         max_len=1024 + 16384, capacity=usable)
     # One 80 GB GPU with a 1.5B model: over the edge as asked; checkpointing brings it back.
     if size == "1.5B":
-        one = plumbing.decide_precision("cuda", 1, sharded=False, dtype=cfg.dtype)
+        one = memory.decide_precision("cuda", 1, sharded=False, dtype=cfg.dtype)
         plan1 = plan_memory(m, cfg, one, 1, max_len=max_len, capacity=usable)
         assert plan1.grad_ckpt and plan1.total <= usable, f"Qwen2.5-1.5B on one GPU: {plan1}"
         assert plan1.casts > 0 and plan1.sampler > 0, "one GPU: autocast's bf16 casts and the sampler's bf16 copy"
@@ -448,7 +448,7 @@ def test_qwen_kv_cache_takes_what_the_plan_leaves(monkeypatch, capsys):
     usable = int(0.9 * total)                                     # as Run.prepare
     with torch.device("meta"):
         m = qwen(QWEN_7B, device="meta")
-    prec = plumbing.decide_precision("cuda", world, sharded=True, dtype=cfg.dtype)
+    prec = memory.decide_precision("cuda", world, sharded=True, dtype=cfg.dtype)
     max_len = 1024 + cfg.max_new_tokens                            # a generous one-shot prompt + a whole response
     plan = plan_memory(m, cfg, prec, world, max_len=max_len, capacity=usable)
     rollouts = cfg.prompts_per_step // world * cfg.G
@@ -462,15 +462,15 @@ def test_qwen_kv_cache_takes_what_the_plan_leaves(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: calls.append("mem_get_info") or
                         (total - plan.weights - plan.sampler - (0 if "empty_cache" in calls else 10 * GiB), total))
-    budget, source = plumbing.kv_budget(plan, torch.device("cuda", 0), cfg.gen_mem)
+    budget, source = memory.kv_budget(plan, torch.device("cuda", 0), cfg.gen_mem)
     assert calls == ["empty_cache", "mem_get_info"], f"free memory measured before emptying the cache: {calls}"
     assert budget == plan.kv_cache, f"the cache's budget {budget} is not the plan's {plan.kv_cache} ({source})"
     sampler = m.to(torch.bfloat16)                                # the sampler's copy, on the meta device
     problems = [srpo.Problem("long", "math", "q", "1"), srpo.Problem("short", "math", "q", "1")]
     prompt_ids = {"long": [1] * 1024, "short": [1] * 100}
-    cache = plumbing.make_cache(sampler, problems, prompt_ids, cfg.max_new_tokens, cfg.gen_slots, budget, source)
+    cache = memory.make_cache(sampler, problems, prompt_ids, cfg.max_new_tokens, cfg.gen_slots, budget, source)
     assert cache.n_slots == plan.kv_slots, f"the cache has {cache.n_slots} slots, the plan {plan.kv_slots}"
-    line = plumbing.generation_plan(cache, rollouts, cfg.gen_slots, source)
+    line = memory.generation_plan(cache, rollouts, cfg.gen_slots, source)
     waves = -(-rollouts // cache.n_slots)
     assert f"{cache.n_slots} KV-cache slots per rank" in line and f"{rollouts} rollouts per rank per step" in line \
         and f"{waves} wave" in line, line
@@ -652,11 +652,11 @@ def test_cuda_graphs_option_reaches_the_cache(monkeypatch):
     m = tiny()
     problems = [srpo.Problem("a", "math", "q", "1")]
     for graphs, expect in ((False, False), (True, None)):
-        cache = plumbing.make_cache(m, problems, {"a": [1, 2, 3]}, max_new_tokens=4, max_slots=2, budget=None,
+        cache = memory.make_cache(m, problems, {"a": [1, 2, 3]}, max_new_tokens=4, max_slots=2, budget=None,
                                     source="", cuda_graphs=graphs)
         assert asked["graphs"] is expect, f"cuda_graphs={graphs} gave KVCache graphs={asked['graphs']!r}"
     assert cache.use_graphs is False, "a CPU cache records no graphs"
-    assert "cuda_graphs" in plumbing.RESUMABLE, "a run stopped by a capture failure must resume with --no_cuda_graphs"
+    assert "cuda_graphs" in checkpoint.RESUMABLE, "a run stopped by a capture failure must resume with --no_cuda_graphs"
 
 
 def test_broken_flash_attn_install_is_announced(tmp_path):

@@ -326,7 +326,7 @@ def sampler_vs_trainer(model, prompts, n, max_new_tokens):
     """Sample with the bf16 sampler's copy of the fp32 `model`; score the same tokens as the trainer
     does on one GPU (bf16 autocast over fp32 weights) and under FSDP2 (bf16 weights, no autocast).
     Returns {trainer: (mean, max) |sampler logp - trainer logp|} over the response tokens."""
-    import plumbing
+    import memory
     import srpo
     from rollout import generate, inference_copy
     sampler = inference_copy(model, dtype=torch.bfloat16, device="cpu")
@@ -335,11 +335,11 @@ def sampler_vs_trainer(model, prompts, n, max_new_tokens):
                for r in rolls]
     out = {}
     for name, trainer, autocast in (("one GPU", model, True), ("FSDP2", sampler, False)):
-        prec = plumbing.Precision("cpu", torch.bfloat16, autocast=autocast, tf32=False)
+        prec = memory.Precision("cpu", torch.bfloat16, autocast=autocast, tf32=False)
         for shared in (False, True):   # each rollout packed whole, or its prompt shared by its group
-            mb = (plumbing.make_shared_micro_batch(samples, [list(range(i, i + n)) for i in range(0, len(samples), n)],
+            mb = (srpo.make_shared_micro_batch(samples, [list(range(i, i + n)) for i in range(0, len(samples), n)],
                                                    "cpu") if shared else
-                  plumbing.make_micro_batch(samples, list(range(len(samples))), "cpu"))
+                  srpo.make_micro_batch(samples, list(range(len(samples))), "cpu"))
             logp = srpo.trainer_logp(trainer, mb, 1.0, prec, reference_loss=True)     # (N,)
             diff = ((logp - mb.logp_old).abs() * mb.mask)[mb.mask > 0]             # (response tokens,)
             out[f"{name}, {'shared' if shared else 'whole'}"] = (diff.mean().item(), diff.max().item())
@@ -386,13 +386,13 @@ def test_update_logs_the_sampler_trainer_log_prob_gap():
     the same weights (issue 21.6): 0 up to rounding when they agree, the offset when they do not, in
     one pass (the update's own forward) and with logp_old recomputed (two passes)."""
     import srpo
-    import plumbing
+    import memory
     from rollout import generate
     torch.manual_seed(0)
     model = ours_from(tiny_hf("qwen2", seed=5))
     prompts = [[5, 9, 13], [2] * 6]
     rolls = generate(model, prompts, n=4, max_new_tokens=8, temperature=1.0, seed=1)
-    prec = plumbing.decide_precision("cpu", 1, sharded=False, dtype="fp32")
+    prec = memory.decide_precision("cpu", 1, sharded=False, dtype="fp32")
     for passes in (1, 2):
         cfg = srpo.Config(lr=0.0, update_epochs=passes, micro_tokens=64)
         for offset in (0.0, 0.25):
@@ -400,6 +400,6 @@ def test_update_logs_the_sampler_trainer_log_prob_gap():
                                    [lp - offset for lp in r.logprobs], 1.0 if i % 2 else -1.0)
                        for i, r in enumerate(rolls)]
             stats = srpo.policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), samples,
-                                       srpo.UpdateSettings.from_config(cfg), prec, "cpu")
+                                       cfg, prec, "cpu")
             assert abs(stats.logp_diff - offset) < 1e-4, \
                 f"{passes} pass(es), sampler log-probs off by {offset}: logp_diff {stats.logp_diff}"

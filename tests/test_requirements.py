@@ -117,27 +117,27 @@ def test_torch_versions_compare_as_numbers(monkeypatch):
     pre-release tags are ignored."""
     import torch
 
-    import plumbing
-    need = plumbing.TORCH_MIN
+    import common
+    need = common.TORCH_MIN
     assert (2, 10) <= need < (2, 100), "the string traps below (2.9, 2.100) assume a minimum in 2.10..2.99"
     newer = [f"{need[0]}.{need[1]}.0", f"{need[0]}.{need[1]}.1+cu126", f"{need[0]}.{need[1] + 1}.0a0+git1234",
              "2.100.0+cpu", f"{need[0] + 1}.0.0"]
     for version in newer:
         monkeypatch.setattr(torch, "__version__", version)
-        plumbing.check_torch()   # raises if it wrongly refuses
+        common.check_torch()   # raises if it wrongly refuses
     older = [f"{need[0]}.{need[1] - 1}.1", f"{need[0]}.{need[1] - 1}.0+cu124", "2.9.0", "1.13.1"]
     for version in older:
         monkeypatch.setattr(torch, "__version__", version)
         with pytest.raises(RuntimeError, match=f"found torch {re.escape(version)}"):
-            plumbing.check_torch()
+            common.check_torch()
     monkeypatch.setattr(torch, "__version__", "unknown")
     with pytest.raises(RuntimeError, match="cannot read the installed version 'unknown'"):
-        plumbing.check_torch()
+        common.check_torch()
 
 
 def test_requirements_txt_states_the_checked_minimum():
     """requirements.txt declares the same torch minimum that check_torch enforces."""
-    import plumbing
-    need = ".".join(map(str, plumbing.TORCH_MIN))
+    import common
+    need = ".".join(map(str, common.TORCH_MIN))
     lines = [s.strip() for s in open(os.path.join(ROOT, "requirements.txt")) if s.startswith("torch")]
     assert f"torch>={need}" in lines, f"requirements.txt's torch line {lines} is not torch>={need}"

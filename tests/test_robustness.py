@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import harness
-import plumbing
+import checkpoint
+import runfolder
 import srpo
 from errors import UserError
 from model import Transformer
@@ -92,7 +93,7 @@ def finish(world, out, *opts):
 
 def step_of(out) -> int:
     """The step of out's checkpoint, whichever kind it is."""
-    path = plumbing.find_checkpoint(str(out))
+    path = checkpoint.find_checkpoint(str(out))
     return torch.load(os.path.join(path, "train_state.pt") if os.path.isdir(path) else path, weights_only=False)["state"]["step"]
 
 
@@ -101,7 +102,7 @@ def as_folder_checkpoint(out):
     one here, which DCP allows)."""
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["has_optimizer_state"], "the run should have trained, so that AdamW's state is in the folder too"
-    plumbing._save_folder(str(out / "checkpoint"), {"model": ck["model"], "optimizer": ck["optimizer"]},
+    checkpoint._save_folder(str(out / "checkpoint"), {"model": ck["model"], "optimizer": ck["optimizer"]},
                       {k: ck[k] for k in ("scheduler", "config", "state", "rng", "has_optimizer_state")}, rank=0, world=1)
     (out / "checkpoint.pt").unlink()
 
@@ -222,10 +223,10 @@ def test_a_save_before_adamw_has_state_leaves_it_without(world, tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     cfg = srpo.Config()
-    plumbing.save_checkpoint(str(tmp_path), model, opt, sched, {"step": 1} | srpo.Curriculum().state_dict(), 0, cfg)
+    checkpoint.save_checkpoint(str(tmp_path), model, opt, sched, {"step": 1} | srpo.Curriculum().state_dict(), 0, cfg)
     assert not opt.state, "saving gave the running optimizer a state"
     path = str(tmp_path / "checkpoint.pt")
-    plumbing.load_checkpoint(path, plumbing.open_checkpoint(path, cfg, 0, 1), model, opt, sched, 0)
+    checkpoint.load_checkpoint(path, checkpoint.open_checkpoint(path, cfg, 0, 1), model, opt, sched, 0)
     assert not opt.state, "resuming gave the optimizer a state it did not have when saved"
 
 
@@ -317,7 +318,7 @@ def test_full_disk_during_a_save_names_path_and_free_space_and_keeps_the_last_ch
     with small_disk(tmp_path / "disk", size * 3 // 2) as disk:  # room for one checkpoint, not for a second
         out = disk / "run"
         out.mkdir()
-        for name in ("checkpoint.pt", "metrics.jsonl", "config.json", plumbing.MARKER):
+        for name in ("checkpoint.pt", "metrics.jsonl", "config.json", runfolder.MARKER):
             shutil.copy(first / name, out / name)
         before = (out / "checkpoint.pt").read_bytes()
         full = r"could not save the checkpoint .*{} \(.*\); [0-9.]+ MiB are free on its disk.*previous one, if any, is kept"
@@ -329,7 +330,7 @@ def test_full_disk_during_a_save_names_path_and_free_space_and_keeps_the_last_ch
         # The folder that several processes save: the same, for DCP's errors
         ck = torch.load(first / "checkpoint.pt", weights_only=False)
         with pytest.raises(OSError, match=full.format("checkpoint")):
-            plumbing._save_folder(str(out / "checkpoint"), {"model": ck["model"], "optimizer": ck["optimizer"]},
+            checkpoint._save_folder(str(out / "checkpoint"), {"model": ck["model"], "optimizer": ck["optimizer"]},
                               {"state": ck["state"]}, rank=0, world=1)
         assert not (out / "checkpoint.tmp").exists() and not (out / "checkpoint").exists()
 
@@ -445,7 +446,7 @@ def test_partial_checkpoints_of_a_killed_save_are_removed_at_start(world, tmp_pa
     A save killed mid-write left checkpoint.pt.tmp (up to 1.6 GB) until the next save."""
     out = tmp_path / "o"
     out.mkdir()
-    (out / plumbing.MARKER).write_text('{"created_by": "srpo"}')  # the folder of an earlier run
+    (out / runfolder.MARKER).write_text('{"created_by": "srpo"}')  # the folder of an earlier run
     (out / "checkpoint.pt.tmp").write_bytes(os.urandom(1 << 16))
     (out / "checkpoint.tmp").mkdir()
     (out / "checkpoint.tmp" / "__0_0.distcp").write_bytes(os.urandom(1 << 16))

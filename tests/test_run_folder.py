@@ -12,12 +12,13 @@ import sys
 import pytest
 
 import harness
-import plumbing
+import run as runmod
+import runfolder
 import srpo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-MARKER = ".srpo-run"  # the file that marks a run's folder, by the name the README gives it (plumbing.MARKER)
+MARKER = ".srpo-run"  # the file that marks a run's folder, by the name the README gives it (runfolder.MARKER)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -32,7 +33,7 @@ def no_weights(monkeypatch):
     def build_policy(*args, **kwargs):
         raise AssertionError("the model's weights were loaded before the check that should have stopped "
                              "the run")
-    monkeypatch.setattr(plumbing, "build_policy", build_policy)
+    monkeypatch.setattr(runmod, "build_policy", build_policy)
 
 
 def run(world, out, **over) -> int:
@@ -294,7 +295,7 @@ def test_every_kind_of_mistake_is_one_line(world, tmp_path, capsys, case):
     if case == "busy":
         out.mkdir()
         (out / MARKER).write_text('{"created_by": "srpo"}')
-        holder = plumbing.lock_out_dir(str(out))  # another run holds the folder
+        holder = runfolder.lock_out_dir(str(out))  # another run holds the folder
     try:
         status = exit_on_user_error("srpo", srpo.main, harness.world_args(world, str(out), **over),
                                     reward_fn=harness.contains_reference)

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import harness
-import plumbing
+import memory
 import rewards
 import srpo
 from model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FP32 = plumbing.decide_precision("cpu", 1, sharded=False)  # how one CPU process computes
+FP32 = memory.decide_precision("cpu", 1, sharded=False)  # how one CPU process computes
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_update_equals_the_naive_objective_across_micro_batches(world):
     assert len(srpo.pack_micro_batches(samples, cfg.micro_tokens)) > 2, "test needs several micro-batches"
     # SGD, not Adam: Adam turns float-noise-sized gradients into lr-sized steps, hiding the comparison.
     opt_a = torch.optim.SGD(a.parameters(), lr=cfg.lr)
-    stats = srpo.policy_update(a, opt_a, samples, srpo.UpdateSettings.from_config(cfg), FP32, "cpu")
+    stats = srpo.policy_update(a, opt_a, samples, cfg, FP32, "cpu")
     opt_b = torch.optim.SGD(b.parameters(), lr=cfg.lr)
     loss = naive_loss(b, samples, cfg.eps_low, cfg.eps_high)
     loss.backward()
@@ -150,7 +150,7 @@ def test_shared_prompt_update_equals_unshared(world, variant):
                           **({"micro_tokens": 64} | variant))
         m = Transformer.from_pretrained(f"{world}/model")
         stats = srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=cfg.lr), samples,
-                                   srpo.UpdateSettings.from_config(cfg), FP32, "cpu", ref_model=base)
+                                   cfg, FP32, "cpu", ref_model=base)
         out[shared] = stats, {n: (p.grad, p.detach()) for n, p in m.named_parameters()}
     (a, pa), (b, pb) = out[False], out[True]
     assert (a.tokens, a.tokens_trained) == (b.tokens, b.tokens_trained) == (54, 54 if variant.get("kl_coef") else 36)
@@ -168,7 +168,7 @@ def test_shared_micro_batches_predict_every_response_token_from_the_right_row():
     """A shared micro-batch holds each prompt once; each response token is predicted at its predecessor's row."""
     from dist_update_check import grouped_batch
     samples = grouped_batch(50)
-    units = plumbing.prompt_units(samples, budget=20)
+    units = srpo.prompt_units(samples, budget=20)
     assert sorted(i for u in units for i in u) == list(range(12)), "a sample was lost or repeated"
     mb = srpo.make_shared_micro_batch(samples, units, "cpu")
     ids, rows = mb.ids[0], mb.rows
@@ -194,10 +194,9 @@ def test_gpu_update_close_to_cpu_fp32(world):
     cpu = Transformer.from_pretrained(f"{world}/model")
     gpu = Transformer.from_pretrained(f"{world}/model", device="cuda")
     samples = global_batch(cpu.config.vocab_size)
-    u = srpo.UpdateSettings.from_config(cfg)
-    ref = srpo.policy_update(cpu, torch.optim.SGD(cpu.parameters(), lr=cfg.lr), samples, u, FP32, "cpu")
-    got = srpo.policy_update(gpu, torch.optim.SGD(gpu.parameters(), lr=cfg.lr), samples, u,
-                             plumbing.decide_precision("cuda", 1, False), "cuda")
+    ref = srpo.policy_update(cpu, torch.optim.SGD(cpu.parameters(), lr=cfg.lr), samples, cfg, FP32, "cpu")
+    got = srpo.policy_update(gpu, torch.optim.SGD(gpu.parameters(), lr=cfg.lr), samples, cfg,
+                             memory.decide_precision("cuda", 1, False), "cuda")
     assert abs(got.loss - ref.loss) < 2e-2 * abs(ref.loss) + 1e-4, (got, ref)
     for (n, pc), pg in zip(cpu.named_parameters(), gpu.parameters()):
         cos = F.cosine_similarity(pc.grad.flatten(), pg.grad.float().cpu().flatten(), dim=0).item()

@@ -1,0 +1,158 @@
+"""
+Processes and collectives: the torch this code needs, one process or torchrun's (one per GPU with
+FSDP2, or CPU processes over gloo), the policy built and sharded, and the few collectives the trainer
+uses (sums, maxima, lists, an error raised on every rank at once). In one process each is a no-op.
+"""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from errors import UserError
+from model import Transformer, load_hf_config
+
+
+# The torch this code needs, checked before anything is loaded: an older release would fail late (after
+# the model loaded, or at the first decode step). Public FSDP2 (`torch.distributed.fsdp.fully_shard`)
+# came in 2.6, dynamo's `recompile_limit` in 2.7; on 2.7.1 tests still fail (compiled flex attention on
+# the CPU, its triton's interpreter), so the minimum is the release they pass on, as requirements.txt says.
+TORCH_MIN = (2, 13)
+
+
+def check_torch():
+    """Raises a one-line error naming the torch needed and the one found if torch.__version__ is older."""
+    found = str(torch.__version__)
+    release = found.split("+")[0].split(".")[:2]   # "2.7.1+cu126" -> ["2", "7"]: compared as numbers
+    need = ".".join(map(str, TORCH_MIN))
+    if len(release) < 2 or not all(x.isdigit() for x in release):
+        raise RuntimeError(f"srpo needs torch >= {need}; cannot read the installed version {found!r}")
+    if tuple(map(int, release)) < TORCH_MIN:
+        raise RuntimeError(f"srpo needs torch >= {need}, found torch {found}: install a newer one "
+                           f"(README, requirements.txt)")
+
+
+def setup_dist():
+    """Returns (rank, world, device). Without torchrun it is (0, 1, cuda or cpu)."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def shard_model(model, param_dtype):
+    """FSDP2: each transformer block is its own unit (all-gathered just before it runs, freed after),
+    then the root takes the embeddings, final norm and lm_head. Master weights and gradient
+    reduction stay fp32; compute runs in param_dtype (bf16 on GPUs)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def build_policy(path: str, device, rank: int, world: int, param_dtype) -> Transformer:
+    """The policy, fp32 master weights. In one process, loaded whole. With several, built on the meta
+    device (no memory, no random initialisation), sharded, then filled from rank 0, the only rank that
+    reads the weights: each rank ends up holding its shard alone, not a whole CPU copy of the model."""
+    if world == 1:
+        return Transformer.from_pretrained(path, dtype=torch.float32, device=device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    with torch.device("meta"):
+        model = Transformer(load_hf_config(path))
+    shard_model(model, param_dtype=param_dtype)
+    model.to_empty(device=device)  # this rank's shards, uninitialised until the broadcast below
+    full, error = {}, None
+    if rank == 0:
+        try:
+            full = Transformer.from_pretrained(path).state_dict()
+        except (OSError, ValueError, ImportError) as e:  # unreadable weights: every rank must stop, not wait
+            error = e
+    raise_together(error)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def raise_together(error: Exception | None):
+    """Raise `error` on every rank if any rank has one. A rank that raised alone would leave the
+    others waiting in their next collective until a timeout, with the reason printed by one rank
+    among many; and in one process this is simply `raise error`."""
+    error = next((e for e in _gather(error) if e is not None), None)
+    if error is not None:
+        raise error
+
+
+def together(fn, *args):
+    """fn(*args) on every rank, for a check of what the user gave: a UserError on any rank is raised on
+    all of them at once. Raised by one rank alone, it ends that process, and torchrun stops the others,
+    rank 0 perhaps before it could say why."""
+    try:
+        result, error = fn(*args), None
+    except UserError as e:
+        result, error = None, e
+    raise_together(error)
+    return result
+
+
+def _gather(obj) -> list:
+    """obj from every rank, in rank order; [obj] in one process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def close_dist():
+    """Wait for every rank (rank 0 may still be writing), then tear the process group down."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def exit_torchrun(status: int = 0):
+    """Call last, under torchrun. After all work is done and saved, torch's gloo backend sometimes
+    aborts in its C++ destructors at interpreter exit ("terminate called without an active
+    exception", about 1 run in 30 on torch 2.13 CPU, after the last line of the script had run),
+    which torchrun reports as a failed run. Leave without running them, with main's exit status."""
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def print0(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_sum(values: dict, device) -> dict:
+    """Sum named numbers over ranks (metrics, token counts); in one process, the values as given.
+    Every rank must pass the same names, in the same order."""
+    if not dist.is_initialized():
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+def all_max(x: int, device) -> int:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_gather_lists(items: list) -> list:
+    """Every rank's list, concatenated in rank order; the list itself in one process."""
+    return [x for part in _gather(items) for x in part]

@@ -1,0 +1,118 @@
+"""
+The data files: JSONL rows validated on load, so that a bad row fails loudly, naming its file, line
+and field; and ids unique across every file a run reads.
+"""
+
+import json
+import math
+import os
+
+from errors import MissingFile, UserError
+
+
+def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level: int = 0) -> list[tuple[dict, str]]:
+    """The rows of a JSONL prompt file, each with its "file:line", validated: UTF-8, JSON objects without
+    a repeated key or a number that is not finite, the required fields non-empty strings, ids unique,
+    the domain (if given) this file's, the level (when max_level filters on it) a number. Any other
+    row stops the run with an error naming file, line and field."""
+    if not os.path.exists(path):
+        raise MissingFile(f"{domain} data file {path!r} does not exist (make it with: python data/make_data.py)")
+    if os.path.isdir(path):
+        raise UserError(f"{domain} data file {path!r} is a folder, not a JSONL file")
+    problems, seen = [], {}  # seen: id -> its line
+    # Read bytes and decode each line ourselves: a text-mode file would report bad bytes as a bare
+    # UnicodeDecodeError at a byte offset of a buffer, with no file or line.
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise UserError(f"{domain} data file {path!r} cannot be read ({e.strerror})") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                f"JSONL files must be UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line, object_pairs_hook=_no_repeated_keys)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except KeyError as e:  # json keeps the last of two equal keys, silently
+                raise UserError(f"{path}:{lineno}: field {e.args[0]!r} appears twice in the row") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: a row must be a JSON object")
+            # Python's json reads NaN, Infinity and 1e999 (which JSON does not allow) as floats; a NaN
+            # level would pass every comparison of --max_level as False.
+            for key, value in row.items():
+                if not _finite(value):
+                    raise UserError(f"{path}:{lineno}: field {key!r} holds {value!r}: numbers must be finite")
+            for key in required:
+                if key == "tests" and isinstance(row.get(key), list):  # the stdin/stdout form: its shape here
+                    try:
+                        check_stdin_cases(row[key])
+                    except ValueError as e:
+                        raise ValueError(f"{path}:{lineno}: field 'tests': {e}") from None
+                    continue
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise UserError(f"{path}:{lineno}: field {key!r} is missing or not a non-empty string")
+            if row.get("domain", domain) != domain:
+                raise UserError(f"{path}:{lineno}: field 'domain' is {row['domain']!r}, this file holds {domain!r}")
+            if row["id"] in seen:
+                raise UserError(f"{path}:{lineno}: field 'id' {row['id']!r} repeats an earlier row (line {seen[row['id']]})")
+            seen[row["id"]] = lineno
+            if max_level:  # 'level' is only read (so only checked) when --max_level filters on it
+                level = row.get("level", 0)
+                if isinstance(level, bool) or not isinstance(level, (int, float)):
+                    raise UserError(f"{path}:{lineno}: field 'level' is {level!r}: --max_level needs a number "
+                                     f"(or no 'level', to keep the row at every level)")
+                if level > max_level:
+                    continue
+            problems.append((row, f"{path}:{lineno}"))
+            if limit and len(problems) == limit:
+                break
+    if not problems:
+        raise UserError(f"{domain} data file {path!r} is empty" + (f" at levels <= {max_level}" if max_level else ""))
+    return problems
+
+
+def check_stdin_cases(tests: list) -> None:
+    """Raise ValueError unless `tests` has the shape of the stdin/stdout form of code tests: a
+    non-empty list of {"input": str, "output": str}, the program's stdin and its expected stdout."""
+    if not tests:
+        raise ValueError("a list of stdin/stdout cases must hold at least one case")
+    for i, case in enumerate(tests):
+        if not (isinstance(case, dict) and set(case) == {"input", "output"}
+                and isinstance(case["input"], str) and isinstance(case["output"], str)):
+            raise ValueError(f"case {i} is not an object of exactly two strings, 'input' and 'output'")
+
+
+def _no_repeated_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    for i, k in enumerate(keys):
+        if k in keys[:i]:
+            raise KeyError(k)
+    return dict(pairs)
+
+
+def _finite(value) -> bool:
+    """No NaN or infinity anywhere in a JSON value."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, dict)):
+        return all(map(_finite, value.values() if isinstance(value, dict) else value))
+    return True
+
+
+def check_unique_ids(*problem_lists: list):
+    """A problem is known by its id alone (the prompt table, HR's buffer, checkpoints), so an id in
+    two files makes one problem silently stand in for the other: a test question trained on with a
+    train answer, a code problem replacing a math one. The same row read twice is no clash: a file
+    given as both train and test data (evaluating on the training set) mixes nothing."""
+    first = {}
+    for p in (p for problems in problem_lists for p in problems):
+        if p.id in first and first[p.id].source != p.source:
+            raise UserError(f"{p.source}: field 'id' {p.id!r} is also the id of {first[p.id].source}; "
+                             f"ids must be unique across all train and test files")
+        first.setdefault(p.id, p)
