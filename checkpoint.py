@@ -200,7 +200,7 @@ def open_checkpoint(path: str, cfg, rank: int, world: int) -> dict:
     # Copied off the mapping (the RNG states are tensors): a tensor kept from it would keep the file,
     # and its disk space, after the next save replaced it.
     small = copy.deepcopy({k: ck[k] for k in ("config", "state", "scheduler", "rng")})
-    return small | {"has_optimizer_state": ck.get("has_optimizer_state", True)}  # older ones always had it
+    return small | {"has_optimizer_state": ck["has_optimizer_state"]}
 
 
 def load_checkpoint(path: str, small: dict, model, opt, sched, rank: int) -> dict:
@@ -231,9 +231,7 @@ def load_checkpoint(path: str, small: dict, model, opt, sched, rank: int) -> dic
         ck = torch.load(path, map_location="cpu", weights_only=False) if rank == 0 else {"model": {}, "optimizer": {}}
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
         set_model_state_dict(model, ck["model"], options=options)
-        if with_opt and world == 1 and isinstance(ck["optimizer"]["param_groups"][0]["params"][0], int):
-            opt.load_state_dict(ck["optimizer"])  # a checkpoint from before DCP: AdamW's state keyed by index
-        elif with_opt:
+        if with_opt:
             set_optimizer_state_dict(model, opt, ck["optimizer"], options=options)
     sched.load_state_dict(small["scheduler"])
     rng = small["rng"][rank] if rank < len(small["rng"]) else small["rng"][0]

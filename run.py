@@ -35,6 +35,13 @@ from runfolder import RunFolder, check_out_dir
 import rewards
 
 
+def option(default, help: str, rule: str | tuple = ""):
+    """A Config field: its default, one line of help, and its rule: a range in interval notation
+    ("[0, 1)") or a tuple of choices, checked by parse_options."""
+    meta = {"help": help} | ({"choices": tuple(rule)} if isinstance(rule, tuple) else {"range": rule} if rule else {})
+    return dataclasses.field(default=default, metadata=meta)
+
+
 def parse_options(cls, argv=None, description: str = ""):
     """An instance of the dataclass cls from the command line (argv, or sys.argv), every value checked."""
     p = argparse.ArgumentParser(description=description)

