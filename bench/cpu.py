@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import memory  # noqa: E402
+import datafile  # noqa: E402
 import srpo  # noqa: E402
 from model import Transformer, flops_per_token, load_tokenizer, resolve_model_path  # noqa: E402
 from rollout import KVCache, generate  # noqa: E402
@@ -49,7 +50,7 @@ def matmul_flops() -> float:
 
 def demo_prompts(tok, n: int) -> list[list[int]]:
     """The first n math training prompts at levels <= 2, as the demo encodes them."""
-    problems = srpo.load_problems("data/math_train.jsonl", "math", n, 2)
+    problems = datafile.load_problems("data/math_train.jsonl", "math", n, 2)
     return [srpo.encode_prompt(tok, p, one_shot=True) for p in problems]
 
 

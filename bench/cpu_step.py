@@ -107,6 +107,7 @@ def trl_child(steps: int, result: str, out_dir: str, threads: int, grad_accum: i
 
     import model as model_mod
     import rewards
+    import datafile
     import srpo
 
     torch.set_num_threads(threads)
@@ -123,7 +124,7 @@ def trl_child(steps: int, result: str, out_dir: str, threads: int, grad_accum: i
     assert eos_ids(tok) == [tok.eos_token_id] == [policy.generation_config.eos_token_id], "EOS ids differ"
 
     # The same prompts, as the chat srpo.encode_prompt builds (one worked example, then the question).
-    problems = srpo.load_problems(os.path.join(ROOT, "data/math_train.jsonl"), "math", 12, 2)
+    problems = datafile.load_problems(os.path.join(ROOT, "data/math_train.jsonl"), "math", 12, 2)
     q, a = rewards.EXAMPLES["math"]
     shot = [{"role": "user", "content": rewards.format_prompt(q, "math")}, {"role": "assistant", "content": a}]
     rows = [{"prompt": shot + [{"role": "user", "content": rewards.format_prompt(p.question, "math")}],

@@ -25,9 +25,11 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import curriculum  # noqa: E402
+import datafile  # noqa: E402
 import srpo  # noqa: E402
 
-RULES = {"all_correct": srpo.DropRule("all_correct"), "posterior": srpo.DropRule("posterior")}
+RULES = {"all_correct": curriculum.DropRule("all_correct"), "posterior": curriculum.DropRule("posterior")}
 
 # -----------------------------------------------------------------------------
 # (a) pass rates under a policy
@@ -50,7 +52,7 @@ def estimate_rates(argv: list[str], n: int, reward_fn=srpo.score_responses) -> l
     sampler.eval().requires_grad_(False)
     if prec.compute != torch.float32:
         sampler = inference_copy(sampler, dtype=prec.compute, device=device)
-    pool = srpo.load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)
+    pool = datafile.load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)
     prompt_ids = {p.id: srpo.encode_prompt(tok, p, cfg.one_shot) for p in pool}
     free = free_memory(device)  # no memory plan here (no update): --gen_mem of what is free, as on a CPU
     budget = None if free is None else int(cfg.gen_mem * free)
@@ -78,7 +80,7 @@ def read_rates(path: str) -> dict[str, float]:
 # (b) what each rule drops, given the rates
 
 
-def drop_schedule(p: float, G: int, epochs: int, rule: srpo.DropRule, hr: bool = True) -> list[float]:
+def drop_schedule(p: float, G: int, epochs: int, rule: curriculum.DropRule, hr: bool = True) -> list[float]:
     """For a prompt of pass rate p: the probability that HR drops it at the end of epoch 1, 2, ...,
     epochs (with hr, once dropped it is gone, so these sum to the chance of being dropped at all);
     with hr=False (a --no_hr run) the probability that HR *would* drop it at each epoch end.
@@ -147,9 +149,9 @@ def observed(run: str) -> dict:
             "ids": logged("dropped_ids")}
 
 
-def run_rule(cfg: dict) -> srpo.DropRule:
+def run_rule(cfg: dict) -> curriculum.DropRule:
     """The rule a run used (runs older than --hr_rule used the report's)."""
-    return srpo.DropRule(cfg.get("hr_rule", "all_correct"), cfg.get("hr_tau", 0.9), cfg.get("hr_q", 0.5))
+    return curriculum.DropRule(cfg.get("hr_rule", "all_correct"), cfg.get("hr_tau", 0.9), cfg.get("hr_q", 0.5))
 
 
 def compare_run(rates: dict[str, float], run: str, below: float) -> dict:
@@ -159,7 +161,7 @@ def compare_run(rates: dict[str, float], run: str, below: float) -> dict:
     obs = observed(run)
     cfg = obs["cfg"]
     path = cfg["math_train"] if os.path.isabs(cfg["math_train"]) else os.path.join(ROOT, cfg["math_train"])
-    pool = [p.id for p in srpo.load_problems(path, "math", cfg["max_prompts"], cfg["max_level"])]
+    pool = [p.id for p in datafile.load_problems(path, "math", cfg["max_prompts"], cfg["max_level"])]
     missing = set(pool) - set(rates)
     if missing:
         raise ValueError(f"{run}: {len(missing)} of its pool's {len(pool)} prompts ({cfg['math_train']}) "

@@ -4,7 +4,7 @@ Convert a public math or code set, as downloaded, into this project's JSONL rows
     python data/convert.py [--format FORMAT] IN OUT.jsonl
 
 IN is a .jsonl, .json, .jsonl.gz or .parquet file (a Hugging Face hub download, or a project's own
-release). OUT gets one row per problem, in the format srpo.load_problems reads:
+release). OUT gets one row per problem, in the format datafile.load_problems reads:
     math: {"id", "domain": "math", "question", "answer", "level"?}
     code: {"id", "domain": "code", "question", "tests", "solution"?, "level"?}
 where `tests` is a string (the case form, `CALL == LITERAL` per line, or the assert form: see

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint  # noqa: E402
 import common  # noqa: E402
 import memory  # noqa: E402
+import curriculum  # noqa: E402
 import srpo  # noqa: E402
 from dist_update_check import global_batch  # noqa: E402
 
@@ -34,7 +35,7 @@ def check(model_dir: str, out_dir: str, mode: str, state_path: str):
         srpo.policy_update(model, opt, samples[rank::world], cfg, prec, device,
                            world=world)
         sched.step()
-        checkpoint.save_checkpoint(out_dir, model, opt, sched, {"step": 1} | srpo.Curriculum().state_dict(), rank, cfg)
+        checkpoint.save_checkpoint(out_dir, model, opt, sched, {"step": 1} | curriculum.Curriculum().state_dict(), rank, cfg)
     else:
         path = checkpoint.find_checkpoint(out_dir)
         small = checkpoint.open_checkpoint(path, cfg, rank, world)

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import harness  # noqa: E402
 import rewards  # noqa: E402
 import sandbox  # noqa: E402
+import datafile  # noqa: E402
 import srpo  # noqa: E402
 from data import convert  # noqa: E402
 
@@ -308,12 +309,12 @@ ADD_K = "class Solution:\n    def addK(self, nums, k):\n        return sum(nums)
 
 
 def test_converted_code_rows_load_and_score(tmp_path, evil_marker):
-    """Case- and assert-form rows of every code format load with srpo.load_problems and score 1 with
+    """Case- and assert-form rows of every code format load with datafile.load_problems and score 1 with
     the source's own solution and 0 with a wrong program, through rewards.score_batch."""
     programs, refs = [], []
     for fmt in ("humaneval", "mbpp", "apps", "livecodebench"):
         path = converted(tmp_path, fmt, no_stdin=True)
-        problems = {p.id: p for p in srpo.load_problems(path, "code", check_tests="static")}
+        problems = {p.id: p for p in datafile.load_problems(path, "code", check_tests="static")}
         rows = read(path)
         assert set(problems) == set(rows)
         for rid, row in rows.items():
@@ -333,22 +334,22 @@ def test_loader_checks_the_stdin_form_shape_and_refuses_it_until_the_sandbox_run
     path = converted(tmp_path, "codecontests")
     with pytest.raises(ValueError,
                        match=r"codecontests\.out\.jsonl:1: field 'tests' is a list of stdin/stdout cases"):
-        srpo.load_problems(path, "code")
+        datafile.load_problems(path, "code")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "x", "question": "q", "tests": [{"input": "1"}]}) + "\n")
     with pytest.raises(ValueError,
                        match=r"bad\.jsonl:1: field 'tests': case 0 is not an object of exactly two strings"):
-        srpo.load_problems(str(bad), "code")
+        datafile.load_problems(str(bad), "code")
     bad.write_text(json.dumps({"id": "x", "question": "q", "tests": []}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: field 'tests': .* at least one case"):
-        srpo.load_problems(str(bad), "code")
+        datafile.load_problems(str(bad), "code")
 
 
 def test_converted_math_rows_load_and_score(tmp_path):
     """Math rows of every math format load, and a boxed reference answer scores 1 against each."""
     refs = []
     for fmt in ("gsm8k", "math", "deepscaler", "aime", "verl"):
-        refs += [p.reference for p in srpo.load_problems(converted(tmp_path, fmt), "math")]
+        refs += [p.reference for p in datafile.load_problems(converted(tmp_path, fmt), "math")]
     scores = rewards.score_batch([f"<answer>\\boxed{{{r}}}</answer>" for r in refs], ["math"] * len(refs),
                                  refs, workers=1)
     assert all(s.accuracy == 1.0 for s in scores), [(r, s) for r, s in zip(refs, scores) if s.accuracy != 1.0]
@@ -370,7 +371,7 @@ def test_humaneval_164_convert_and_the_demo_subset_passes(tmp_path):
     # The loader's own check (testcheck) refuses HumanEval/33 (line 34): its test compares the program's
     # sort_third with the program's own values, never with an expected one, so it cannot train.
     with pytest.raises(ValueError, match=r"humaneval.jsonl:34: field 'tests': .*never with an expected value"):
-        srpo.load_problems(out, "code", check_tests="static")
+        datafile.load_problems(out, "code", check_tests="static")
     subset = convert.humaneval_benchmark(16)
     whole = convert.humaneval_benchmark(164)
     assert [r["id"] for r in subset] == [r["id"] for r in whole[:16]], "not a prefix of one order"
@@ -392,7 +393,7 @@ def test_champ_270_convert_with_checkable_answers(tmp_path):
     assert res["format"] == "champ" and res["written"] == 115, res["written"]
     assert counts == {"the answer is a sentence, not a value": 142,
                       "the answer is several values or a relation, not one value": 13}, counts
-    problems = srpo.load_problems(out, "math")
+    problems = datafile.load_problems(out, "math")
     refs = [p.reference for p in problems]
     scores = rewards.score_batch([f"<answer>\\boxed{{{r}}}</answer>" for r in refs], ["math"] * 115, refs,
                                  workers=1)

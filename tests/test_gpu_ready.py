@@ -28,6 +28,7 @@ import model as model_mod  # noqa: E402
 import rollout  # noqa: E402
 import checkpoint  # noqa: E402
 import memory  # noqa: E402
+import datafile  # noqa: E402
 import srpo  # noqa: E402
 from model import Transformer, num_params  # noqa: E402
 from rollout import KVCache, decode_core, generate  # noqa: E402
@@ -466,7 +467,7 @@ def test_qwen_kv_cache_takes_what_the_plan_leaves(monkeypatch, capsys):
     assert calls == ["empty_cache", "mem_get_info"], f"free memory measured before emptying the cache: {calls}"
     assert budget == plan.kv_cache, f"the cache's budget {budget} is not the plan's {plan.kv_cache} ({source})"
     sampler = m.to(torch.bfloat16)                                # the sampler's copy, on the meta device
-    problems = [srpo.Problem("long", "math", "q", "1"), srpo.Problem("short", "math", "q", "1")]
+    problems = [datafile.Problem("long", "math", "q", "1"), datafile.Problem("short", "math", "q", "1")]
     prompt_ids = {"long": [1] * 1024, "short": [1] * 100}
     cache = memory.make_cache(sampler, problems, prompt_ids, cfg.max_new_tokens, cfg.gen_slots, budget, source)
     assert cache.n_slots == plan.kv_slots, f"the cache has {cache.n_slots} slots, the plan {plan.kv_slots}"
@@ -650,7 +651,7 @@ def test_cuda_graphs_option_reaches_the_cache(monkeypatch):
         return real(model, **kw)
     monkeypatch.setattr(KVCache, "for_model", staticmethod(for_model))
     m = tiny()
-    problems = [srpo.Problem("a", "math", "q", "1")]
+    problems = [datafile.Problem("a", "math", "q", "1")]
     for graphs, expect in ((False, False), (True, None)):
         cache = memory.make_cache(m, problems, {"a": [1, 2, 3]}, max_new_tokens=4, max_slots=2, budget=None,
                                     source="", cuda_graphs=graphs)

@@ -7,12 +7,13 @@ import os
 import pytest
 
 import rewards
+import curriculum
 import srpo
 from harness import bench_module, make_world
 
 mech = bench_module("hr_mechanism")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL, POST = srpo.DropRule("all_correct"), srpo.DropRule("posterior")
+ALL, POST = curriculum.DropRule("all_correct"), curriculum.DropRule("posterior")
 
 
 def close(a: list, b: list) -> bool:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import harness
+import datafile
 import srpo
 from model import Transformer, load_tokenizer
 import rollout
@@ -193,7 +194,7 @@ def test_non_utf8_row_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"id": "1", "question": "q", "answer": "1"}\n{"id": "2", "question": "q\xff", "answer": "2"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid UTF-8"):
-        srpo.load_problems(str(bad), "math")
+        datafile.load_problems(str(bad), "math")
 
 
 @pytest.mark.parametrize("level", ["easy", None, True])
@@ -204,8 +205,8 @@ def test_level_that_is_not_a_number_names_file_line_and_field(tmp_path, level):
     bad = write_rows(tmp_path / "bad.jsonl", [{"id": "1", "question": "q", "answer": "1", "level": 1},
                                               {"id": "2", "question": "q", "answer": "2", "level": level}])
     with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'level'"):
-        srpo.load_problems(bad, "math", max_level=2)
-    assert len(srpo.load_problems(bad, "math")) == 2, "without --max_level the field is not used, so not checked"
+        datafile.load_problems(bad, "math", max_level=2)
+    assert len(datafile.load_problems(bad, "math")) == 2, "without --max_level the field is not used, so not checked"
 
 
 def test_resume_on_regenerated_data_names_checkpoint_ids_and_files(world, tmp_path):

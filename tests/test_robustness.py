@@ -16,6 +16,7 @@ import torch
 import harness
 import checkpoint
 import runfolder
+import curriculum
 import srpo
 from errors import UserError
 from model import Transformer
@@ -223,7 +224,7 @@ def test_a_save_before_adamw_has_state_leaves_it_without(world, tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     cfg = srpo.Config()
-    checkpoint.save_checkpoint(str(tmp_path), model, opt, sched, {"step": 1} | srpo.Curriculum().state_dict(), 0, cfg)
+    checkpoint.save_checkpoint(str(tmp_path), model, opt, sched, {"step": 1} | curriculum.Curriculum().state_dict(), 0, cfg)
     assert not opt.state, "saving gave the running optimizer a state"
     path = str(tmp_path / "checkpoint.pt")
     checkpoint.load_checkpoint(path, checkpoint.open_checkpoint(path, cfg, 0, 1), model, opt, sched, 0)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import harness
 import memory
 import rewards
+import curriculum
 import srpo
 from model import Transformer
 
@@ -35,7 +36,7 @@ def run(world, out, reward=harness.contains_reference, **over):
 
 def test_history_resampling_drops_all_correct_keeps_mixed_and_all_wrong():
     """HR drops a prompt only if every rollout of the epoch was correct, and empties its buffer for the next."""
-    h = srpo.History()
+    h = curriculum.History()
     h.record("easy", [True, True, True, True])
     h.record("mixed", [True, False, False, True])
     h.record("hard", [False] * 4)
@@ -51,7 +52,7 @@ def test_history_resampling_drops_all_correct_keeps_mixed_and_all_wrong():
 def test_dropped_prompts_return_after_n_epochs_only_when_asked():
     """A dropped prompt stays out for the stage, unless --hr_return_after N brings it back after N epochs."""
     for return_after, back_at in ((0, None), (2, 3)):   # dropped for epoch 1: back at 1 + 2 = 3
-        h = srpo.History()
+        h = curriculum.History()
         h.record("easy", [True] * 4)
         h.record("hard", [False] * 4)
         order, _ = h.resample(["easy", "hard"], next_epoch=1, return_after=return_after)

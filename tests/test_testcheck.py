@@ -1,11 +1,11 @@
 """Tests for testcheck.py: tests that check nothing, or that a trivial program passes, are refused,
-with a reason, by the check itself and by the loader (srpo.load_problems), naming file, line and
+with a reason, by the check itself and by the loader (datafile.load_problems), naming file, line and
 field (issue 26, finding 2). The check over every shipped row is in test_data.py."""
 import json
 
 import pytest
 
-import srpo
+import datafile
 import testcheck
 
 # Tests that run to the end whatever the program does (issue 26, finding 2): check_tests accepted
@@ -110,11 +110,11 @@ def test_loader_refuses_code_rows_that_do_not_test(tmp_path):
             "solution": "def add(a, b):\n    return a + b\n"}
     path = write_rows(tmp_path / "code.jsonl", [good, {"id": "c2", "question": "q", "tests": "assert True"}])
     with pytest.raises(ValueError, match=r"code.jsonl:2: field 'tests': the tests use no function"):
-        srpo.load_problems(path, "code", check_tests="static")
+        datafile.load_problems(path, "code", check_tests="static")
     path = write_rows(tmp_path / "code2.jsonl", [good, {"id": "c2", "question": "q", "tests": "f(1) == 0"}])
-    assert len(srpo.load_problems(path, "code", check_tests="static")) == 2, "statically the row is fine"
+    assert len(datafile.load_problems(path, "code", check_tests="static")) == 2, "statically the row is fine"
     with pytest.raises(ValueError, match=r"code2.jsonl:2: field 'tests': a trivial program passes"):
-        srpo.load_problems(path, "code", check_tests="full", workers=1)
+        datafile.load_problems(path, "code", check_tests="full", workers=1)
 
 
 def test_loader_refuses_an_unreadable_math_answer(tmp_path):
@@ -122,4 +122,4 @@ def test_loader_refuses_an_unreadable_math_answer(tmp_path):
     path = write_rows(tmp_path / "math.jsonl", [{"id": "m1", "question": "q", "answer": "25"},
                                                 {"id": "m2", "question": "q", "answer": "\\boxed{"}])
     with pytest.raises(ValueError, match=r"math.jsonl:2: field 'answer': math-verify cannot read"):
-        srpo.load_problems(path, "math")
+        datafile.load_problems(path, "math")
