@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import memory  # noqa: E402
 import srpo  # noqa: E402
-from model import Transformer, flops_per_token, load_tokenizer, resolve_model_path  # noqa: E402
+from model import flops_per_token  # noqa: E402
+from weights import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from rollout import KVCache, generate  # noqa: E402
 
 
@@ -134,7 +135,7 @@ def main():
           f"torch {torch.__version__} | fp32 matmul {rate / 1e9:.0f} GFLOP/s\n")
     path = resolve_model_path("default")
     tok = load_tokenizer(path)
-    ours = Transformer.from_pretrained(path)
+    ours = load_model(path)
     if "sampler" in parts:
         from transformers import AutoModelForCausalLM
         folder, name = os.path.split(path)
