@@ -451,13 +451,3 @@ def require_compiled_flex(device, dtype):
 
 def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward+backward matmul FLOPs per trained token (6N plus attention), for MFU figures."""
-    H, L = cfg.hidden_size, cfg.n_layers
-    attn = 2 * H * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 2 * cfg.n_heads * cfg.head_dim * H
-    mlp = 3 * 2 * H * cfg.intermediate_size
-    head = 2 * H * cfg.vocab_size
-    attn_scores = 2 * 2 * cfg.n_heads * cfg.head_dim * seq_len / 2  # QK^T and AV, causal half
-    return 3 * (L * (attn + mlp + attn_scores) + head)
