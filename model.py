@@ -35,12 +35,6 @@ except (ImportError, OSError) as e:
         warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); packed "
                       f"attention falls back to flex_attention")
 
-# The attention kernel for packed sequences (training). "auto": flash-attn's varlen kernel when it is
-# installed and the tensors are on a GPU, else flex_attention on a GPU, else SDPA with a dense mask.
-# Set "flash", "flex" or "sdpa" to force one, e.g. "sdpa" as the plain reference when debugging.
-# On a CPU, flex_attention runs forward only (no backward): tests use it to check its document mask.
-PACKED_ATTENTION = "auto"
-
 SUPPORTED_ARCHS = ("llama", "qwen2")
 
 # -----------------------------------------------------------------------------
@@ -248,7 +242,7 @@ class Transformer(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, idx, *, attention_mask=None, cu_seqlens=None, branches=None, attend=None, positions=None,
-                return_hidden=False, head=None):
+                return_hidden=False, head=None, packed_attention="auto"):
         """idx: (B, T) token ids. At most one of:
           attention_mask (B, T): 1 = real token, 0 = padding (left or right); padding is never attended.
           cu_seqlens (n+1,): packed sequences in one row (B = 1), boundaries at cu_seqlens[i];
@@ -261,6 +255,11 @@ class Transformer(nn.Module):
               tokens sit at positions[b]; each layer calls attend(layer, q, k, v) -> y with q (B, nh, T, D),
               k and v (B, nkv, T, D) after rotary, y (B, nh, T, D).
         With none of them, every row is one causal sequence from position 0.
+        packed_attention: the attention kernel for packed sequences (cu_seqlens). "auto": flash-attn's
+            varlen kernel when it is installed and the tensors are on a GPU, else flex_attention on a
+            GPU, else SDPA with a dense mask. "flash", "flex" or "sdpa" forces one, e.g. "sdpa" as the
+            plain reference when debugging. On a CPU, flex_attention runs forward only (no backward):
+            tests use it to check its document mask.
         Returns logits (B, T, V) in fp32, hidden states (B, T, H) if return_hidden, or head(hidden, W)."""
         if idx.dim() == 1:
             idx = idx[None]
@@ -279,7 +278,7 @@ class Transformer(nn.Module):
         dtype = compute_dtype(idx.device.type, x.dtype)
         x = x.to(dtype).float()                                      # (B, T, H) fp32 residual stream
         if attend is None:
-            a = self._attention_inputs(idx, attention_mask, cu_seqlens, dtype, branches)
+            a = self._attention_inputs(idx, attention_mask, cu_seqlens, dtype, branches, packed_attention)
             attend, positions = a.attend, a.positions
         cos, sin = self.rotary(positions)                            # (B, 1, T, D) each, fp32
         for block in self.layers:  # the one layer loop: training, scoring and sampling all come here
@@ -294,7 +293,8 @@ class Transformer(nn.Module):
             return x
         return F.linear(x, self.lm_head_weight).float()              # (B, T, V)
 
-    def _attention_inputs(self, idx, attention_mask, cu_seqlens, dtype, branches=None) -> AttnInputs:
+    def _attention_inputs(self, idx, attention_mask, cu_seqlens, dtype, branches=None,
+                          packed_attention="auto") -> AttnInputs:
         """Only what the chosen kernel reads: a dense (T, T) mask is built for SDPA alone (at 16k
         packed tokens it is 256 MiB of bools, plus as much again in temporaries while it is built)."""
         B, T = idx.shape
@@ -311,7 +311,7 @@ class Transformer(nn.Module):
             if branches is not None:
                 branches = branches.to(dev)
                 positions = branch_positions(doc, branches, positions[0])[None]
-            impl = _packed_attention(idx.is_cuda, dtype)
+            impl = _packed_attention(idx.is_cuda, dtype, packed_attention)
             if impl == "flash" and branches is None:  # flash-attn reads the document boundaries themselves
                 return AttnInputs(positions=positions, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
             if impl in ("flash", "flex"):  # a block-sparse document mask (flash-attn has no mask for branches)
@@ -337,19 +337,20 @@ class Transformer(nn.Module):
         return AttnInputs(positions=torch.arange(T, device=dev)[None].expand(B, T))  # SDPA's own causal path
 
 
-def _packed_attention(on_gpu: bool, dtype: torch.dtype) -> str:
-    """The packed-attention kernel for a forward on a GPU or not, computing in `dtype`."""
+def _packed_attention(on_gpu: bool, dtype: torch.dtype, choice: str = "auto") -> str:
+    """The packed-attention kernel for a forward on a GPU or not, computing in `dtype`, given the
+    caller's `choice` (Transformer.forward's packed_attention)."""
     # flash-attn's kernels take fp16/bf16 only: an fp32 forward (--dtype fp32, or a model left in
     # fp32 without autocast) must not be handed to it, or it stops the run.
     flash = flash_attn_varlen_func is not None and on_gpu and dtype in (torch.float16, torch.bfloat16)
-    if PACKED_ATTENTION == "auto":
+    if choice == "auto":
         return "flash" if flash else "flex" if on_gpu else "sdpa"
-    if PACKED_ATTENTION not in ("flash", "flex", "sdpa"):
-        raise ValueError(f"model.PACKED_ATTENTION is {PACKED_ATTENTION!r}: use auto, flash, flex or sdpa")
-    if PACKED_ATTENTION == "flash" and not flash:
-        raise RuntimeError(f"model.PACKED_ATTENTION = 'flash' needs flash-attn installed, a GPU and fp16/bf16 "
+    if choice not in ("flash", "flex", "sdpa"):
+        raise ValueError(f"packed_attention is {choice!r}: use auto, flash, flex or sdpa")
+    if choice == "flash" and not flash:
+        raise RuntimeError(f"packed_attention='flash' needs flash-attn installed, a GPU and fp16/bf16 "
                            f"(this forward computes in {dtype})")
-    return PACKED_ATTENTION
+    return choice
 
 
 def branch_positions(doc: torch.Tensor, branches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -119,15 +119,14 @@ def test_flash_attn_is_never_chosen_for_fp32(monkeypatch):
     assert pick(True, torch.bfloat16) == "flash" and pick(True, torch.float16) == "flash"
     assert pick(True, torch.float32) == "flex", "an fp32 forward on a GPU was handed to flash-attn"
     assert pick(False, torch.bfloat16) == "sdpa"
-    monkeypatch.setattr(model_mod, "PACKED_ATTENTION", "flash")
     with pytest.raises(RuntimeError, match="fp16/bf16"):
-        pick(True, torch.float32)
+        pick(True, torch.float32, "flash")
 
 
 def test_forward_passes_autocast_dtype_to_the_kernel_choice(monkeypatch):
     """Issue 11.1: under autocast the weights are fp32 but attention runs bf16; the kernel choice must see bf16."""
     chosen = []
-    monkeypatch.setattr(model_mod, "_packed_attention", lambda on_gpu, dtype: chosen.append(dtype) or "sdpa")
+    monkeypatch.setattr(model_mod, "_packed_attention", lambda on_gpu, dtype, choice: chosen.append(dtype) or "sdpa")
     m = tiny()
     ids, cu = torch.randint(0, 97, (1, 10)), torch.tensor([0, 4, 10])
     with torch.no_grad():

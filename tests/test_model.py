@@ -121,7 +121,7 @@ def test_branches_equal_each_response_run_whole():
 
 
 @pytest.mark.cxx
-def test_flex_attention_branch_mask_matches_dense(monkeypatch):
+def test_flex_attention_branch_mask_matches_dense():
     """flex_attention's block mask with branches (the GPU's shared-prompt update) equals the dense mask, forward."""
     ours = ours_from(tiny_hf("qwen2", seed=4))
     cu = torch.tensor([0, 150, 200, 331])
@@ -131,13 +131,12 @@ def test_flex_attention_branch_mask_matches_dense(monkeypatch):
     idx = torch.randint(0, 97, (1, 331))
     with torch.no_grad():
         dense = ours(idx, cu_seqlens=cu, branches=branches)
-        monkeypatch.setattr("model.PACKED_ATTENTION", "flex")
-        flex = ours(idx, cu_seqlens=cu, branches=branches)
+        flex = ours(idx, cu_seqlens=cu, branches=branches, packed_attention="flex")
     assert_close(flex, dense, "flex_attention with branches vs dense mask")
 
 
 @pytest.mark.cxx
-def test_flex_attention_document_mask_matches_dense(monkeypatch):
+def test_flex_attention_document_mask_matches_dense():
     """The GPU's packed path (flex_attention with a block-sparse document mask) against the dense
     mask, forward only: on a CPU flex_attention has no backward. Lengths straddle its 128 blocks."""
     ours = ours_from(tiny_hf("qwen2", seed=4))
@@ -145,15 +144,12 @@ def test_flex_attention_document_mask_matches_dense(monkeypatch):
     idx = torch.randint(0, 97, (1, 200))
     with torch.no_grad():
         dense = ours(idx, cu_seqlens=cu)
-        monkeypatch.setattr("model.PACKED_ATTENTION", "flex")
-        flex = ours(idx, cu_seqlens=cu)
+        flex = ours(idx, cu_seqlens=cu, packed_attention="flex")
     assert_close(flex, dense, "flex_attention vs dense mask")
-    monkeypatch.setattr("model.PACKED_ATTENTION", "flash")
     with pytest.raises(RuntimeError, match="needs flash-attn"):
-        ours(idx, cu_seqlens=cu)
-    monkeypatch.setattr("model.PACKED_ATTENTION", "fast")
+        ours(idx, cu_seqlens=cu, packed_attention="flash")
     with pytest.raises(ValueError, match="'fast': use auto, flash, flex or sdpa"):
-        ours(idx, cu_seqlens=cu)
+        ours(idx, cu_seqlens=cu, packed_attention="fast")
 
 
 def test_hidden_states_and_head_give_the_logits():
