@@ -91,7 +91,8 @@ def rope_inv_freq(hf, head_dim: int) -> torch.Tensor:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
     if attention_factor != 1.0:
-        raise ValueError(f"rope_type {rope_type!r} with attention scaling {attention_factor} is not supported")
+        raise ValueError(f"rope_type {rope_type!r} with attention scaling {attention_factor} "
+                         f"is not supported")
     return inv_freq.float()
 
 # -----------------------------------------------------------------------------
@@ -160,7 +161,8 @@ class AttnInputs:
     block_mask: object = None                # flex_attention's BlockMask, packed sequences
 
     def attend(self, layer: int, q, k, v):
-        """Forward's own `attend` (modes 1 and 2): q (B, nh, T, D), k and v (B, nkv, T, D) -> y (B, nh, T, D)."""
+        """Forward's own `attend` (modes 1 and 2): q (B, nh, T, D), k and v (B, nkv, T, D)
+        -> y (B, nh, T, D)."""
         if self.cu_seqlens is not None:
             # flash-attn's varlen kernel: documents side by side in one row, no mask materialised.
             y = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
@@ -241,8 +243,8 @@ class Transformer(nn.Module):
     def lm_head_weight(self):  # (V, H)
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx, *, attention_mask=None, cu_seqlens=None, branches=None, attend=None, positions=None,
-                return_hidden=False, head=None, packed_attention="auto"):
+    def forward(self, idx, *, attention_mask=None, cu_seqlens=None, branches=None, attend=None,
+                positions=None, return_hidden=False, head=None, packed_attention="auto"):
         """idx: (B, T) token ids. At most one of:
           attention_mask (B, T): 1 = real token, 0 = padding (left or right); padding is never attended.
           cu_seqlens (n+1,): packed sequences in one row (B = 1), boundaries at cu_seqlens[i];
@@ -268,7 +270,8 @@ class Transformer(nn.Module):
         if branches is not None and cu_seqlens is None:
             raise ValueError("branches (T,) describe packed sequences: pass cu_seqlens with them")
         if (attend is None) != (positions is None):
-            raise ValueError("attend and positions (B, T) go together: the positions of the caller's attention")
+            raise ValueError("attend and positions (B, T) go together: the positions of the caller's "
+                             "attention")
         x = self.embed_tokens(idx)                                   # (B, T, H)
         # One numeric recipe for the trainer (fp32 weights under autocast, or FSDP2's bf16 weights)
         # and the sampler (a bf16 copy), so that they give a token the same log-prob up to kernel
@@ -301,7 +304,8 @@ class Transformer(nn.Module):
         dev = idx.device
         if cu_seqlens is not None:
             if B != 1:
-                raise ValueError(f"packed sequences go in one row: idx must be (1, T), got {tuple(idx.shape)}")
+                raise ValueError(f"packed sequences go in one row: idx must be (1, T), "
+                                 f"got {tuple(idx.shape)}")
             cu_seqlens = cu_seqlens.to(device=dev, dtype=torch.int32)
             if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
                 raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {cu_seqlens.tolist()}")
@@ -314,10 +318,11 @@ class Transformer(nn.Module):
             impl = _packed_attention(idx.is_cuda, dtype, packed_attention)
             if impl == "flash" and branches is None:  # flash-attn reads the document boundaries themselves
                 return AttnInputs(positions=positions, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
-            if impl in ("flash", "flex"):  # a block-sparse document mask (flash-attn has no mask for branches)
-                # Always with branches (none: all trunk), so that every call has the same mask_mod and
-                # the compiled flex_attention is not recompiled for a second one (inductor's CPU code
-                # for that recompile fails to build on torch 2.13).
+            if impl in ("flash", "flex"):
+                # A block-sparse document mask (flash-attn has no mask for branches), always with
+                # branches (none: all trunk), so that every call has the same mask_mod and the compiled
+                # flex_attention is not recompiled for a second one (inductor's CPU code for that
+                # recompile fails to build on torch 2.13).
                 trunk = branches if branches is not None else torch.zeros_like(doc)
                 return AttnInputs(positions=positions, block_mask=document_block_mask(doc, branches=trunk))
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()               # (T, T)
