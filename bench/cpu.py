@@ -10,7 +10,7 @@ The CPU path, measured side by side in one run against real peers, on the defaul
    temperature 1, no top-k/top-p, every response exactly --new tokens (EOS ignored), at 16 and 64
    sequences (4 and 16 prompts). tok/s counts generated tokens over the whole call, prefill
    included, warm. "% floor" is the share of the compute floor reached: the time the call's matmul
-   FLOPs (prefill and decode, model.flops_per_token / 3 for a forward) would take at the fp32
+   FLOPs (prefill and decode, flops.flops_per_token / 3 for a forward) would take at the fp32
    matmul rate measured here, over the time it took.
 2. update: srpo.policy_update on real rollouts of the demo's prompts (G = 4, the demo's
    --max_new_tokens 48), shared prompts against unshared, every rollout trained (advantages +-1,
@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import memory  # noqa: E402
 import datafile  # noqa: E402
 import srpo  # noqa: E402
-from model import Transformer, flops_per_token, load_tokenizer, resolve_model_path  # noqa: E402
+from flops import flops_per_token  # noqa: E402
+from weights import load_model, load_tokenizer, resolve_model_path  # noqa: E402
 from rollout import KVCache, generate  # noqa: E402
 
 
@@ -135,7 +136,7 @@ def main():
           f"torch {torch.__version__} | fp32 matmul {rate / 1e9:.0f} GFLOP/s\n")
     path = resolve_model_path("default")
     tok = load_tokenizer(path)
-    ours = Transformer.from_pretrained(path)
+    ours = load_model(path)
     if "sampler" in parts:
         from transformers import AutoModelForCausalLM
         folder, name = os.path.split(path)

@@ -105,14 +105,14 @@ def trl_child(steps: int, result: str, out_dir: str, threads: int, grad_accum: i
     from transformers import AutoModelForCausalLM, GgufConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import model as model_mod
     import rewards
     import datafile
     import srpo
+    import weights
 
     torch.set_num_threads(threads)
-    path = model_mod.resolve_model_path("default")
-    tok = model_mod.load_tokenizer(path)
+    path = weights.resolve_model_path("default")
+    tok = weights.load_tokenizer(path)
     # dequantize=True: a plain fp32 model, the weights srpo's model.py reads from the same file. Without it
     # transformers keeps a GGUF "quantizer" on the model (its weights are dense all the same) and Trainer
     # refuses to fine-tune a "purely quantized model".

@@ -41,14 +41,14 @@ def estimate_rates(argv: list[str], n: int, reward_fn=srpo.score_responses) -> l
     import torch
 
     import memory
-    from model import Transformer, load_tokenizer, resolve_model_path
+    from weights import load_model, load_tokenizer, resolve_model_path
     from rollout import inference_copy, free_memory
     cfg = srpo.parse_config(argv)
     path = resolve_model_path(cfg.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prec = memory.decide_precision(device.type, 1, sharded=False, dtype=cfg.dtype)  # as the trainer decides
     tok = load_tokenizer(path)
-    sampler = Transformer.from_pretrained(path, dtype=torch.float32, device=device)
+    sampler = load_model(path, dtype=torch.float32, device=device)
     sampler.eval().requires_grad_(False)
     if prec.compute != torch.float32:
         sampler = inference_copy(sampler, dtype=prec.compute, device=device)

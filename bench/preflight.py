@@ -122,35 +122,30 @@ def check_packed_attention():
                             + [2] * 100, device="cuda")                              # (700,)
 
     def run(impl, branches=None):
-        model_mod.PACKED_ATTENTION = impl
         m.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = m(ids, cu_seqlens=cu, branches=branches)
+            logits = m(ids, cu_seqlens=cu, branches=branches, packed_attention=impl)
         logits.logsumexp(-1).mean().backward()
         return logits.detach(), [p.grad.clone() for p in m.parameters()]
-    try:
-        notes = []
-        for layout, b in (("documents", None), ("branches", branches)):
-            m.grad_ckpt = b is not None   # the shared-prompt update checkpointed, as in train.sh qwen
-            ref, ref_g = run("sdpa", b)
-            # flash-attn has no branch mask: with branches, 'flash' runs flex (the trainer's GPU path)
-            for impl in ("flash", "flex") if b is None else ("flex",):
-                if impl == "flash" and model_mod.flash_attn_varlen_func is None:
-                    notes.append("flash: not installed")
-                    continue
-                out, g = run(impl, b)
-                err = rel(out, ref)
-                gerr = max(rel(x, y) for x, y in zip(g, ref_g))
-                if err > 2e-2 or gerr > 5e-2:
-                    raise AssertionError(f"{impl} ({layout}): logits differ from SDPA by {err:.1e} "
-                                         f"(relative), gradients by {gerr:.1e}")
-                notes.append(f"{impl} {layout} ok")
-        m.grad_ckpt = False
-        # fp32 without autocast (--dtype fp32): 'auto' must pick a kernel that takes fp32
-        model_mod.PACKED_ATTENTION = "auto"
-        m(ids, cu_seqlens=cu).sum().backward()
-    finally:
-        model_mod.PACKED_ATTENTION = "auto"
+    notes = []
+    for layout, b in (("documents", None), ("branches", branches)):
+        m.grad_ckpt = b is not None   # the shared-prompt update checkpointed, as in train.sh qwen
+        ref, ref_g = run("sdpa", b)
+        # flash-attn has no branch mask: with branches, 'flash' runs flex (the trainer's GPU path)
+        for impl in ("flash", "flex") if b is None else ("flex",):
+            if impl == "flash" and model_mod.flash_attn_varlen_func is None:
+                notes.append("flash: not installed")
+                continue
+            out, g = run(impl, b)
+            err = rel(out, ref)
+            gerr = max(rel(x, y) for x, y in zip(g, ref_g))
+            if err > 2e-2 or gerr > 5e-2:
+                raise AssertionError(f"{impl} ({layout}): logits differ from SDPA by {err:.1e} "
+                                     f"(relative), gradients by {gerr:.1e}")
+            notes.append(f"{impl} {layout} ok")
+    m.grad_ckpt = False
+    # fp32 without autocast (--dtype fp32): 'auto' must pick a kernel that takes fp32
+    m(ids, cu_seqlens=cu).sum().backward()
     return ", ".join(notes)
 
 
@@ -284,8 +279,8 @@ CHECKS = [
     ("flash decode (flash_attn_with_kvcache)", check_flash_decode,
      "none, the run stops: uninstall flash-attn to decode with SDPA"),
     ("packed attention (flash / flex vs SDPA)", check_packed_attention,
-     "flex does not compile: the run stops at start-up; else none: model.PACKED_ATTENTION = 'sdpa' "
-     "(a dense T x T mask)"),
+     "flex does not compile: the run stops at start-up; else none: the model's forward with "
+     "packed_attention='sdpa' (a dense T x T mask)"),
     ("Triton loss (fused GRPO vs reference)", check_triton_loss,
      "none, the run stops: --reference_loss (plain torch, more memory)"),
     ("FSDP2 over NCCL (2 ranks vs 1)", check_fsdp, "none, the run stops: train on one GPU"),

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import Transformer, num_params  # noqa: E402
+from weights import load_hf_state_dict  # noqa: E402
 from rollout import KVCache, generate  # noqa: E402
 
 SHAPES = {  # name: (architecture, transformers config fields)
@@ -72,7 +73,7 @@ def build(arch, fields, device, dtype):
     with torch.device(device):
         hf = model_cls(cfg_cls(**fields)).to(dtype).eval()
         ours = Transformer(hf.config)
-    ours.load_hf_state_dict(hf.state_dict())
+    load_hf_state_dict(ours, hf.state_dict())
     hf.generation_config.eos_token_id = None       # 256 new tokens, always
     return hf, ours.to(dtype).eval()
 

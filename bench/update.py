@@ -16,7 +16,7 @@ bf16 autocast on a single GPU. Variants, side by side on the same rollouts:
 
 Tokens/s counts every packed token (prompts included): they all go through forward and backward.
 MFU = tokens/s * model FLOPs per token / the bf16 matmul rate measured here on an 8192^3 product,
-the realistic ceiling rather than the datasheet's. Model FLOPs (model.flops_per_token) are 6N
+the realistic ceiling rather than the datasheet's. Model FLOPs (flops.flops_per_token) are 6N
 plus causal attention; attention depends on each document's length, so the total is summed per
 rollout, not taken at a mean length. The head's FLOPs count 3 matmuls even for the reference
 loss, which does 4 (it recomputes the logits): MFU is about useful work.
@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import model as model_mod  # noqa: E402
+from flops import flops_per_token  # noqa: E402
 import memory  # noqa: E402
 import srpo  # noqa: E402
 
@@ -89,7 +90,7 @@ def make_samples(n_tokens: int, vocab: int, prompt_len: int, resp_min: int, resp
 
 def update_flops(samples: list[srpo.Sample], mcfg) -> float:
     """Model FLOPs of one update: each rollout is its own causal document of len(tokens) - 1."""
-    return sum((len(s.tokens) - 1) * model_mod.flops_per_token(mcfg, len(s.tokens) - 1) for s in samples)
+    return sum((len(s.tokens) - 1) * flops_per_token(mcfg, len(s.tokens) - 1) for s in samples)
 
 # -----------------------------------------------------------------------------
 # Timing

@@ -39,24 +39,24 @@ fp32; only the running sum is rounded to bf16, once per chunk. With ~5 large chu
 shape that adds a relative error of a few 1e-3 to dW (bench/loss.py measures it against an
 fp32 reference). In fp32 (the tests) the accumulation is exact fp32.
 
-Temperature, the k3 KL term to a reference policy and per-sequence advantages (seq_idx) all go
-through the same per-token helper, so they cost nothing extra here.
+Temperature and the k3 KL term to a reference policy go through the same per-token helper, so they
+cost nothing extra here.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .grpo_loss import GRPOStats, _grpo_forward, _grpo_token, grpo_loss_reference, prepare_token_inputs
+from .grpo_loss import (GRPOStats, _grpo_forward, _grpo_token, _mean_denominator, grpo_loss_reference,
+                        mean_denominator, prepare_token_inputs)
 from .logprob import (CHUNK_BYTES, _flatten, _row_fill_zero, _row_logsumexp_entropy,
                       _row_write_dlogits, launch_config, token_logprobs_reference)
-from .utils import chunk_rows, use_triton
+from .utils import chunk_rows, logit_chunks, use_triton
 
 
 @triton.jit
-def _fused_row_kernel(LOGITS, stride, TARGETS, LOGP_OLD, ADV, SEQ_IDX, MASK, LOGP_REF, MSUM,
+def _fused_row_kernel(LOGITS, stride, TARGETS, LOGP_OLD, ADV, MASK, LOGP_REF, MSUM,
                       LOGP, ENT, V, inv_T, eps_low, eps_high, kl_coef,
-                      HAS_SEQ_IDX: tl.constexpr, HAS_KL: tl.constexpr, NEED_GRAD: tl.constexpr,
-                      BLOCK_V: tl.constexpr):
+                      HAS_KL: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride
     # Pass 1: logsumexp and entropy, then this token's log-prob.
@@ -69,21 +69,18 @@ def _fused_row_kernel(LOGITS, stride, TARGETS, LOGP_OLD, ADV, SEQ_IDX, MASK, LOG
         # dL/dlogp for this token: the GRPO math from grpo_loss.py, on one token.
         logp_old = tl.load(LOGP_OLD + row)
         m = tl.load(MASK + row)
-        if HAS_SEQ_IDX:
-            adv = tl.load(ADV + tl.load(SEQ_IDX + row))
-        else:
-            adv = tl.load(ADV + row)
+        adv = tl.load(ADV + row)
         logp_ref = logp
         if HAS_KL:
             logp_ref = tl.load(LOGP_REF + row)
         _, dloss, _, _, _ = _grpo_token(logp, logp_old, adv, m, logp_ref,
                                         eps_low, eps_high, kl_coef, HAS_KL)
         msum = tl.load(MSUM)
-        g = dloss / tl.where(msum != 0.0, msum, 1.0)
+        g = dloss / _mean_denominator(msum)
         # Pass 2: dlogits over the logits. A zero gradient (masked or clipped token) needs
         # no second read of the row, only zeros for the dh / dW matmuls.
         if g != 0.0:
-            _row_write_dlogits(row_ptr, tgt, V, inv_T, lse, ent, g, 0.0, False, BLOCK_V)
+            _row_write_dlogits(row_ptr, tgt, V, inv_T, lse, g, BLOCK_V)
         else:
             _row_fill_zero(row_ptr, V, BLOCK_V)
 
@@ -91,8 +88,7 @@ def _fused_row_kernel(LOGITS, stride, TARGETS, LOGP_OLD, ADV, SEQ_IDX, MASK, LOG
 class FusedGRPOLoss(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, h, W, targets, logp_old, adv, mask, seq_idx, logp_ref,
-                eps_low, eps_high, inv_T, kl_coef, chunk):
+    def forward(ctx, h, W, targets, logp_old, adv, mask, logp_ref, eps_low, eps_high, inv_T, kl_coef, chunk):
         N, V = h.shape[0], W.shape[0]
         need_dh, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         msum = mask.sum().reshape(1)                     # the global normaliser, stays on device
@@ -101,30 +97,20 @@ class FusedGRPOLoss(torch.autograd.Function):
         dh = torch.empty_like(h) if need_dh else None
         dW = torch.zeros_like(W) if need_dW else None
         block_v, num_warps = launch_config(V)
-        buf = torch.empty(min(chunk, N), V, dtype=h.dtype, device=h.device)  # the (C, V) buffer
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            logits = buf[: e - s]                                         # (C, V)
-            torch.mm(h[s:e], W.t(), out=logits)                           # matmul 1
+        for s, e, logits in logit_chunks(h, W, chunk):                    # (C, V): matmul 1
             _fused_row_kernel[(e - s,)](
-                logits, logits.stride(0), targets[s:e], logp_old[s:e],
-                adv if seq_idx is not None else adv[s:e],                     # (B,) or chunk
-                seq_idx[s:e] if seq_idx is not None else mask[s:e], mask[s:e],
+                logits, logits.stride(0), targets[s:e], logp_old[s:e], adv[s:e], mask[s:e],
                 logp_ref[s:e] if logp_ref is not None else logp_old[s:e], msum,
                 logp[s:e], ent[s:e], V, inv_T, eps_low, eps_high, kl_coef,
-                HAS_SEQ_IDX=seq_idx is not None, HAS_KL=logp_ref is not None,
-                NEED_GRAD=need_dh or need_dW, BLOCK_V=block_v, num_warps=num_warps)
+                HAS_KL=logp_ref is not None, NEED_GRAD=need_dh or need_dW,
+                BLOCK_V=block_v, num_warps=num_warps)
             if need_dh:
                 torch.mm(logits, W, out=dh[s:e])                          # matmul 2
             if need_dW:
                 dW.addmm_(logits.t(), h[s:e])                             # matmul 3
-        del buf
         # Loss value and statistics from the (N,) log-probs: the grpo_loss forward kernel.
-        loss, stats = _grpo_forward(logp, logp_old, adv, mask, seq_idx, logp_ref,
-                                    eps_low, eps_high, kl_coef)
-        active = mask != 0
-        ent_mean = torch.where(active, mask * ent, torch.zeros_like(ent)).sum() / torch.where(
-            stats[3] != 0, stats[3], torch.ones_like(stats[3]))
+        loss, stats = _grpo_forward(logp, logp_old, adv, mask, logp_ref, eps_low, eps_high, kl_coef)
+        ent_mean = _masked_mean(ent, mask, stats[3])
         ctx.save_for_backward(dh, dW)
         ctx.mark_non_differentiable(stats, ent_mean)
         return loss, stats, ent_mean
@@ -134,18 +120,23 @@ class FusedGRPOLoss(torch.autograd.Function):
         dh, dW = ctx.saved_tensors
         dh = dh * grad_loss.to(dh.dtype) if dh is not None else None
         dW = dW * grad_loss.to(dW.dtype) if dW is not None else None
-        return dh, dW, None, None, None, None, None, None, None, None, None, None, None
+        return dh, dW, None, None, None, None, None, None, None, None, None, None
+
+
+def _masked_mean(x, mask, msum):
+    """sum(mask * x) / sum(mask) over the tokens with mask != 0 (x elsewhere may be inf or NaN), 0 when
+    there are none; msum is sum(mask)."""
+    return torch.where(mask != 0, mask * x, torch.zeros_like(x)).sum() / mean_denominator(msum)
 
 
 def fused_grpo_loss(h, W, targets, logp_old, adv, mask, eps_low=0.2, eps_high=0.2,
-                    temperature=1.0, kl_coef=0.0, logp_ref=None, reference=False,
-                    seq_idx=None, chunk_size=None):
+                    temperature=1.0, kl_coef=0.0, logp_ref=None, reference=False, chunk_size=None):
     """GRPO loss straight from final hidden states. Returns (loss, GRPOStats with entropy).
 
     h: (N, H) or (B, T, H) final hidden states; W: (V, H) lm_head weight; targets: (N,) sampled
-    token ids; logp_old: (N,) log-probs under the rollout policy; adv: (N,) per-token advantages,
-    or (B,) with seq_idx (N,); mask: (N,) 1 on response tokens. The loss carries gradients to
-    h and W. kl_coef > 0 adds the k3 KL to logp_ref (see grpo_loss.py).
+    token ids; logp_old: (N,) log-probs under the rollout policy; adv: (N,) per-token advantages;
+    mask: (N,) 1 on response tokens. The loss carries gradients to h and W. kl_coef > 0 adds the
+    k3 KL to logp_ref (see grpo_loss.py).
 
     reference=True runs the plain-torch reference (chunked, autograd, 4 matmuls) for debugging;
     CPU tensors always do unless TRITON_INTERPRET=1 (a device dispatch, see utils.py).
@@ -154,27 +145,22 @@ def fused_grpo_loss(h, W, targets, logp_old, adv, mask, eps_low=0.2, eps_high=0.
     N, V = h.shape[0], W.shape[0]
     if reference or not use_triton(h):
         return fused_grpo_loss_reference(h, W, targets, logp_old, adv, mask, eps_low, eps_high,
-                                         temperature, kl_coef, logp_ref, seq_idx, chunk_size)
-    logp_old, adv, mask, seq_idx, logp_ref = prepare_token_inputs(
-        logp_old, adv, mask, seq_idx, logp_ref, kl_coef, N)
+                                         temperature, kl_coef, logp_ref, chunk_size)
+    logp_old, adv, mask, logp_ref = prepare_token_inputs(logp_old, adv, mask, logp_ref, kl_coef, N)
     chunk = chunk_size or chunk_rows(N, V, h.element_size(), CHUNK_BYTES)
     loss, stats, ent_mean = FusedGRPOLoss.apply(
-        h, W, targets, logp_old, adv, mask, seq_idx, logp_ref,
+        h, W, targets, logp_old, adv, mask, logp_ref,
         float(eps_low), float(eps_high), 1.0 / temperature, float(kl_coef), chunk)
     return loss, GRPOStats(clip_frac=stats[0], ratio_mean=stats[1], approx_kl=stats[2],
                            entropy=ent_mean)
 
 
 def fused_grpo_loss_reference(h, W, targets, logp_old, adv, mask, eps_low=0.2, eps_high=0.2,
-                              temperature=1.0, kl_coef=0.0, logp_ref=None, seq_idx=None,
-                              chunk_size=None):
+                              temperature=1.0, kl_coef=0.0, logp_ref=None, chunk_size=None):
     """The same loss as plain torch: chunked checkpointed log-probs, then the torch loss."""
     logp, ent = token_logprobs_reference(h, W, targets, temperature, True, chunk_size)
-    loss, stats = grpo_loss_reference(logp, logp_old, adv, mask, eps_low, eps_high, seq_idx,
-                                      kl_coef, logp_ref)
+    loss, stats = grpo_loss_reference(logp, logp_old, adv, mask, eps_low, eps_high, kl_coef, logp_ref)
     with torch.no_grad():
         m = mask.reshape(-1).float()
-        msum = m.sum()
-        stats.entropy = torch.where(m != 0, m * ent, torch.zeros_like(ent)).sum() / torch.where(
-            msum != 0, msum, torch.ones_like(msum))
+        stats.entropy = _masked_mean(ent, m, m.sum())
     return loss, stats

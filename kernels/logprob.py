@@ -24,14 +24,11 @@ Tiling choice: token chunks through cuBLAS, with a Triton epilogue per row.
   * Entropy is computed as log(s) - t/s, i.e. relative to the running max, so that large
     logits (|z| ~ 1e4) do not cancel catastrophically the way lse - E[z] would.
 
-Backward (this standalone op recomputes; four matmuls in all): per chunk, recompute logits_c
-with cuBLAS, overwrite them in place with dlogits (one read + one write of C * V * 2 bytes,
-no extra buffer), then dh[c] = dlogits @ W and dW += dlogits.T @ h[c] (cuBLAS). The saved
-state is three (N,) fp32 vectors (lse, entropy, targets), not (N, V). For the GRPO loss
-itself use fused.py, which needs only three matmuls because it knows dL/dlogp in the forward.
+No backward: the trainer scores with this op under no_grad (logp_old, logp_ref), and the loss's
+gradient comes from fused.py, which writes it over the logits in the same pass. The row helpers
+below are shared with it; `_row_write_dlogits` is the gradient of logp:
 
     d logp / d z_v = onehot_v - p_v
-    d ent  / d z_v = -p_v * (log p_v + ent)
     d / d logits   = (d / d z) / temperature
 """
 import torch
@@ -39,7 +36,7 @@ import triton
 import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
-from .utils import chunk_rows, next_pow2, use_triton
+from .utils import chunk_rows, logit_chunks, next_pow2, use_triton
 
 MAX_BLOCK_V = 4096            # vocab tile per loop step (tests shrink it to exercise many tiles)
 CHUNK_BYTES = 1 << 30         # budget for one chunk of logits in the model dtype
@@ -47,7 +44,7 @@ REFERENCE_CHUNK_BYTES = 256 << 20  # torch reference: fp32 logits + log_softmax 
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton: row helpers (also used by fused.py) and the two kernels
+# Triton: row helpers (also used by fused.py) and the kernel
 
 @triton.jit
 def _row_logsumexp_entropy(row_ptr, V, inv_T, BLOCK_V: tl.constexpr):
@@ -72,9 +69,8 @@ def _row_logsumexp_entropy(row_ptr, V, inv_T, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _row_write_dlogits(row_ptr, tgt, V, inv_T, lse, ent, g_logp, g_ent,
-                       HAS_DENT: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Overwrite one row of logits with d(g_logp * logp + g_ent * ent)/d(logits), in place."""
+def _row_write_dlogits(row_ptr, tgt, V, inv_T, lse, g_logp, BLOCK_V: tl.constexpr):
+    """Overwrite one row of logits with d(g_logp * logp)/d(logits), in place."""
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         inb = cols < V
@@ -82,8 +78,6 @@ def _row_write_dlogits(row_ptr, tgt, V, inv_T, lse, ent, g_logp, g_ent,
         logq = z - lse                                          # log softmax
         q = tl.exp(logq)
         d = tl.where(cols == tgt, g_logp, 0.0) - g_logp * q
-        if HAS_DENT:
-            d -= g_ent * q * (logq + ent)
         tl.store(row_ptr + cols, (d * inv_T).to(row_ptr.dtype.element_ty), mask=inb)
 
 
@@ -95,27 +89,14 @@ def _row_fill_zero(row_ptr, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _logprob_fwd_kernel(LOGITS, stride, TARGETS, LOGP, LSE, ENT, V, inv_T, BLOCK_V: tl.constexpr):
+def _logprob_fwd_kernel(LOGITS, stride, TARGETS, LOGP, ENT, V, inv_T, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = LOGITS + row * stride
     lse, ent = _row_logsumexp_entropy(row_ptr, V, inv_T, BLOCK_V)
     tgt = tl.load(TARGETS + row)
     z_tgt = tl.load(row_ptr + tgt).to(tl.float32) * inv_T   # one scalar load, no gather pass
     tl.store(LOGP + row, z_tgt - lse)
-    tl.store(LSE + row, lse)
     tl.store(ENT + row, ent)
-
-
-@triton.jit
-def _logprob_bwd_kernel(LOGITS, stride, TARGETS, LSE, ENT, DLOGP, DENT, V, inv_T,
-                        HAS_DENT: tl.constexpr, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    g_logp = tl.load(DLOGP + row)
-    g_ent = 0.0
-    if HAS_DENT:
-        g_ent = tl.load(DENT + row)
-    _row_write_dlogits(LOGITS + row * stride, tl.load(TARGETS + row), V, inv_T,
-                       tl.load(LSE + row), tl.load(ENT + row), g_logp, g_ent, HAS_DENT, BLOCK_V)
 
 
 def launch_config(V: int):
@@ -125,59 +106,18 @@ def launch_config(V: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Launcher and autograd
+# Launcher
 
-class TokenLogprob(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, h, W, targets, inv_T, chunk):
-        N, V = h.shape[0], W.shape[0]
-        logp = torch.empty(N, dtype=torch.float32, device=h.device)
-        lse = torch.empty_like(logp)
-        ent = torch.empty_like(logp)
-        block_v, num_warps = launch_config(V)
-        buf = torch.empty(min(chunk, N), V, dtype=h.dtype, device=h.device)  # the one (C, V) buffer
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            logits = buf[: e - s]                                          # (C, V)
-            torch.mm(h[s:e], W.t(), out=logits)
-            _logprob_fwd_kernel[(e - s,)](logits, logits.stride(0), targets[s:e], logp[s:e],
-                                          lse[s:e], ent[s:e], V, inv_T,
-                                          BLOCK_V=block_v, num_warps=num_warps)
-        ctx.save_for_backward(h, W, targets, lse, ent)
-        ctx.inv_T, ctx.chunk = inv_T, chunk
-        ctx.set_materialize_grads(False)
-        return logp, ent
-
-    @staticmethod
-    def backward(ctx, dlogp, dent):
-        h, W, targets, lse, ent = ctx.saved_tensors
-        if dlogp is None and dent is None:
-            return None, None, None, None, None
-        N, V = h.shape[0], W.shape[0]
-        dlogp = torch.zeros_like(lse) if dlogp is None else dlogp.float().contiguous()
-        dent_arg = lse if dent is None else dent.float().contiguous()
-        need_dh, need_dW = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = torch.empty_like(h) if need_dh else None
-        # dW accumulates over chunks in W's dtype with cuBLAS's beta=1 (see fused.py for why
-        # not fp32); one rounding per chunk, and chunks are large.
-        dW = torch.zeros_like(W) if need_dW else None
-        block_v, num_warps = launch_config(V)
-        chunk = ctx.chunk
-        buf = torch.empty(min(chunk, N), V, dtype=h.dtype, device=h.device)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            logits = buf[: e - s]
-            torch.mm(h[s:e], W.t(), out=logits)                            # recompute (matmul 2)
-            _logprob_bwd_kernel[(e - s,)](logits, logits.stride(0), targets[s:e], lse[s:e],
-                                          ent[s:e], dlogp[s:e], dent_arg[s:e], V, ctx.inv_T,
-                                          HAS_DENT=dent is not None,
-                                          BLOCK_V=block_v, num_warps=num_warps)
-            if need_dh:
-                torch.mm(logits, W, out=dh[s:e])                           # matmul 3
-            if need_dW:
-                dW.addmm_(logits.t(), h[s:e])                              # matmul 4
-        return dh, dW, None, None, None
+def _token_logprobs_triton(h, W, targets, inv_T, chunk):
+    """(N,) log-probs and entropies, fp32: cuBLAS chunks of logits and the row kernel over each."""
+    N, V = h.shape[0], W.shape[0]
+    logp = torch.empty(N, dtype=torch.float32, device=h.device)
+    ent = torch.empty_like(logp)
+    block_v, num_warps = launch_config(V)
+    for s, e, logits in logit_chunks(h, W, chunk):                        # (C, V)
+        _logprob_fwd_kernel[(e - s,)](logits, logits.stride(0), targets[s:e], logp[s:e], ent[s:e], V, inv_T,
+                                      BLOCK_V=block_v, num_warps=num_warps)
+    return logp, ent
 
 
 def _flatten(h, W, targets):
@@ -193,18 +133,22 @@ def _flatten(h, W, targets):
 
 
 def token_logprobs(h, W, targets, temperature=1.0, return_entropy=False, chunk_size=None):
-    """log pi(target) per token, (N,) fp32 [and entropy (N,) fp32]; grads flow to h and W.
+    """log pi(target) per token, (N,) fp32 [and entropy (N,) fp32], without gradients: call it under
+    torch.no_grad() (the loss's gradient comes from fused_grpo_loss).
 
     h: (N, H) or (B, T, H); W: (V, H), the lm_head weight; targets: (N,) ids in [0, V).
     CUDA tensors (or TRITON_INTERPRET=1) run the Triton path; CPU tensors run the chunked torch
     reference (a device dispatch, see utils.py).
     """
+    if torch.is_grad_enabled() and (h.requires_grad or W.requires_grad):
+        raise RuntimeError("token_logprobs has no backward: call it under torch.no_grad() (fused_grpo_loss "
+                           "gives the loss's gradient; token_logprobs_reference is differentiable)")
     h, W, targets = _flatten(h, W, targets)
     if not use_triton(h):
         return token_logprobs_reference(h, W, targets, temperature, return_entropy, chunk_size)
     N, V = h.shape[0], W.shape[0]
     chunk = chunk_size or chunk_rows(N, V, h.element_size(), CHUNK_BYTES)
-    logp, ent = TokenLogprob.apply(h, W, targets, 1.0 / temperature, chunk)
+    logp, ent = _token_logprobs_triton(h, W, targets, 1.0 / temperature, chunk)
     return (logp, ent) if return_entropy else logp
 
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by the kernel files: where to run, and block sizes.
+"""Small helpers shared by the kernel files: where to run, block sizes, and the chunked matmul.
 
 Device dispatch, stated once: a Triton kernel needs a CUDA tensor, or the Triton CPU interpreter
 (TRITON_INTERPRET=1, which the tests set). Anything else, i.e. CPU tensors on a plain CPU run,
@@ -41,3 +41,16 @@ def chunk_rows(n_rows: int, n_vocab: int, itemsize: int, budget_bytes: int) -> i
     if rows > 128:
         rows = min(cap, -(-rows // 128) * 128)
     return max(1, rows)
+
+
+def logit_chunks(h: torch.Tensor, W: torch.Tensor, chunk: int):
+    """Yield (s, e, logits) for each run of `chunk` token rows: logits = h[s:e] @ W.T, (e - s, V) in
+    h's dtype (cuBLAS), written into one (chunk, V) buffer that every chunk reuses: the memory it
+    takes does not grow with N. The caller may overwrite the logits in place."""
+    N, V = h.shape[0], W.shape[0]
+    buf = torch.empty(min(chunk, N), V, dtype=h.dtype, device=h.device)  # the one (C, V) buffer
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        logits = buf[: e - s]                                              # (C, V)
+        torch.mm(h[s:e], W.t(), out=logits)
+        yield s, e, logits

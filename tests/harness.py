@@ -38,6 +38,7 @@ def make_world(root: str, n_math=8, n_code=4, vocab_extra=0, math_answers=None):
     from transformers import LlamaConfig, PreTrainedTokenizerFast
 
     from model import Transformer
+    from weights import save_model
     os.makedirs(root, exist_ok=True)
     t = Tokenizer(models.WordLevel({c: i for i, c in enumerate(VOCAB)}, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -50,7 +51,7 @@ def make_world(root: str, n_math=8, n_code=4, vocab_extra=0, math_answers=None):
     model = Transformer(cfg)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)  # bigger than default init: a less uniform policy
-    model.save_pretrained(os.path.join(root, "model"), tokenizer=tok)
+    save_model(model, os.path.join(root, "model"), tokenizer=tok)
 
     answers = math_answers or [str(i % 10) for i in range(n_math)]
     rows = lambda split, n, dom: [

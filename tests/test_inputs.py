@@ -11,7 +11,7 @@ import pytest
 import harness
 import datafile
 import srpo
-from model import Transformer, load_tokenizer
+from weights import load_model, load_tokenizer
 import rollout
 from rollout import KVCache
 
@@ -59,7 +59,7 @@ def test_cpu_cache_slots_follow_available_memory(world):
     if os.path.exists("/proc/meminfo"):  # the measure itself: Linux's MemAvailable, or less in a container
         line = next(x for x in open("/proc/meminfo") if x.startswith("MemAvailable:"))
         assert 0 < mem_available() <= int(line.split()[1]) * 1024, "free memory should be at most MemAvailable"
-    model = Transformer.from_pretrained(f"{world}/model")
+    model = load_model(f"{world}/model")
     per_slot = tiny_slot_bytes(64)
     frac = 10.5 * per_slot / mem_available()      # about 10 slots' worth of what is available now
     cache = KVCache.for_model(model, max_len=64, max_slots=256, mem_fraction=frac)
@@ -239,12 +239,12 @@ def test_truncated_gguf_names_the_file(tmp_path):
     w.close()
     data = open(path, "rb").read()
     open(path, "wb").write(data[:len(data) - 1000])    # an interrupted download
-    for load in (load_tokenizer, Transformer.from_pretrained):
+    for load in (load_tokenizer, load_model):
         with pytest.raises(ValueError, match=r"tiny.gguf.*truncated"):
             load(path)
     open(path, "wb").write(b"<html>404 Not Found</html>")  # an error page saved under the model's name
     with pytest.raises(ValueError, match=r"tiny.gguf.*not a GGUF file"):
-        Transformer.from_pretrained(path)
+        load_model(path)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -259,7 +259,7 @@ def test_broken_safetensors_names_the_file(world, tmp_path, damage):
     weights.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"not safetensors at all" * 50,
                          "empty": b""}[damage])
     with pytest.raises(ValueError, match=r"ck/model.safetensors.*(truncated|not a safetensors)"):
-        Transformer.from_pretrained(str(folder))
+        load_model(str(folder))
 
 
 def test_folder_without_a_tokenizer_says_so(world, tmp_path):
@@ -272,7 +272,7 @@ def test_folder_without_a_tokenizer_says_so(world, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"only_config.*no tokenizer.*tokenizer.json"):
         load_tokenizer(str(folder))
     with pytest.raises(FileNotFoundError, match=r"no \*.safetensors weights in .*only_config"):
-        Transformer.from_pretrained(str(folder))
+        load_model(str(folder))
 
 
 def test_damaged_tokenizer_json_names_the_file(world, tmp_path):

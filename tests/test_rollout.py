@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 import rollout
 from model import Transformer
 from rollout import KVCache, generate, inference_copy
+from weights import load_hf_state_dict
 
 V = 97
 
@@ -35,7 +36,7 @@ def tiny_pair(arch, tie=False, seed=0, sharpen=1.0):
                 p.add_(0.1 * torch.randn_like(p))
         hf.model.norm.weight.mul_(sharpen)
     ours = Transformer(hf.config)
-    ours.load_hf_state_dict(hf.state_dict())
+    load_hf_state_dict(ours, hf.state_dict())
     return hf, ours.eval()
 
 

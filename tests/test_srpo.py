@@ -14,7 +14,7 @@ import memory
 import rewards
 import curriculum
 import srpo
-from model import Transformer
+from weights import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32 = memory.decide_precision("cpu", 1, sharded=False)  # how one CPU process computes
@@ -115,8 +115,8 @@ def test_update_equals_the_naive_objective_across_micro_batches(world):
     """policy_update over micro-batches equals the loss and gradients of the objective written out naively."""
     from dist_update_check import global_batch
     cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.0, eps_low=0.2, eps_high=0.28)
-    a = Transformer.from_pretrained(f"{world}/model")
-    b = Transformer.from_pretrained(f"{world}/model")
+    a = load_model(f"{world}/model")
+    b = load_model(f"{world}/model")
     samples = global_batch(a.config.vocab_size)
     samples[1].adv = samples[4].adv = 0.0  # a zero-advantage group: skipped, but in the mean's denominator
     assert len(srpo.pack_micro_batches(samples, cfg.micro_tokens)) > 2, "test needs several micro-batches"
@@ -143,13 +143,13 @@ def test_shared_prompt_update_equals_unshared(world, variant):
     Zero-advantage groups included (skipped, or trained under KL); with a budget no larger than the
     longest prompt, each response is a unit of its own. Tolerance: 1e-6 relative (matmul shapes differ)."""
     from dist_update_check import grouped_batch
-    base = Transformer.from_pretrained(f"{world}/model")
+    base = load_model(f"{world}/model")
     samples = grouped_batch(base.config.vocab_size)
     out = {}
     for shared in (False, True):
         cfg = srpo.Config(lr=1e-2, grad_clip=0.0, reference_loss=True, shared_prompts=shared,
                           **({"micro_tokens": 64} | variant))
-        m = Transformer.from_pretrained(f"{world}/model")
+        m = load_model(f"{world}/model")
         stats = srpo.policy_update(m, torch.optim.SGD(m.parameters(), lr=cfg.lr), samples,
                                    cfg, FP32, "cpu", ref_model=base)
         out[shared] = stats, {n: (p.grad, p.detach()) for n, p in m.named_parameters()}
@@ -192,8 +192,8 @@ def test_gpu_update_close_to_cpu_fp32(world):
     Same batch on both: the loss within 2%, each parameter's gradient at cosine > 0.99."""
     from dist_update_check import global_batch
     cfg = srpo.Config(micro_tokens=20, lr=1e-2, grad_clip=0.0)
-    cpu = Transformer.from_pretrained(f"{world}/model")
-    gpu = Transformer.from_pretrained(f"{world}/model", device="cuda")
+    cpu = load_model(f"{world}/model")
+    gpu = load_model(f"{world}/model", device="cuda")
     samples = global_batch(cpu.config.vocab_size)
     ref = srpo.policy_update(cpu, torch.optim.SGD(cpu.parameters(), lr=cfg.lr), samples, cfg, FP32, "cpu")
     got = srpo.policy_update(gpu, torch.optim.SGD(gpu.parameters(), lr=cfg.lr), samples, cfg,
@@ -226,7 +226,7 @@ def test_two_fsdp_processes_equal_one(world, tmp_path, one_mode, two_mode, batch
         assert torch.allclose(r1["grads"][n], r2["grads"][n], atol=1e-6, rtol=1e-4), f"gradient of {n}"
         assert torch.allclose(r1["weights"][n], r2["weights"][n], atol=1e-6), f"updated weight {n}"
     moved = max((r1["weights"][n] - w).abs().max().item()
-                for n, w in Transformer.from_pretrained(f"{world}/model").named_parameters())
+                for n, w in load_model(f"{world}/model").named_parameters())
     assert moved > 1e-4, "the update did not change the weights: the comparison would be vacuous"
 
 # -----------------------------------------------------------------------------
@@ -293,8 +293,8 @@ def test_run_exports_a_trained_policy_that_transformers_loads(world, whole_run):
     out, _, _ = whole_run
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(out / "policy", dtype=torch.float32)
-    ours = Transformer.from_pretrained(str(out / "policy"))
-    start = Transformer.from_pretrained(f"{world}/model")
+    ours = load_model(str(out / "policy"))
+    start = load_model(f"{world}/model")
     ids = torch.randint(0, 13, (1, 9))
     with torch.no_grad():
         assert torch.allclose(hf(input_ids=ids).logits, ours(ids), atol=1e-4), "export does not load in transformers"
@@ -311,7 +311,7 @@ def test_tiny_run_on_gpu(world, tmp_path):
     steps = [r for r in recs if r["type"] == "step"]
     assert len(steps) == 4 and all(r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"] for r in steps)
     assert any(r["grad_norm"] > 0 for r in steps), "no step had a gradient: nothing was tested"
-    ours, start = Transformer.from_pretrained(str(out / "policy")), Transformer.from_pretrained(f"{world}/model")
+    ours, start = load_model(str(out / "policy")), load_model(f"{world}/model")
     moved = max((a - b).abs().max().item() for a, b in zip(ours.parameters(), start.parameters()))
     assert moved > 1e-4, "the exported policy is the untrained one"
 
@@ -418,7 +418,7 @@ def test_two_process_run_stops_and_resumes_exactly(world, tmp_path):
     assert any(r["type"] == "epoch" and "dropped" in r for r in a), "HR should act at step 4 (8 prompts, 2 a step)"
     assert any(r["type"] == "step" and r["grad_norm"] > 0 for r in a), "no step trained: the comparison is vacuous"
     assert a == b, "the stopped-and-resumed 2-process run differs from the uninterrupted one"
-    wa, wb = (Transformer.from_pretrained(str(o / "policy")).state_dict() for o in (whole, parts))
+    wa, wb = (load_model(str(o / "policy")).state_dict() for o in (whole, parts))
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "final weights differ"
 
 
