@@ -51,7 +51,7 @@ S_b = the largest live position rounded up to a bucket, so a cache sized for 4k-
 not make every step read 4k positions. One CUDA graph is recorded per (batch, S_b bucket, sampling
 mode: a DecodeMode); the compiled step itself keeps S_b, the batch and top-k dynamic, so it is
 compiled once per sampling mode and model (at most DECODE_VARIANTS times, with a warning past that).
-The self-check (and the tests) hold prefill and decode steps to the model's plain forward.
+The tests hold prefill and decode steps to the model's plain forward.
 
 Weights after a training step. The sampler reads the model's parameters as they are; call it right
 after optimizer.step() in the same process. CUDA graphs hold pointers to the weights, so they stay
@@ -65,9 +65,6 @@ shards are untouched. Keeping the copy between steps costs one full set of bf16 
 lets the recorded CUDA graphs be reused; to release it, `del copy` and `cache.graphs.clear()`.
 We prefer this to `FSDPModule.unshard()`: unsharded FSDP parameters are freed again by FSDP's own
 hooks on the next forward, which would leave recorded graphs pointing at freed memory.
-
-Run `python rollout.py` for the self-check: the fast path against a naive one that recomputes the
-whole sequence with model.py's plain forward at every step.
 """
 import heapq
 import warnings
@@ -740,7 +737,7 @@ def _find_stop(tokenizer, tokens, start, stop_strings):
 
 
 # -----------------------------------------------------------------------------
-# Whole weights for generation (FSDP2) and the self-check
+# Whole weights for generation (FSDP2)
 
 
 @torch.no_grad()
@@ -766,57 +763,3 @@ def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16,
             t = t.full_tensor()
         ours[name].copy_(t)
     return into
-
-
-@torch.no_grad()
-def naive_generate(model, prompt: list, req: int, max_new_tokens: int, temperature=1.0, top_p=1.0,
-                   top_k=0, eos_ids=(), seed=0):
-    """The slow reference: recompute the whole sequence with the model's plain forward for every new
-    token, and sample with the same sample() and the same per-(seed, request, t) uniforms."""
-    dev = next(model.parameters()).device
-    seq, tokens, logprobs = list(prompt), [], []
-    t_ = torch.tensor(float(temperature or 1.0), device=dev)
-    p_ = torch.tensor(float(top_p), device=dev)
-    for t in range(max_new_tokens):
-        logits = model(torch.tensor([seq], device=dev))[:, -1]          # (1, V)
-        u = uniform(torch.tensor(seed, device=dev), torch.tensor([req], device=dev),
-                    torch.tensor([t], device=dev))
-        tok, logp = sample(logits, u, t_, p_, temperature == 0, top_k, top_p < 1.0)
-        tokens.append(int(tok))
-        logprobs.append(float(logp))
-        seq.append(int(tok))
-        if tokens[-1] in eos_ids:
-            return Rollout(0, tokens, logprobs, "stop")
-    return Rollout(0, tokens, logprobs, "length")
-
-
-def self_check(verbose=True):
-    """Fast path (KV cache, continuous batching with fewer slots than requests) against the naive
-    path, on a tiny random Llama, greedy and sampled. Raises AssertionError on a mismatch."""
-    from transformers import LlamaConfig
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        model.norm.weight.mul_(8.0)      # sharper next-token distributions than a random init gives
-    prompts = [[5, 7, 11], [3] * 9, [42], [8, 9, 10, 11, 12, 13]]
-    eos = (17, 23)
-    for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9), dict(temperature=1.0)):
-        cache = KVCache.for_model(model, max_len=40, max_slots=3)     # 3 slots < 8 requests: refills
-        fast = generate(model, prompts, n=2, max_new_tokens=24, eos_ids=eos, seed=1234, cache=cache,
-                        sync_every=4, **kw)
-        for r, ro in enumerate(fast):
-            ref = naive_generate(model, prompts[r // 2], r, 24, eos_ids=eos, seed=1234, **kw)
-            assert ro.tokens == ref.tokens, f"{kw} request {r}: fast {ro.tokens} != naive {ref.tokens}"
-            assert ro.finish == ref.finish, f"{kw} request {r}: finish {ro.finish} != {ref.finish}"
-            err = max(abs(a - b) for a, b in zip(ro.logprobs, ref.logprobs))
-            assert err < 1e-4, f"{kw} request {r}: log-probs differ by {err:.2e}"
-        if verbose:
-            lens = [len(ro.tokens) for ro in fast]
-            print(f"ok  {kw}: 8 rollouts match the naive path (lengths {lens}, "
-                  f"{cache.stats.prefills} prefills, {cache.stats.decode_steps} steps)")
-
-
-if __name__ == "__main__":
-    self_check()
