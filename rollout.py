@@ -116,15 +116,6 @@ class DecodeMode(NamedTuple):
     use_flash: bool   # flash-attn's KV-cache kernel, else SDPA
 
 
-@dataclass
-class GenStats:
-    """What the last generate() call did; for benchmarks and curiosity, not needed for training."""
-    decode_steps: int = 0  # decode steps over the batch (graph replays on a GPU)
-    prefills: int = 0      # prefill forward calls (each covers a group of admitted prompts)
-    admitted: int = 0      # requests admitted into slots
-    batch: int = 0         # slots decoded per step
-
-
 # -----------------------------------------------------------------------------
 # The KV cache: preallocated buffers, the per-slot decode state, and the decode step's graphs
 
@@ -181,7 +172,6 @@ class KVCache:
         self.use_graphs = dev.type == "cuda" if graphs is None else graphs
         self.graphs = {}         # (batch, S_b, DecodeMode) -> torch.cuda.CUDAGraph
         self.weights_key = None  # which parameter tensors the graphs were recorded with
-        self.stats = GenStats()  # what the last generate() did
         # Prompts admitted together that start alike (RL: the same chat template and instructions)
         # prefill their shared start once (prefill's `shared`); set False to prefill each whole.
         self.share_prefix = True
@@ -602,7 +592,6 @@ def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temper
     R = len(prompts) * n                  # requests; request r is sample r % n of prompt r // n
     B = min(cache.n_slots, R)             # slots decoded per step; fixed, so shapes are static
     cache.done[:B] = True
-    cache.stats = GenStats(batch=B)
     results = [None] * R
     pending = deque(range(R))
     free = list(range(B))                 # a heap: refill the lowest slots first
@@ -654,7 +643,6 @@ def _admit(model, cache: KVCache, prompts, n, reqs, slots, mode: DecodeMode):
                       shared)                                            # (P, V)
         for p, j in at.items():
             logits[p] = out[j]
-        cache.stats.prefills += 1
         chunk = [i] if i is not None else []
     req = torch.tensor(reqs, device=dev)
     s = torch.tensor(slots, device=dev)
@@ -668,7 +656,6 @@ def _admit(model, cache: KVCache, prompts, n, reqs, slots, mode: DecodeMode):
     cache.out_tok[s, 0] = tok
     cache.out_logp[s, 0] = logp
     cache.done[s] = (tok[:, None] == cache.eos).any(-1) | (cache.max_new <= 1)
-    cache.stats.admitted += len(reqs)
 
 
 def _decode(model, cache: KVCache, B: int, active: dict, step: int, M: int, sync_every: int,
@@ -684,7 +671,6 @@ def _decode(model, cache: KVCache, B: int, active: dict, step: int, M: int, sync
     attn_len = min(attn_bucket(longest), cache.max_len)
     for _ in range(k):
         run_step(model, cache, B, attn_len, mode)
-    cache.stats.decode_steps += k
     return k
 
 
