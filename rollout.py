@@ -67,6 +67,7 @@ We prefer this to `FSDPModule.unshard()`: unsharded FSDP parameters are freed ag
 hooks on the next forward, which would leave recorded graphs pointing at freed memory.
 """
 import heapq
+import importlib
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -77,15 +78,19 @@ import torch.nn.functional as F
 
 from model import Transformer
 
-# flash-attn is optional (a CUDA-only extra); without it decoding uses torch's attention.
-try:
-    from flash_attn import flash_attn_with_kvcache
-except (ImportError, OSError) as e:
-    flash_attn_with_kvcache = None
-    if getattr(e, "name", None) != "flash_attn":
-        # Installed but unusable (built for another torch or CUDA): not the quiet "not installed" case.
-        warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); decoding "
-                      f"falls back to torch's attention")
+
+def optional_flash_attn(name: str, fallback: str):
+    """flash-attn's function `name`, or None where flash-attn (an optional, CUDA-only extra) is not
+    installed. One installed but unusable (built for another torch or CUDA) warns, saying `fallback`."""
+    try:
+        return getattr(importlib.import_module("flash_attn"), name, None)
+    except (ImportError, OSError) as e:
+        if getattr(e, "name", None) != "flash_attn":
+            warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); {fallback}")
+        return None
+
+
+flash_attn_with_kvcache = optional_flash_attn("flash_attn_with_kvcache", "decoding falls back to torch's attention")
 
 MAX_EOS_IDS = 8  # EOS ids live in a fixed-size device tensor, so recorded graphs can be reused
 # The compiled decode step is specialised by dynamo on the sampling mode (five canonical ones, see
