@@ -197,8 +197,7 @@ class KVCache:
         p = next(model.parameters())
         dtype, device = dtype or p.dtype, torch.device(device or p.device)
         if mem_bytes is None:
-            free = free_memory(device)
-            mem_bytes = None if free is None else int(mem_fraction * free)
+            mem_bytes = share_of_free_memory(device, mem_fraction)
         per_slot = slot_bytes(model.config, max_len, dtype)
         n = max_slots if mem_bytes is None else min(max_slots, mem_bytes // per_slot)
         if n < 1:
@@ -219,6 +218,13 @@ def longest_slot(cfg, mem_bytes: int, dtype) -> int:
     """The largest max_len for which one slot fits in mem_bytes (0 if none does)."""
     fixed = slot_bytes(cfg, 0, dtype)
     return max(0, (mem_bytes - fixed) // (slot_bytes(cfg, 1, dtype) - fixed))
+
+
+def share_of_free_memory(device, fraction: float) -> int | None:
+    """The sampler's memory budget where no memory plan sets one: `fraction` of the bytes free now
+    on device (free_memory), or None where that cannot be known."""
+    free = free_memory(device)
+    return None if free is None else int(fraction * free)
 
 
 def free_memory(device) -> int | None:
