@@ -5,66 +5,25 @@ Rollouts for GRPO/SRPO: a KV-cached sampler with continuous batching, small enou
     rollouts = generate(model, prompts, n=G, max_new_tokens=..., temperature=1.0, cache=cache)
     # -> [Rollout(prompt_idx, tokens, logprobs, finish)], ordered by (prompt_idx, sample index)
 
-How it works, in the order the code runs:
-  1. The KV cache is preallocated once: per layer, (slots, n_kv_heads, max_len, head_dim) for keys and
-     values. The number of slots comes from a memory budget (a fraction of the free memory: the GPU's,
-     or on a CPU the RAM available), not a constant. A slot holds one sequence; rows never move
-     during decoding, so nothing is gathered.
-  2. Admission (prefill). Pending requests are (prompt, sample) pairs. The G samples of a prompt share
-     one prefill: the prompt runs through the model once and its keys/values are written into all the
-     slots its samples got. Prompts of different lengths are right-padded; padding sits *after* the
-     real tokens, so causal attention never lets a real token see it.
-  3. Decoding. One step feeds every slot's last token at its own position, writes its k/v there and
-     attends to slots 0..position of its row. Sampling (temperature, top-k, top-p) happens on the
-     device, and every step has the same shapes, so on a GPU the step is compiled (torch.compile, to
-     fuse the many small ops) and recorded once as a CUDA graph: a step is then one graph replay,
-     with no per-op Python or launch overhead. On a CPU the same step runs eagerly.
-  4. Stopping (reaping). The device marks a slot done on an EOS id or at max_new_tokens; the host
-     looks only every `sync_every` steps (a device->host copy is a sync that would stall the GPU each
-     step). Stop strings are checked on the host at the same moments. A finished slot is refilled
-     with the next pending request (continuous batching): RL responses have long-tailed lengths, and
-     this keeps the batch full instead of waiting for the longest sequence.
+generate() runs in three phases, repeated until every request is done:
+  1. admission: pending (prompt, sample) requests take free cache slots; the G samples of a prompt
+     share one prefill, whose keys/values are copied into each of their slots;
+  2. decoding: one step feeds every slot's last token and samples its next one, all on the device;
+     on a GPU the step is compiled and replayed as a CUDA graph;
+  3. reaping: at most `sync_every` steps apart the host looks at which slots stopped (EOS, stop
+     string, max_new_tokens) and refills them, so long-tailed response lengths never idle the batch.
+The number of slots comes from a memory budget, not a constant (KVCache.for_model).
 
-What you get back, per rollout: the response token ids (including the EOS token or the token that
-completed a stop string), the log-prob of each token *under the distribution it was sampled from*
-(after temperature, top-k and top-p; 0.0 for greedy decoding, which is a point mass), and the finish
-reason: "stop" (EOS id or stop string) or "length" (max_new_tokens). For the usual RL setting
-(temperature 1, no top-k/top-p) these are the policy's own log-probs, i.e. `logp_old`.
+A rollout's log-probs are those of the distribution each token was sampled from, after temperature,
+top-k and top-p (0.0 for greedy). At temperature 1 without truncation they are the policy's own:
+logp_old. The uniform number that picks token t of request r is a hash of (seed, r, t), so a seeded
+run reproduces, and a request's tokens do not depend on its slot or on when it was admitted.
 
-Reproducibility. Randomness is not drawn from a stateful generator. The uniform number that picks
-token t of request r is a hash of (seed, r, t), and sampling is by inverse CDF with that number. So a
-seeded run is reproducible, CUDA graphs need no RNG bookkeeping, and a request's tokens do not depend
-on which slot it got or when it was admitted: continuous batching gives the same rollouts as running
-requests one at a time (up to float rounding across batch sizes).
-
-Attention. The prefill and the decode step run model.py's own forward, with their attention
-plugged in (`model(idx, attend=fn, positions=pos)`): fn writes the layer's keys/values into the
-cache and attends against it. The prefill attends causally within each prompt (SDPA, no mask).
-Decoding uses flash-attn's KV-cache kernel (`flash_attn_with_kvcache`) when it is
-importable and the model is fp16/bf16 on a GPU, registered as a torch op (`flash_decode`) so that
-the compiled step stays one graph. Otherwise a torch fallback: the query heads that
-share a KV head are folded into the query-length axis, (B, n_heads, 1, D) -> (B, n_kv, G, D), so
-scaled_dot_product_attention runs on the KV heads directly with a mask and never repeats K/V (torch's
-fused kernels do not take grouped-query attention together with a mask; the fallback would copy
-the whole cache n_heads/n_kv times per step). The fallback attends over the first S_b cache columns,
-S_b = the largest live position rounded up to a bucket, so a cache sized for 4k-token responses does
-not make every step read 4k positions. One CUDA graph is recorded per (batch, S_b bucket, sampling
-mode: a DecodeMode); the compiled step itself keeps S_b, the batch and top-k dynamic, so it is
-compiled once per sampling mode and model (at most DECODE_VARIANTS times, with a warning past that).
-The tests hold prefill and decode steps to the model's plain forward.
-
-Weights after a training step. The sampler reads the model's parameters as they are; call it right
-after optimizer.step() in the same process. CUDA graphs hold pointers to the weights, so they stay
-valid while the weights are updated in place, and are re-recorded automatically when the parameters
-are new tensors. With FSDP2 (`fully_shard`), each rank holds only shards (DTensors). Generation needs
-whole weights, so use `inference_copy(model)`: it builds a plain, unsharded, no-grad copy of the
-model (bf16 by default) and fills it by all-gathering one parameter at a time with
-`DTensor.full_tensor()`, each shard cast to bf16 before it travels; `inference_copy(model, into=copy)` refreshes it in place after each step
-(every rank must call it: it is a collective). Generate with the copy; the training model and its
-shards are untouched. Keeping the copy between steps costs one full set of bf16 weights per rank and
-lets the recorded CUDA graphs be reused; to release it, `del copy` and `cache.graphs.clear()`.
-We prefer this to `FSDPModule.unshard()`: unsharded FSDP parameters are freed again by FSDP's own
-hooks on the next forward, which would leave recorded graphs pointing at freed memory.
+After a training step, call generate() with the same model: graphs recorded on its weights stay valid
+while they are updated in place. An FSDP2-sharded model first needs whole weights: inference_copy()
+builds (or refreshes) a plain bf16 copy by gathering one parameter at a time; every rank must call it.
+We prefer this to FSDPModule.unshard(): FSDP's hooks free unsharded parameters again on the next
+forward, which would leave recorded graphs pointing at freed memory.
 """
 import heapq
 import importlib
