@@ -45,19 +45,19 @@ def optional_flash_attn(name: str, fallback: str):
         return getattr(importlib.import_module("flash_attn"), name, None)
     except (ImportError, OSError) as e:
         if getattr(e, "name", None) != "flash_attn":
-            warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); {fallback}")
+            warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); "
+                          f"{fallback}")
         return None
 
 
-flash_attn_with_kvcache = optional_flash_attn("flash_attn_with_kvcache", "decoding falls back to torch's attention")
+flash_attn_with_kvcache = optional_flash_attn("flash_attn_with_kvcache",
+                                              "decoding falls back to torch's attention")
 
 MAX_EOS_IDS = 8  # EOS ids live in a fixed-size device tensor, so recorded graphs can be reused
-# The compiled decode step is specialised by dynamo on the sampling mode (five canonical ones, see
-# decode_mode), on a batch of exactly 1 (dynamo specialises sizes 0 and 1) and on the model's
-# parameter shapes; the attended length, the batch size and top-k's value stay dynamic. So one
-# model needs at most 10 variants and 24 leave room for two. Past dynamo's own limit (8 by default)
-# it would run the step eagerly and say so only in a log line; we raise the limit to this for the
-# decode step alone and, past it, warn and run that cache's steps uncompiled (_eager_step).
+PREFILL_TOKENS = 16384  # prompt tokens (padded) per prefill forward
+# The compiled decode step has a variant per sampling mode (five, see decode_mode), for a batch of
+# exactly 1 (dynamo specialises it) and per model shape: 10 for one model, so 24 leave room for two.
+# Past its own limit (8) dynamo runs the step eagerly, saying so only in a log; _eager_step warns.
 DECODE_VARIANTS = 24
 
 
@@ -70,10 +70,9 @@ class Rollout:
 
 
 class DecodeMode(NamedTuple):
-    """The part of the sampling settings that is code rather than data: the compiled decode step
-    has a variant per mode (top_k's value >= 2 stays a dynamic int in it) and a CUDA graph is
-    recorded per mode and shape; temperature and top_p are device tensors read at run time.
-    Make one with decode_mode(), which puts it in canonical form."""
+    """The sampling settings that are code rather than data: the compiled step has a variant, and
+    each shape a CUDA graph, per mode (temperature and top_p are device tensors read at run time,
+    top_k >= 2 a dynamic int). Make one with decode_mode(), which puts it in canonical form."""
     greedy: bool      # argmax: temperature 0, or top-k 1
     top_k: int        # 0 = no top-k
     use_top_p: bool   # top_p < 1: keep the nucleus
@@ -107,11 +106,11 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(cfg.n_layers)]
 
         # ---- 2. Per-slot decode state, on the device: row s is slot s.
-        z = lambda dt: torch.zeros(N, dtype=dt, device=dev)
-        self.tok = z(torch.long)       # last sampled token: the next step's input
-        self.pos = z(torch.long)       # where that token's k/v go = its position in the sequence
-        self.n_gen = z(torch.long)     # response tokens so far
-        self.req = z(torch.long)       # request id (prompt_idx * n + sample index): seeds the hash
+        zeros = lambda dt: torch.zeros(N, dtype=dt, device=dev)
+        self.tok = zeros(torch.long)     # last sampled token: the next step's input
+        self.pos = zeros(torch.long)     # where that token's k/v go = its position in the sequence
+        self.n_gen = zeros(torch.long)   # response tokens so far
+        self.req = zeros(torch.long)     # request id (prompt_idx * n + sample index): seeds the hash
         self.done = torch.ones(N, dtype=torch.bool, device=dev)  # finished or empty slot
         self.rows = torch.arange(N, device=dev)
         # Response tokens and log-probs, written at column n_gen. One spare column takes the
@@ -147,9 +146,8 @@ class KVCache:
     def for_model(model, max_len: int, max_slots: int = 256, mem_fraction: float = 0.5,
                   mem_bytes: int | None = None, dtype=None, device=None, compile=None,
                   graphs=None) -> "KVCache":
-        """As many slots (up to max_slots) as fit in mem_bytes, by default mem_fraction of the free
-        memory: the GPU's, or on a CPU the RAM available (a CPU cache of max_slots slots whatever
-        their length was once ~64 GB for one long prompt, and the OS killed the process). Each slot
+        """As many slots (up to max_slots) as fit in mem_bytes, by default mem_fraction of the memory
+        free now (free_memory), on a CPU too: max_slots long slots can exceed the RAM. Each slot
         costs slot_bytes(): keys/values for max_len positions plus the sampler's work buffers."""
         if max_slots < 1:
             raise ValueError(f"max_slots={max_slots}: the cache needs at least one slot")
@@ -189,8 +187,7 @@ def share_of_free_memory(device, fraction: float) -> int | None:
 def free_memory(device) -> int | None:
     """Bytes free now on device: the GPU's free memory, or on a CPU what the OS reports available
     (Linux's MemAvailable: free RAM plus caches it can drop; psutil elsewhere, if installed), and no
-    more than a container's memory limit leaves. None where it cannot be known; then only max_slots
-    limits the cache."""
+    more than a container's memory limit leaves. None where it cannot be known."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -209,8 +206,10 @@ def free_memory(device) -> int | None:
         except ImportError:
             pass
     # In a container the OOM killer acts at the cgroup's limit, which MemAvailable (the host's) ignores.
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    v1 = "/sys/fs/cgroup/memory/memory."
+    cgroup_files = [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),   # cgroup v2
+                    (v1 + "limit_in_bytes", v1 + "usage_in_bytes")]
+    for limit_file, usage_file in cgroup_files:
         try:
             with open(limit_file) as f, open(usage_file) as g:
                 limit, usage = f.read().strip(), int(g.read())
@@ -242,7 +241,8 @@ def prefill(model, cache: KVCache, prompts: list, dst_slots: list, src: list, sh
             cache.k[i][dst, :, :shared] = k.to(cache.dtype)              # (1, ...) -> every slot
             cache.v[i][dst, :, :shared] = v.to(cache.dtype)
             head.append((k, v))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+            gqa = q.shape[1] != k.shape[1]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         idx = torch.tensor(prompts[0][:shared], device=dev)[None]
         model(idx, attend=attend_prefix, positions=torch.arange(shared, device=dev)[None], return_hidden=True)
         prompts = [p[shared:] for p in prompts]
@@ -301,7 +301,8 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     then gives up on the whole step. As an op it is one opaque node, and declaring the cache writes
     (mutates_args) lets torch.compile keep them in place.
     q (B, nh, 1, D); k_cache, v_cache the whole (N, nkv, S, D) layer cache; k, v (B, nkv, 1, D);
-    pos (B,) int32. Writes k, v at column pos of each row, attends to columns 0..pos, returns y (B, nh, 1, D)."""
+    pos (B,) int32. Writes k, v at column pos of each row, attends to columns 0..pos, returns
+    y (B, nh, 1, D)."""
     B = q.shape[0]
     y = flash_attn_with_kvcache(q.transpose(1, 2), k_cache[:B].transpose(1, 2), v_cache[:B].transpose(1, 2),
                                 k=k.transpose(1, 2), v=v.transpose(1, 2), cache_seqlens=pos, causal=True)
@@ -353,14 +354,15 @@ def decode_core(model, ks: list, vs: list, tok, pos, n_gen, req, seed, temperatu
 
 def advance(cache: KVCache, B: int, new, logp):
     """Record the sampled tokens and move every live slot one position on (device only, no sync)."""
-    rows, n_gen, pos, tok, done = cache.rows[:B], cache.n_gen[:B], cache.pos[:B], cache.tok[:B], cache.done[:B]
+    rows, n_gen, pos, tok = cache.rows[:B], cache.n_gen[:B], cache.pos[:B], cache.tok[:B]
+    done = cache.done[:B]
     live = ~done
     cache.out_tok[rows, n_gen] = new       # a finished slot writes its spare column: ignored
     cache.out_logp[rows, n_gen] = logp
     n_gen.add_(live)                       # finished slots stay frozen: same position, same count
     pos.add_(live)
     tok.copy_(torch.where(live, new, tok))
-    is_eos = (new[:, None] == cache.eos).any(-1)   # a plain compare: torch.isin may sort, which graphs dislike
+    is_eos = (new[:, None] == cache.eos).any(-1)   # not torch.isin: it may sort, which graphs dislike
     done.logical_or_(live & (is_eos | (n_gen >= cache.max_new)))
 
 
@@ -452,7 +454,9 @@ def prepare_step(model, cache: KVCache):
         cache.weights_key = weights_key
     if cache.core is None:
         backend = "inductor" if cache.compile is True else cache.compile
-        cache.core = torch.compile(decode_core, dynamic=True, backend=backend) if cache.compile else decode_core
+        cache.core = decode_core
+        if cache.compile:
+            cache.core = torch.compile(decode_core, dynamic=True, backend=backend)
 
 
 def _step(model, cache: KVCache, B: int, attn_len: int, mode: DecodeMode):
@@ -544,7 +548,8 @@ def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temper
     if cache is None:
         cache = KVCache.for_model(model, max_len=need, max_slots=max_slots)
     if need > cache.max_len:
-        raise ValueError(f"longest prompt + max_new_tokens = {need} exceeds the cache's max_len {cache.max_len}")
+        raise ValueError(f"longest prompt + max_new_tokens = {need} exceeds the cache's max_len "
+                         f"{cache.max_len}")
     if M < 1:
         return [Rollout(r // n, [], [], "length") for r in range(len(prompts) * n)]
 
@@ -595,37 +600,38 @@ def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temper
 
 
 def _admit(model, cache: KVCache, prompts, n, reqs, slots, mode: DecodeMode):
-    """Prefill the distinct prompts among the admitted requests (chunked to bound activation
-    memory), sample each request's first token, and set up its slot's decode state."""
+    """Prefill the distinct prompts among the admitted requests (PREFILL_TOKENS at a time, to bound
+    activation memory), sample each request's first token, and set up its slot's decode state."""
     dev = cache.device
-    uniq = sorted({r // n for r in reqs}, key=lambda i: len(prompts[i]))  # similar lengths together
+    distinct = sorted({r // n for r in reqs}, key=lambda i: len(prompts[i]))  # similar lengths together
     logits = {}
-    chunk, budget = [], 16384             # prompt tokens (padded) per prefill forward
-    for i in uniq + [None]:
-        if i is not None and (not chunk or (len(chunk) + 1) * len(prompts[i]) <= budget):
+    chunk = []                            # prompts of the next prefill forward
+    for i in distinct + [None]:
+        if i is not None and (not chunk or (len(chunk) + 1) * len(prompts[i]) <= PREFILL_TOKENS):
             chunk.append(i)
             continue
-        at = {p: j for j, p in enumerate(chunk)}
-        mine = [(r, s) for r, s in zip(reqs, slots) if r // n in at]
+        row_of = {p: j for j, p in enumerate(chunk)}
+        chunk_requests = [(r, s) for r, s in zip(reqs, slots) if r // n in row_of]
         chunk_prompts = [prompts[p] for p in chunk]
         shared = shared_prefix(chunk_prompts) if cache.share_prefix else 0
-        out = prefill(model, cache, chunk_prompts, [s for _, s in mine], [at[r // n] for r, _ in mine],
-                      shared)                                            # (P, V)
-        for p, j in at.items():
+        out = prefill(model, cache, chunk_prompts, [s for _, s in chunk_requests],
+                      [row_of[r // n] for r, _ in chunk_requests], shared)  # (P, V)
+        for p, j in row_of.items():
             logits[p] = out[j]
         chunk = [i] if i is not None else []
     req = torch.tensor(reqs, device=dev)
-    s = torch.tensor(slots, device=dev)
+    slot_ids = torch.tensor(slots, device=dev)
     first_logits = torch.stack([logits[r // n] for r in reqs])          # (A, V)
     u = uniform(cache.seed, req, torch.zeros_like(req))                 # token 0 of each request
-    tok, logp = sample(first_logits, u, cache.temperature, cache.top_p, mode.greedy, mode.top_k, mode.use_top_p)
-    cache.tok[s] = tok
-    cache.pos[s] = torch.tensor([len(prompts[r // n]) for r in reqs], device=dev)
-    cache.n_gen[s] = 1
-    cache.req[s] = req
-    cache.out_tok[s, 0] = tok
-    cache.out_logp[s, 0] = logp
-    cache.done[s] = (tok[:, None] == cache.eos).any(-1) | (cache.max_new <= 1)
+    tok, logp = sample(first_logits, u, cache.temperature, cache.top_p, mode.greedy, mode.top_k,
+                       mode.use_top_p)
+    cache.tok[slot_ids] = tok
+    cache.pos[slot_ids] = torch.tensor([len(prompts[r // n]) for r in reqs], device=dev)
+    cache.n_gen[slot_ids] = 1
+    cache.req[slot_ids] = req
+    cache.out_tok[slot_ids, 0] = tok
+    cache.out_logp[slot_ids, 0] = logp
+    cache.done[slot_ids] = (tok[:, None] == cache.eos).any(-1) | (cache.max_new <= 1)
 
 
 def _decode(model, cache: KVCache, B: int, active: dict, step: int, M: int, sync_every: int,
@@ -633,15 +639,15 @@ def _decode(model, cache: KVCache, B: int, active: dict, step: int, M: int, sync
     """Decode steps until the host's next look: sync_every of them, or fewer if a slot reaches
     max_new_tokens (M) sooner. Its deadline is known on the host: token 0 came from the prefill,
     one more comes from each step. Returns how many steps ran."""
-    k = min([sync_every] + [slot.admitted + M - 1 - step for slot in active.values()])
-    if k <= 0:
+    steps = min([sync_every] + [slot.admitted + M - 1 - step for slot in active.values()])
+    if steps <= 0:
         return 0
-    # Attend over the cache columns the longest sequence can reach in these k steps, bucketed.
-    longest = max(slot.prompt_len + min(step + k - slot.admitted, M) for slot in active.values())
+    # Attend over the cache columns the longest sequence can reach in these steps, bucketed.
+    longest = max(slot.prompt_len + min(step + steps - slot.admitted, M) for slot in active.values())
     attn_len = min(attn_bucket(longest), cache.max_len)
-    for _ in range(k):
+    for _ in range(steps):
         run_step(model, cache, B, attn_len, mode)
-    return k
+    return steps
 
 
 def _reap(cache: KVCache, B: int, active: dict, n: int, eos_ids: tuple, stop_strings, tokenizer) -> list:
@@ -672,7 +678,8 @@ def _reap(cache: KVCache, B: int, active: dict, n: int, eos_ids: tuple, stop_str
         tokens = toks[i, :m].tolist()
         # The device stops a slot at an EOS id or at M tokens; a stop string is the host's call.
         stopped = s in stop_hits or tokens[-1] in eos_ids
-        out.append((s, Rollout(active[s].req // n, tokens, logps[i, :m].tolist(), "stop" if stopped else "length")))
+        finish = "stop" if stopped else "length"
+        out.append((s, Rollout(active[s].req // n, tokens, logps[i, :m].tolist(), finish)))
     return out
 
 
