@@ -332,8 +332,9 @@ def decode_logits(model, ks: list, vs: list, tok, pos, attn_len: int, use_flash:
         kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)                       # (B, nkv, D) at [b, :, pos_b]
         vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
         nh, nkv, D = q.shape[1], k.shape[1], q.shape[-1]
-        # Grouped-query attention without repeating K/V: the nh/nkv query heads of one KV head
-        # become that head's nh/nkv "query positions". They share the row's mask, so it broadcasts.
+        # Grouped-query attention without repeating K/V (torch's fused kernels take no GQA together
+        # with a mask, and repeating would copy the cache every step): the nh/nkv query heads of one
+        # KV head become its nh/nkv "query positions". They share the row's mask, so it broadcasts.
         qg = q.reshape(B, nkv, nh // nkv, D)                             # (B, nkv, G, D)
         y = F.scaled_dot_product_attention(qg, kc[:B, :, :attn_len], vc[:B, :, :attn_len], attn_mask=mask)
         return y.reshape(B, nh, 1, D)
