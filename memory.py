@@ -12,7 +12,7 @@ from errors import UserError
 from kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
 from kernels.utils import chunk_rows
 from model import _packed_attention
-from rollout import KVCache, free_memory, inference_copy, longest_slot, slot_bytes
+from rollout import KVCache, free_memory, inference_copy, longest_slot, share_of_free_memory, slot_bytes
 
 
 @dataclass(frozen=True)
@@ -191,10 +191,10 @@ def kv_budget(plan: MemoryPlan, device, gen_mem: float) -> tuple[int | None, str
             return free, (f"{free / 2**20:.0f} MiB free on the GPU, less than the memory plan's "
                           f"{plan.kv_cache / 2**20:.0f}")
         return plan.kv_cache, "what the memory plan leaves after weights, optimizer and activations"
-    free = free_memory(device)
-    if free is None:
+    budget = share_of_free_memory(device, gen_mem)
+    if budget is None:
         return None, "no limit known"
-    return int(gen_mem * free), f"--gen_mem {gen_mem} of {free / 2**20:.0f} MiB free"
+    return budget, f"--gen_mem {gen_mem} of {budget / gen_mem / 2**20:.0f} MiB free"
 
 
 def make_cache(sampler, problems: list, prompt_ids: dict, max_new_tokens: int, max_slots: int,

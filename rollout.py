@@ -5,71 +5,28 @@ Rollouts for GRPO/SRPO: a KV-cached sampler with continuous batching, small enou
     rollouts = generate(model, prompts, n=G, max_new_tokens=..., temperature=1.0, cache=cache)
     # -> [Rollout(prompt_idx, tokens, logprobs, finish)], ordered by (prompt_idx, sample index)
 
-How it works, in the order the code runs:
-  1. The KV cache is preallocated once: per layer, (slots, n_kv_heads, max_len, head_dim) for keys and
-     values. The number of slots comes from a memory budget (a fraction of the free memory: the GPU's,
-     or on a CPU the RAM available), not a constant. A slot holds one sequence; rows never move
-     during decoding, so nothing is gathered.
-  2. Admission (prefill). Pending requests are (prompt, sample) pairs. The G samples of a prompt share
-     one prefill: the prompt runs through the model once and its keys/values are written into all the
-     slots its samples got. Prompts of different lengths are right-padded; padding sits *after* the
-     real tokens, so causal attention never lets a real token see it.
-  3. Decoding. One step feeds every slot's last token at its own position, writes its k/v there and
-     attends to slots 0..position of its row. Sampling (temperature, top-k, top-p) happens on the
-     device, and every step has the same shapes, so on a GPU the step is compiled (torch.compile, to
-     fuse the many small ops) and recorded once as a CUDA graph: a step is then one graph replay,
-     with no per-op Python or launch overhead. On a CPU the same step runs eagerly.
-  4. Stopping (reaping). The device marks a slot done on an EOS id or at max_new_tokens; the host
-     looks only every `sync_every` steps (a device->host copy is a sync that would stall the GPU each
-     step). Stop strings are checked on the host at the same moments. A finished slot is refilled
-     with the next pending request (continuous batching): RL responses have long-tailed lengths, and
-     this keeps the batch full instead of waiting for the longest sequence.
+generate() runs in three phases, repeated until every request is done:
+  1. admission: pending (prompt, sample) requests take free cache slots; the G samples of a prompt
+     share one prefill, whose keys/values are copied into each of their slots;
+  2. decoding: one step feeds every slot's last token and samples its next one, all on the device;
+     on a GPU the step is compiled and replayed as a CUDA graph;
+  3. reaping: at most `sync_every` steps apart the host looks at which slots stopped (EOS, stop
+     string, max_new_tokens) and refills them, so long-tailed response lengths never idle the batch.
+The number of slots comes from a memory budget, not a constant (KVCache.for_model).
 
-What you get back, per rollout: the response token ids (including the EOS token or the token that
-completed a stop string), the log-prob of each token *under the distribution it was sampled from*
-(after temperature, top-k and top-p; 0.0 for greedy decoding, which is a point mass), and the finish
-reason: "stop" (EOS id or stop string) or "length" (max_new_tokens). For the usual RL setting
-(temperature 1, no top-k/top-p) these are the policy's own log-probs, i.e. `logp_old`.
+A rollout's log-probs are those of the distribution each token was sampled from, after temperature,
+top-k and top-p (0.0 for greedy). At temperature 1 without truncation they are the policy's own:
+logp_old. The uniform number that picks token t of request r is a hash of (seed, r, t), so a seeded
+run reproduces, and a request's tokens do not depend on its slot or on when it was admitted.
 
-Reproducibility. Randomness is not drawn from a stateful generator. The uniform number that picks
-token t of request r is a hash of (seed, r, t), and sampling is by inverse CDF with that number. So a
-seeded run is reproducible, CUDA graphs need no RNG bookkeeping, and a request's tokens do not depend
-on which slot it got or when it was admitted: continuous batching gives the same rollouts as running
-requests one at a time (up to float rounding across batch sizes).
-
-Attention. The prefill and the decode step run model.py's own forward, with their attention
-plugged in (`model(idx, attend=fn, positions=pos)`): fn writes the layer's keys/values into the
-cache and attends against it. The prefill attends causally within each prompt (SDPA, no mask).
-Decoding uses flash-attn's KV-cache kernel (`flash_attn_with_kvcache`) when it is
-importable and the model is fp16/bf16 on a GPU, registered as a torch op (`flash_decode`) so that
-the compiled step stays one graph. Otherwise a torch fallback: the query heads that
-share a KV head are folded into the query-length axis, (B, n_heads, 1, D) -> (B, n_kv, G, D), so
-scaled_dot_product_attention runs on the KV heads directly with a mask and never repeats K/V (torch's
-fused kernels do not take grouped-query attention together with a mask; the fallback would copy
-the whole cache n_heads/n_kv times per step). The fallback attends over the first S_b cache columns,
-S_b = the largest live position rounded up to a bucket, so a cache sized for 4k-token responses does
-not make every step read 4k positions. One CUDA graph is recorded per (batch, S_b bucket, sampling
-mode: a DecodeMode); the compiled step itself keeps S_b, the batch and top-k dynamic, so it is
-compiled once per sampling mode and model (at most DECODE_VARIANTS times, with a warning past that).
-The self-check (and the tests) hold prefill and decode steps to the model's plain forward.
-
-Weights after a training step. The sampler reads the model's parameters as they are; call it right
-after optimizer.step() in the same process. CUDA graphs hold pointers to the weights, so they stay
-valid while the weights are updated in place, and are re-recorded automatically when the parameters
-are new tensors. With FSDP2 (`fully_shard`), each rank holds only shards (DTensors). Generation needs
-whole weights, so use `inference_copy(model)`: it builds a plain, unsharded, no-grad copy of the
-model (bf16 by default) and fills it by all-gathering one parameter at a time with
-`DTensor.full_tensor()`, each shard cast to bf16 before it travels; `inference_copy(model, into=copy)` refreshes it in place after each step
-(every rank must call it: it is a collective). Generate with the copy; the training model and its
-shards are untouched. Keeping the copy between steps costs one full set of bf16 weights per rank and
-lets the recorded CUDA graphs be reused; to release it, `del copy` and `cache.graphs.clear()`.
-We prefer this to `FSDPModule.unshard()`: unsharded FSDP parameters are freed again by FSDP's own
-hooks on the next forward, which would leave recorded graphs pointing at freed memory.
-
-Run `python rollout.py` for the self-check: the fast path against a naive one that recomputes the
-whole sequence with model.py's plain forward at every step.
+After a training step, call generate() with the same model: graphs recorded on its weights stay valid
+while they are updated in place. An FSDP2-sharded model first needs whole weights: inference_copy()
+builds (or refreshes) a plain bf16 copy by gathering one parameter at a time; every rank must call it.
+We prefer this to FSDPModule.unshard(): FSDP's hooks free unsharded parameters again on the next
+forward, which would leave recorded graphs pointing at freed memory.
 """
 import heapq
+import importlib
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -80,23 +37,27 @@ import torch.nn.functional as F
 
 from model import Transformer
 
-# flash-attn is optional (a CUDA-only extra); without it decoding uses torch's attention.
-try:
-    from flash_attn import flash_attn_with_kvcache
-except (ImportError, OSError) as e:
-    flash_attn_with_kvcache = None
-    if getattr(e, "name", None) != "flash_attn":
-        # Installed but unusable (built for another torch or CUDA): not the quiet "not installed" case.
-        warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); decoding "
-                      f"falls back to torch's attention")
+
+def optional_flash_attn(name: str, fallback: str):
+    """flash-attn's function `name`, or None where flash-attn (an optional, CUDA-only extra) is not
+    installed. One installed but unusable (built for another torch or CUDA) warns, saying `fallback`."""
+    try:
+        return getattr(importlib.import_module("flash_attn"), name, None)
+    except (ImportError, OSError) as e:
+        if getattr(e, "name", None) != "flash_attn":
+            warnings.warn(f"flash-attn is installed but does not import ({type(e).__name__}: {e}); "
+                          f"{fallback}")
+        return None
+
+
+flash_attn_with_kvcache = optional_flash_attn("flash_attn_with_kvcache",
+                                              "decoding falls back to torch's attention")
 
 MAX_EOS_IDS = 8  # EOS ids live in a fixed-size device tensor, so recorded graphs can be reused
-# The compiled decode step is specialised by dynamo on the sampling mode (five canonical ones, see
-# decode_mode), on a batch of exactly 1 (dynamo specialises sizes 0 and 1) and on the model's
-# parameter shapes; the attended length, the batch size and top-k's value stay dynamic. So one
-# model needs at most 10 variants and 24 leave room for two. Past dynamo's own limit (8 by default)
-# it would run the step eagerly and say so only in a log line; we raise the limit to this for the
-# decode step alone and, past it, warn and run that cache's steps uncompiled (_eager_step).
+PREFILL_TOKENS = 16384  # prompt tokens (padded) per prefill forward
+# The compiled decode step has a variant per sampling mode (five, see decode_mode), for a batch of
+# exactly 1 (dynamo specialises it) and per model shape: 10 for one model, so 24 leave room for two.
+# Past its own limit (8) dynamo runs the step eagerly, saying so only in a log; _eager_step warns.
 DECODE_VARIANTS = 24
 
 
@@ -109,23 +70,13 @@ class Rollout:
 
 
 class DecodeMode(NamedTuple):
-    """The part of the sampling settings that is code rather than data: the compiled decode step
-    has a variant per mode (top_k's value >= 2 stays a dynamic int in it) and a CUDA graph is
-    recorded per mode and shape; temperature and top_p are device tensors read at run time.
-    Make one with decode_mode(), which puts it in canonical form."""
+    """The sampling settings that are code rather than data: the compiled step has a variant, and
+    each shape a CUDA graph, per mode (temperature and top_p are device tensors read at run time,
+    top_k >= 2 a dynamic int). Make one with decode_mode(), which puts it in canonical form."""
     greedy: bool      # argmax: temperature 0, or top-k 1
     top_k: int        # 0 = no top-k
     use_top_p: bool   # top_p < 1: keep the nucleus
     use_flash: bool   # flash-attn's KV-cache kernel, else SDPA
-
-
-@dataclass
-class GenStats:
-    """What the last generate() call did; for benchmarks and curiosity, not needed for training."""
-    decode_steps: int = 0  # decode steps over the batch (graph replays on a GPU)
-    prefills: int = 0      # prefill forward calls (each covers a group of admitted prompts)
-    admitted: int = 0      # requests admitted into slots
-    batch: int = 0         # slots decoded per step
 
 
 # -----------------------------------------------------------------------------
@@ -155,11 +106,11 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(cfg.n_layers)]
 
         # ---- 2. Per-slot decode state, on the device: row s is slot s.
-        z = lambda dt: torch.zeros(N, dtype=dt, device=dev)
-        self.tok = z(torch.long)       # last sampled token: the next step's input
-        self.pos = z(torch.long)       # where that token's k/v go = its position in the sequence
-        self.n_gen = z(torch.long)     # response tokens so far
-        self.req = z(torch.long)       # request id (prompt_idx * n + sample index): seeds the hash
+        zeros = lambda dt: torch.zeros(N, dtype=dt, device=dev)
+        self.tok = zeros(torch.long)     # last sampled token: the next step's input
+        self.pos = zeros(torch.long)     # where that token's k/v go = its position in the sequence
+        self.n_gen = zeros(torch.long)   # response tokens so far
+        self.req = zeros(torch.long)     # request id (prompt_idx * n + sample index): seeds the hash
         self.done = torch.ones(N, dtype=torch.bool, device=dev)  # finished or empty slot
         self.rows = torch.arange(N, device=dev)
         # Response tokens and log-probs, written at column n_gen. One spare column takes the
@@ -184,7 +135,6 @@ class KVCache:
         self.use_graphs = dev.type == "cuda" if graphs is None else graphs
         self.graphs = {}         # (batch, S_b, DecodeMode) -> torch.cuda.CUDAGraph
         self.weights_key = None  # which parameter tensors the graphs were recorded with
-        self.stats = GenStats()  # what the last generate() did
         # Prompts admitted together that start alike (RL: the same chat template and instructions)
         # prefill their shared start once (prefill's `shared`); set False to prefill each whole.
         self.share_prefix = True
@@ -196,17 +146,15 @@ class KVCache:
     def for_model(model, max_len: int, max_slots: int = 256, mem_fraction: float = 0.5,
                   mem_bytes: int | None = None, dtype=None, device=None, compile=None,
                   graphs=None) -> "KVCache":
-        """As many slots (up to max_slots) as fit in mem_bytes, by default mem_fraction of the free
-        memory: the GPU's, or on a CPU the RAM available (a CPU cache of max_slots slots whatever
-        their length was once ~64 GB for one long prompt, and the OS killed the process). Each slot
+        """As many slots (up to max_slots) as fit in mem_bytes, by default mem_fraction of the memory
+        free now (free_memory), on a CPU too: max_slots long slots can exceed the RAM. Each slot
         costs slot_bytes(): keys/values for max_len positions plus the sampler's work buffers."""
         if max_slots < 1:
             raise ValueError(f"max_slots={max_slots}: the cache needs at least one slot")
         p = next(model.parameters())
         dtype, device = dtype or p.dtype, torch.device(device or p.device)
         if mem_bytes is None:
-            free = free_memory(device)
-            mem_bytes = None if free is None else int(mem_fraction * free)
+            mem_bytes = share_of_free_memory(device, mem_fraction)
         per_slot = slot_bytes(model.config, max_len, dtype)
         n = max_slots if mem_bytes is None else min(max_slots, mem_bytes // per_slot)
         if n < 1:
@@ -229,11 +177,17 @@ def longest_slot(cfg, mem_bytes: int, dtype) -> int:
     return max(0, (mem_bytes - fixed) // (slot_bytes(cfg, 1, dtype) - fixed))
 
 
+def share_of_free_memory(device, fraction: float) -> int | None:
+    """The sampler's memory budget where no memory plan sets one: `fraction` of the bytes free now
+    on device (free_memory), or None where that cannot be known."""
+    free = free_memory(device)
+    return None if free is None else int(fraction * free)
+
+
 def free_memory(device) -> int | None:
     """Bytes free now on device: the GPU's free memory, or on a CPU what the OS reports available
     (Linux's MemAvailable: free RAM plus caches it can drop; psutil elsewhere, if installed), and no
-    more than a container's memory limit leaves. None where it cannot be known; then only max_slots
-    limits the cache."""
+    more than a container's memory limit leaves. None where it cannot be known."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -252,8 +206,10 @@ def free_memory(device) -> int | None:
         except ImportError:
             pass
     # In a container the OOM killer acts at the cgroup's limit, which MemAvailable (the host's) ignores.
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    v1 = "/sys/fs/cgroup/memory/memory."
+    cgroup_files = [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),   # cgroup v2
+                    (v1 + "limit_in_bytes", v1 + "usage_in_bytes")]
+    for limit_file, usage_file in cgroup_files:
         try:
             with open(limit_file) as f, open(usage_file) as g:
                 limit, usage = f.read().strip(), int(g.read())
@@ -285,7 +241,8 @@ def prefill(model, cache: KVCache, prompts: list, dst_slots: list, src: list, sh
             cache.k[i][dst, :, :shared] = k.to(cache.dtype)              # (1, ...) -> every slot
             cache.v[i][dst, :, :shared] = v.to(cache.dtype)
             head.append((k, v))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+            gqa = q.shape[1] != k.shape[1]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         idx = torch.tensor(prompts[0][:shared], device=dev)[None]
         model(idx, attend=attend_prefix, positions=torch.arange(shared, device=dev)[None], return_hidden=True)
         prompts = [p[shared:] for p in prompts]
@@ -344,7 +301,8 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     then gives up on the whole step. As an op it is one opaque node, and declaring the cache writes
     (mutates_args) lets torch.compile keep them in place.
     q (B, nh, 1, D); k_cache, v_cache the whole (N, nkv, S, D) layer cache; k, v (B, nkv, 1, D);
-    pos (B,) int32. Writes k, v at column pos of each row, attends to columns 0..pos, returns y (B, nh, 1, D)."""
+    pos (B,) int32. Writes k, v at column pos of each row, attends to columns 0..pos, returns
+    y (B, nh, 1, D)."""
     B = q.shape[0]
     y = flash_attn_with_kvcache(q.transpose(1, 2), k_cache[:B].transpose(1, 2), v_cache[:B].transpose(1, 2),
                                 k=k.transpose(1, 2), v=v.transpose(1, 2), cache_seqlens=pos, causal=True)
@@ -374,8 +332,9 @@ def decode_logits(model, ks: list, vs: list, tok, pos, attn_len: int, use_flash:
         kc[rows, :, pos] = k[:, :, 0].to(kc.dtype)                       # (B, nkv, D) at [b, :, pos_b]
         vc[rows, :, pos] = v[:, :, 0].to(vc.dtype)
         nh, nkv, D = q.shape[1], k.shape[1], q.shape[-1]
-        # Grouped-query attention without repeating K/V: the nh/nkv query heads of one KV head
-        # become that head's nh/nkv "query positions". They share the row's mask, so it broadcasts.
+        # Grouped-query attention without repeating K/V (torch's fused kernels take no GQA together
+        # with a mask, and repeating would copy the cache every step): the nh/nkv query heads of one
+        # KV head become its nh/nkv "query positions". They share the row's mask, so it broadcasts.
         qg = q.reshape(B, nkv, nh // nkv, D)                             # (B, nkv, G, D)
         y = F.scaled_dot_product_attention(qg, kc[:B, :, :attn_len], vc[:B, :, :attn_len], attn_mask=mask)
         return y.reshape(B, nh, 1, D)
@@ -396,14 +355,15 @@ def decode_core(model, ks: list, vs: list, tok, pos, n_gen, req, seed, temperatu
 
 def advance(cache: KVCache, B: int, new, logp):
     """Record the sampled tokens and move every live slot one position on (device only, no sync)."""
-    rows, n_gen, pos, tok, done = cache.rows[:B], cache.n_gen[:B], cache.pos[:B], cache.tok[:B], cache.done[:B]
+    rows, n_gen, pos, tok = cache.rows[:B], cache.n_gen[:B], cache.pos[:B], cache.tok[:B]
+    done = cache.done[:B]
     live = ~done
     cache.out_tok[rows, n_gen] = new       # a finished slot writes its spare column: ignored
     cache.out_logp[rows, n_gen] = logp
     n_gen.add_(live)                       # finished slots stay frozen: same position, same count
     pos.add_(live)
     tok.copy_(torch.where(live, new, tok))
-    is_eos = (new[:, None] == cache.eos).any(-1)   # a plain compare: torch.isin may sort, which graphs dislike
+    is_eos = (new[:, None] == cache.eos).any(-1)   # not torch.isin: it may sort, which graphs dislike
     done.logical_or_(live & (is_eos | (n_gen >= cache.max_new)))
 
 
@@ -495,7 +455,9 @@ def prepare_step(model, cache: KVCache):
         cache.weights_key = weights_key
     if cache.core is None:
         backend = "inductor" if cache.compile is True else cache.compile
-        cache.core = torch.compile(decode_core, dynamic=True, backend=backend) if cache.compile else decode_core
+        cache.core = decode_core
+        if cache.compile:
+            cache.core = torch.compile(decode_core, dynamic=True, backend=backend)
 
 
 def _step(model, cache: KVCache, B: int, attn_len: int, mode: DecodeMode):
@@ -587,7 +549,8 @@ def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temper
     if cache is None:
         cache = KVCache.for_model(model, max_len=need, max_slots=max_slots)
     if need > cache.max_len:
-        raise ValueError(f"longest prompt + max_new_tokens = {need} exceeds the cache's max_len {cache.max_len}")
+        raise ValueError(f"longest prompt + max_new_tokens = {need} exceeds the cache's max_len "
+                         f"{cache.max_len}")
     if M < 1:
         return [Rollout(r // n, [], [], "length") for r in range(len(prompts) * n)]
 
@@ -605,7 +568,6 @@ def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temper
     R = len(prompts) * n                  # requests; request r is sample r % n of prompt r // n
     B = min(cache.n_slots, R)             # slots decoded per step; fixed, so shapes are static
     cache.done[:B] = True
-    cache.stats = GenStats(batch=B)
     results = [None] * R
     pending = deque(range(R))
     free = list(range(B))                 # a heap: refill the lowest slots first
@@ -639,39 +601,38 @@ def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temper
 
 
 def _admit(model, cache: KVCache, prompts, n, reqs, slots, mode: DecodeMode):
-    """Prefill the distinct prompts among the admitted requests (chunked to bound activation
-    memory), sample each request's first token, and set up its slot's decode state."""
+    """Prefill the distinct prompts among the admitted requests (PREFILL_TOKENS at a time, to bound
+    activation memory), sample each request's first token, and set up its slot's decode state."""
     dev = cache.device
-    uniq = sorted({r // n for r in reqs}, key=lambda i: len(prompts[i]))  # similar lengths together
+    distinct = sorted({r // n for r in reqs}, key=lambda i: len(prompts[i]))  # similar lengths together
     logits = {}
-    chunk, budget = [], 16384             # prompt tokens (padded) per prefill forward
-    for i in uniq + [None]:
-        if i is not None and (not chunk or (len(chunk) + 1) * len(prompts[i]) <= budget):
+    chunk = []                            # prompts of the next prefill forward
+    for i in distinct + [None]:
+        if i is not None and (not chunk or (len(chunk) + 1) * len(prompts[i]) <= PREFILL_TOKENS):
             chunk.append(i)
             continue
-        at = {p: j for j, p in enumerate(chunk)}
-        mine = [(r, s) for r, s in zip(reqs, slots) if r // n in at]
+        row_of = {p: j for j, p in enumerate(chunk)}
+        chunk_requests = [(r, s) for r, s in zip(reqs, slots) if r // n in row_of]
         chunk_prompts = [prompts[p] for p in chunk]
         shared = shared_prefix(chunk_prompts) if cache.share_prefix else 0
-        out = prefill(model, cache, chunk_prompts, [s for _, s in mine], [at[r // n] for r, _ in mine],
-                      shared)                                            # (P, V)
-        for p, j in at.items():
+        out = prefill(model, cache, chunk_prompts, [s for _, s in chunk_requests],
+                      [row_of[r // n] for r, _ in chunk_requests], shared)  # (P, V)
+        for p, j in row_of.items():
             logits[p] = out[j]
-        cache.stats.prefills += 1
         chunk = [i] if i is not None else []
     req = torch.tensor(reqs, device=dev)
-    s = torch.tensor(slots, device=dev)
+    slot_ids = torch.tensor(slots, device=dev)
     first_logits = torch.stack([logits[r // n] for r in reqs])          # (A, V)
     u = uniform(cache.seed, req, torch.zeros_like(req))                 # token 0 of each request
-    tok, logp = sample(first_logits, u, cache.temperature, cache.top_p, mode.greedy, mode.top_k, mode.use_top_p)
-    cache.tok[s] = tok
-    cache.pos[s] = torch.tensor([len(prompts[r // n]) for r in reqs], device=dev)
-    cache.n_gen[s] = 1
-    cache.req[s] = req
-    cache.out_tok[s, 0] = tok
-    cache.out_logp[s, 0] = logp
-    cache.done[s] = (tok[:, None] == cache.eos).any(-1) | (cache.max_new <= 1)
-    cache.stats.admitted += len(reqs)
+    tok, logp = sample(first_logits, u, cache.temperature, cache.top_p, mode.greedy, mode.top_k,
+                       mode.use_top_p)
+    cache.tok[slot_ids] = tok
+    cache.pos[slot_ids] = torch.tensor([len(prompts[r // n]) for r in reqs], device=dev)
+    cache.n_gen[slot_ids] = 1
+    cache.req[slot_ids] = req
+    cache.out_tok[slot_ids, 0] = tok
+    cache.out_logp[slot_ids, 0] = logp
+    cache.done[slot_ids] = (tok[:, None] == cache.eos).any(-1) | (cache.max_new <= 1)
 
 
 def _decode(model, cache: KVCache, B: int, active: dict, step: int, M: int, sync_every: int,
@@ -679,16 +640,15 @@ def _decode(model, cache: KVCache, B: int, active: dict, step: int, M: int, sync
     """Decode steps until the host's next look: sync_every of them, or fewer if a slot reaches
     max_new_tokens (M) sooner. Its deadline is known on the host: token 0 came from the prefill,
     one more comes from each step. Returns how many steps ran."""
-    k = min([sync_every] + [slot.admitted + M - 1 - step for slot in active.values()])
-    if k <= 0:
+    steps = min([sync_every] + [slot.admitted + M - 1 - step for slot in active.values()])
+    if steps <= 0:
         return 0
-    # Attend over the cache columns the longest sequence can reach in these k steps, bucketed.
-    longest = max(slot.prompt_len + min(step + k - slot.admitted, M) for slot in active.values())
+    # Attend over the cache columns the longest sequence can reach in these steps, bucketed.
+    longest = max(slot.prompt_len + min(step + steps - slot.admitted, M) for slot in active.values())
     attn_len = min(attn_bucket(longest), cache.max_len)
-    for _ in range(k):
+    for _ in range(steps):
         run_step(model, cache, B, attn_len, mode)
-    cache.stats.decode_steps += k
-    return k
+    return steps
 
 
 def _reap(cache: KVCache, B: int, active: dict, n: int, eos_ids: tuple, stop_strings, tokenizer) -> list:
@@ -719,7 +679,8 @@ def _reap(cache: KVCache, B: int, active: dict, n: int, eos_ids: tuple, stop_str
         tokens = toks[i, :m].tolist()
         # The device stops a slot at an EOS id or at M tokens; a stop string is the host's call.
         stopped = s in stop_hits or tokens[-1] in eos_ids
-        out.append((s, Rollout(active[s].req // n, tokens, logps[i, :m].tolist(), "stop" if stopped else "length")))
+        finish = "stop" if stopped else "length"
+        out.append((s, Rollout(active[s].req // n, tokens, logps[i, :m].tolist(), finish)))
     return out
 
 
@@ -740,7 +701,7 @@ def _find_stop(tokenizer, tokens, start, stop_strings):
 
 
 # -----------------------------------------------------------------------------
-# Whole weights for generation (FSDP2) and the self-check
+# Whole weights for generation (FSDP2)
 
 
 @torch.no_grad()
@@ -766,57 +727,3 @@ def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16,
             t = t.full_tensor()
         ours[name].copy_(t)
     return into
-
-
-@torch.no_grad()
-def naive_generate(model, prompt: list, req: int, max_new_tokens: int, temperature=1.0, top_p=1.0,
-                   top_k=0, eos_ids=(), seed=0):
-    """The slow reference: recompute the whole sequence with the model's plain forward for every new
-    token, and sample with the same sample() and the same per-(seed, request, t) uniforms."""
-    dev = next(model.parameters()).device
-    seq, tokens, logprobs = list(prompt), [], []
-    t_ = torch.tensor(float(temperature or 1.0), device=dev)
-    p_ = torch.tensor(float(top_p), device=dev)
-    for t in range(max_new_tokens):
-        logits = model(torch.tensor([seq], device=dev))[:, -1]          # (1, V)
-        u = uniform(torch.tensor(seed, device=dev), torch.tensor([req], device=dev),
-                    torch.tensor([t], device=dev))
-        tok, logp = sample(logits, u, t_, p_, temperature == 0, top_k, top_p < 1.0)
-        tokens.append(int(tok))
-        logprobs.append(float(logp))
-        seq.append(int(tok))
-        if tokens[-1] in eos_ids:
-            return Rollout(0, tokens, logprobs, "stop")
-    return Rollout(0, tokens, logprobs, "length")
-
-
-def self_check(verbose=True):
-    """Fast path (KV cache, continuous batching with fewer slots than requests) against the naive
-    path, on a tiny random Llama, greedy and sampled. Raises AssertionError on a mismatch."""
-    from transformers import LlamaConfig
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        model.norm.weight.mul_(8.0)      # sharper next-token distributions than a random init gives
-    prompts = [[5, 7, 11], [3] * 9, [42], [8, 9, 10, 11, 12, 13]]
-    eos = (17, 23)
-    for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9), dict(temperature=1.0)):
-        cache = KVCache.for_model(model, max_len=40, max_slots=3)     # 3 slots < 8 requests: refills
-        fast = generate(model, prompts, n=2, max_new_tokens=24, eos_ids=eos, seed=1234, cache=cache,
-                        sync_every=4, **kw)
-        for r, ro in enumerate(fast):
-            ref = naive_generate(model, prompts[r // 2], r, 24, eos_ids=eos, seed=1234, **kw)
-            assert ro.tokens == ref.tokens, f"{kw} request {r}: fast {ro.tokens} != naive {ref.tokens}"
-            assert ro.finish == ref.finish, f"{kw} request {r}: finish {ro.finish} != {ref.finish}"
-            err = max(abs(a - b) for a, b in zip(ro.logprobs, ref.logprobs))
-            assert err < 1e-4, f"{kw} request {r}: log-probs differ by {err:.2e}"
-        if verbose:
-            lens = [len(ro.tokens) for ro in fast]
-            print(f"ok  {kw}: 8 rollouts match the naive path (lengths {lens}, "
-                  f"{cache.stats.prefills} prefills, {cache.stats.decode_steps} steps)")
-
-
-if __name__ == "__main__":
-    self_check()

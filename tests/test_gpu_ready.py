@@ -240,15 +240,23 @@ def test_decode_step_stays_compiled_across_a_settings_sweep(monkeypatch):
     counts = {"graphs": 0, "calls": 0}
     backend = counting_backend(counts)
     runs = 0
+    decode_steps = 0                            # rollout.run_step calls: one per decode step
+    plain_run_step = rollout.run_step
+
+    def counted_run_step(*args):
+        nonlocal decode_steps
+        decode_steps += 1
+        return plain_run_step(*args)
+    monkeypatch.setattr(rollout, "run_step", counted_run_step)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="compiled decode step failed")
         for m in [tiny(seed=7)]:
             for prompts in (PROMPTS, PROMPTS[:1]):     # 15 requests, and 1 (a batch of one specialises)
                 for kw in SWEEP:
                     cache = KVCache.for_model(m, max_len=40, max_slots=8, compile=backend)
-                    before = counts["calls"]
+                    before, steps_before = counts["calls"], decode_steps
                     generate(m, prompts, n=3 if len(prompts) > 1 else 1, max_new_tokens=8, seed=1, cache=cache, **kw)
-                    steps = cache.stats.decode_steps
+                    steps = decode_steps - steps_before
                     assert counts["calls"] - before == steps > 0, \
                         f"{kw}, {len(prompts)} prompts: {counts['calls'] - before} of {steps} decode steps ran compiled"
                     runs += 1
