@@ -30,6 +30,7 @@ From sandbox.py, which runs the programs (re-exported here, so callers need only
     parse_cases(tests) -> list | None             the cases of case-form tests (None: assert form)
     check_tests(tests)                            ValueError naming the line if tests are unusable
     run_program(program, tests, timeout, sandbox=None) -> (passed, error, output)
+    check_mode(mode) -> str                       ValueError unless `mode` is one of SANDBOX_MODES
     check_sandbox(mode=None) -> str               check that a sandbox mode works here, or raise
     describe_sandbox(mode=None) -> str            the checked mode, what a program gets in it here and why
     SandboxUnavailable, SANDBOX_MODES, SANDBOX_ENV
@@ -53,8 +54,8 @@ from multiprocessing.connection import Connection, wait
 # The sandbox's public names, re-exported (rewards.run_program, rewards.check_sandbox, ...), and two
 # helpers shared with it: the str check of inputs, and the parent-death signal the workers use too.
 from sandbox import (CODE_TIMEOUT, SANDBOX_ENV, SANDBOX_MODES, SandboxUnavailable,  # noqa: F401
-                     _check_str, _die_with_parent, check_sandbox, check_tests, describe_sandbox,
-                     parse_cases, run_program)
+                     _check_str, _die_with_parent, check_mode, check_sandbox, check_tests,
+                     describe_sandbox, parse_cases, run_program)
 
 log = logging.getLogger("srpo.rewards")
 
@@ -552,8 +553,8 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
         _check_str(c, f"completions[{i}]")
         _check_domain(d, f"domains[{i}]")
         _check_str(r, f"references[{i}]")
-    if sandbox is not None and sandbox not in SANDBOX_MODES:
-        raise ValueError(f"sandbox must be one of {SANDBOX_MODES}, got {sandbox!r}")
+    if sandbox is not None:
+        check_mode(sandbox)
     workers = default_workers() if workers is None else workers
     if not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
