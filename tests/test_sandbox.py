@@ -29,8 +29,9 @@ import pytest
 
 import rewards
 import sandbox
-from rewards import code_reward, score_batch
+from rewards import score_batch
 from sandbox import SandboxUnavailable
+from test_rewards import code_reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
