@@ -90,13 +90,13 @@ _INSTRUCTIONS = {
 # --one_shot). Small instruct models do not pick up the <think>/<answer> template from
 # instructions alone: SmolLM2-135M earned a reward on 2 of 96 samples (levels 1-3, temperature
 # 0.7) with the bare instructions, and on 25 of 48 level-1 samples with this example in front
-# (README, "The demo"). The reward
-# stays as strict as ever; only the prompt shows what a well-formed answer looks like.
+# (README, "The demo"). The reward stays as strict; only the prompt shows a well-formed answer.
 EXAMPLES = {
     "math": ("What is 4 + 4?",
              "<think> 4 + 4 = 8 </think> <answer> The answer is \\boxed{8}. </answer>"),
     "code": ("Write a function `double(x)` that returns twice x.",
-             "<think> Multiply x by 2. </think> <answer> ```python\ndef double(x):\n    return 2 * x\n``` </answer>"),
+             "<think> Multiply x by 2. </think> <answer> ```python\ndef double(x):\n"
+             "    return 2 * x\n``` </answer>"),
 }
 
 
@@ -139,8 +139,8 @@ _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 def format_reward(text: str) -> float:
     r"""1.0 iff the response is exactly <think>...</think> <answer>...</answer>, both non-empty,
     each tag once, nothing outside them but whitespace. Linear time: a few passes of str methods
-    over the text. (The regex it replaces, r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*",
-    backtracked quadratically: 44 s on a 500k-character response, in the trainer, with no
+    over the text. (The regex r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*" says the
+    same but backtracks quadratically: 44 s on a 500k-character response, in the trainer, with no
     deadline; tests/test_rewards.py keeps it as the reference this must agree with.)"""
     _check_str(text, "response")
     if any(text.count(t) != 1 for t in _TAGS):

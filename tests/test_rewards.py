@@ -73,7 +73,7 @@ def fenced(program):
 # The template
 
 def test_format_prompt_has_instructions_and_question():
-    """Each domain's prompt shows the four tags and its answer form (box, fence) and ends with the question."""
+    """Each domain's prompt shows the four tags and answer form (box, fence) and ends with the question."""
     for domain in ("math", "code"):
         p = format_prompt("What is 2+2?", domain)
         assert p.endswith("What is 2+2?"), f"{domain} prompt must end with the question: {p!r}"
@@ -84,7 +84,7 @@ def test_format_prompt_has_instructions_and_question():
 
 
 def test_parse_response():
-    """parse_response splits reasoning and answer despite prefilled, missing or cut-off tags; last answer wins."""
+    """parse_response splits reasoning and answer despite prefilled, missing, cut-off tags; the last wins."""
     cases = [
         ("<think>r</think><answer>a</answer>", ("r", "a")),
         ("  <think> r </think>\n<answer> a </answer> ", ("r", "a")),
@@ -100,7 +100,7 @@ def test_parse_response():
 
 
 def test_format_reward():
-    """format_reward is 1 only for one non-empty think block, then one non-empty answer, nothing around them."""
+    """format_reward is 1 only for one non-empty think block, then one non-empty answer, nothing around."""
     good = ["<think>r</think><answer>a</answer>", "\n<think>r\ns</think>\n\n<answer>a</answer>\n"]
     bad = ["", "<think>r</think>", "<answer>a</answer>", "<think></think><answer>a</answer>",
            "<think>r</think><answer> </answer>", "pre <think>r</think><answer>a</answer>",
@@ -114,7 +114,7 @@ def test_format_reward():
 
 
 def _format_reward_regex(text):
-    """format_reward as it was (a backtracking regex): the reference for the linear version."""
+    """format_reward as a backtracking regex: the reference for the linear version."""
     m = re.fullmatch(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", text, re.DOTALL)
     if m is None or not m.group(1).strip() or not m.group(2).strip():
         return 0.0
@@ -150,7 +150,7 @@ def test_format_reward_is_linear_and_agrees_with_the_regex():
 
 
 def test_bad_input_raises_clear_value_error():
-    """Bad arguments raise a ValueError that names the argument (and its index); an empty batch scores to []."""
+    """Bad arguments raise a ValueError naming the argument (and its index); an empty batch scores to []."""
     with pytest.raises(ValueError, match="domain"):
         format_prompt("q", "physics")
     with pytest.raises(ValueError, match="question must be a str"):
@@ -200,7 +200,7 @@ def math_scores():
 
 @pytest.mark.parametrize("i", range(len(MATH)), ids=[f"{r}|{p}" for r, p, _ in MATH])
 def test_math_equivalence(math_scores, i):
-    """A MATH pair scores 1 exactly when equivalent, with no error, format 1 and the reward equal to accuracy."""
+    """A MATH pair scores 1 exactly when equivalent, with no error, format 1 and reward equal to accuracy."""
     ref, pred, same = MATH[i]
     s = math_scores[i]
     assert s.accuracy == float(same), f"reference {ref!r} vs answer {pred!r}: expected " \
@@ -210,7 +210,7 @@ def test_math_equivalence(math_scores, i):
 
 
 def test_math_labels_agree_with_math_verify_called_directly():
-    """math-verify called directly agrees with every MATH label: the table tests our pipeline, not its labels."""
+    """math-verify called directly agrees with every MATH label: the table tests our pipeline, not labels."""
     # The peer: math-verify on the bare boxed strings, in this process. Our pipeline (template
     # parsing, box extraction, worker processes) must not change its verdicts.
     # The only departures are the percent pairs below (one reading of %, tested in
@@ -224,7 +224,7 @@ def test_math_labels_agree_with_math_verify_called_directly():
 
 
 def test_math_answer_location():
-    """The answer part's last box counts (else its text, or the last box if untagged), never the reasoning's."""
+    """The answer part's last box counts (else its text, or the last box if untagged), not the reasoning's."""
     cases = [  # (completion, reference, expected accuracy)
         (answer("So the width is \\boxed{12} cm, as required."), "12", 1.0),
         (answer("The answer is 7."), "7", 1.0),                       # no box: the answer part
@@ -258,7 +258,7 @@ def test_no_answer_scores_zero():
     ("100k_text", "x " * 50_000),
 ], ids=["nested_frac", "nested_braces", "100k_sum", "100k_text"])
 def test_pathological_math_returns_within_deadline(name, pred, caplog):
-    """Deeply nested or 100k-character math answers score 0 within the deadline; a timeout or error is logged."""
+    """Deeply nested or 100k-character math answers score 0 by the deadline; a timeout or error is logged."""
     timeout = 2.0
     caplog.set_level(logging.WARNING, logger="srpo.rewards")
     t0 = time.monotonic()
@@ -336,7 +336,7 @@ def test_check_answer_rejects_unreadable_references():
 # The pool: crashes, deadlines, reuse
 
 def test_worker_crash_costs_one_item(crashing_workers):
-    """A worker crash zeroes only its own item, marked worker_crash, and the same pool keeps scoring after it."""
+    """A worker crash zeroes only its own item, marked worker_crash; the same pool keeps scoring after it."""
     pool_before = rewards._get_pool(rewards.default_workers())  # the pool score_batch will use
     comps = [answer("\\boxed{4}")] * 4
     refs = ["4", "4", crashing_workers, "5"]
@@ -401,7 +401,7 @@ def test_inline_mode_matches_pool():
 
 
 def test_language_penalty_is_optional():
-    """The mixed-language penalty is off by default, hits only mixed English and Chinese, and spares accuracy."""
+    """The mixed-language penalty is off by default, hits only mixed English and Chinese, spares accuracy."""
     en = answer("The two sides are equal, so the answer is \\boxed{4}.")
     mixed = answer("The two sides are equal, 所以两边相等，答案是四，我们可以确认这个结果是正确的。"
                    "So the final answer is \\boxed{4}.")
@@ -422,7 +422,7 @@ def test_language_penalty_is_optional():
 # Code: extraction and code_reward
 
 def test_extract_code():
-    """extract_code takes the last closed fenced block, language named or not; else it gives an empty program."""
+    """extract_code takes the last closed fenced block, language named or not; else an empty program."""
     assert extract_code("```python\na = 1\n```") == "a = 1\n"
     assert extract_code("```\nb = 2\n```") == "b = 2\n", "a fence without a language counts"
     assert extract_code("```python\nold\n```\ntext\n```py\nnew\n```") == "new\n", "last block wins"
@@ -431,7 +431,7 @@ def test_extract_code():
 
 
 def test_code_reward_basic():
-    """code_reward passes a right program, fails a wrong one or a syntax error; stdlib and site-packages import."""
+    """code_reward passes a right program, fails a wrong one or a syntax error; stdlib, packages import."""
     prog = "def add(a, b):\n    return a + b"
     assert code_reward(prog, "assert add(1, 2) == 3") == 1.0, "a correct program must pass"
     assert code_reward(prog, "assert add(1, 2) == 4") == 0.0, "a failing assert must give 0"
