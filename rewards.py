@@ -8,7 +8,7 @@ way to be paid, so four rules hold everywhere below:
   1. Nothing hangs the trainer. Every item is scored under a deadline enforced from outside the
      code doing the work (a worker process that is killed, a sandbox whose processes are killed).
   2. Nothing crashes the trainer. A verifier error, a timeout or a dead worker scores that one item
-     0, sets Score.error, is counted in `error_counts` and logged; the rest of the batch goes on.
+     0, sets Score.error (the trainer counts them) and is logged; the rest of the batch goes on.
   3. Nothing lies. A verdict rests on nothing the program can reach: in the case form of the tests
      (`CALL == LITERAL` per line) the expected values never enter the sandbox, and the program's
      results are compared with them out here; exit code 0 proves nothing.
@@ -20,9 +20,7 @@ Public API (what srpo.py calls):
     format_prompt(question, domain) -> str        user message: instructions + question
     parse_response(text) -> (reasoning, answer)   split a response along the template's tags
     format_reward(text) -> float                  1.0 iff <think>...</think><answer>...</answer>
-    math_reward(completion, answer) -> float      1.0 iff the final answer is equivalent
     extract_code(completion) -> str               the last fenced code block
-    code_reward(program, tests, sandbox=None) -> float   1.0 iff the program passes the tests
     score_batch(completions, domains, references, workers=..., sandbox=None) -> list[Score]
     default_workers() -> int                      reward workers per rank: its CPUs / ranks on the node
     shutdown()                                    stop the worker pool (also runs at exit)
@@ -30,11 +28,10 @@ From sandbox.py, which runs the programs (re-exported here, so callers need only
     parse_cases(tests) -> list | None             the cases of case-form tests (None: assert form)
     check_tests(tests)                            ValueError naming the line if tests are unusable
     run_program(program, tests, timeout, sandbox=None) -> (passed, error, output)
+    check_mode(mode) -> str                       ValueError unless `mode` is one of SANDBOX_MODES
     check_sandbox(mode=None) -> str               check that a sandbox mode works here, or raise
     describe_sandbox(mode=None) -> str            the checked mode, what a program gets in it here and why
     SandboxUnavailable, SANDBOX_MODES, SANDBOX_ENV
-
-Run `python rewards.py` for a small self-check.
 """
 import atexit
 import logging
@@ -53,8 +50,8 @@ from multiprocessing.connection import Connection, wait
 # The sandbox's public names, re-exported (rewards.run_program, rewards.check_sandbox, ...), and two
 # helpers shared with it: the str check of inputs, and the parent-death signal the workers use too.
 from sandbox import (CODE_TIMEOUT, SANDBOX_ENV, SANDBOX_MODES, SandboxUnavailable,  # noqa: F401
-                     _check_str, _die_with_parent, check_sandbox, check_tests, describe_sandbox,
-                     parse_cases, run_program)
+                     _check_str, _die_with_parent, check_mode, check_sandbox, check_tests,
+                     describe_sandbox, parse_cases, run_program)
 
 log = logging.getLogger("srpo.rewards")
 
@@ -62,17 +59,6 @@ DOMAINS = ("math", "code")
 MATH_TIMEOUT = 5.0     # seconds per math item, parse + verify; math-verify itself defaults to 5
 # CODE_TIMEOUT, the wall-clock seconds per program run, and the sandbox's modes and limits are
 # sandbox.py's.
-
-
-# A documented hook for tests: an item whose *reference* equals this string makes its worker
-# process die on the spot, exactly as a segfault would. References come from the dataset, never
-# from the policy, so a model cannot trigger it. The trainer's tests use it to check that a
-# worker crash costs one item, not the run.
-CRASH_FOR_TESTS = "<<srpo-rewards: crash this worker>>"
-
-# Errors seen since import, by kind ("timeout", "verifier_error", "worker_crash", ...). The
-# trainer may log these; a sudden rise means the rewards, not the policy, changed.
-error_counts: Counter = Counter()
 
 
 @dataclass
@@ -104,15 +90,14 @@ _INSTRUCTIONS = {
 # --one_shot). Small instruct models do not pick up the <think>/<answer> template from
 # instructions alone: SmolLM2-135M earned a reward on 2 of 96 samples (levels 1-3, temperature
 # 0.7) with the bare instructions, and on 25 of 48 level-1 samples with this example in front
-# (README, "The demo"). The reward
-# stays as strict as ever; only the prompt shows what a well-formed answer looks like.
+# (README, "The demo"). The reward stays as strict; only the prompt shows a well-formed answer.
 EXAMPLES = {
     "math": ("What is 4 + 4?",
              "<think> 4 + 4 = 8 </think> <answer> The answer is \\boxed{8}. </answer>"),
     "code": ("Write a function `double(x)` that returns twice x.",
-             "<think> Multiply x by 2. </think> <answer> ```python\ndef double(x):\n    return 2 * x\n``` </answer>"),
+             "<think> Multiply x by 2. </think> <answer> ```python\ndef double(x):\n"
+             "    return 2 * x\n``` </answer>"),
 }
-EXAMPLE_REFERENCES = {"math": "8", "code": "double(3) == 6\ndouble(-1) == -2"}
 
 
 def _check_domain(domain, what="domain"):
@@ -154,8 +139,8 @@ _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 def format_reward(text: str) -> float:
     r"""1.0 iff the response is exactly <think>...</think> <answer>...</answer>, both non-empty,
     each tag once, nothing outside them but whitespace. Linear time: a few passes of str methods
-    over the text. (The regex it replaces, r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*",
-    backtracked quadratically: 44 s on a 500k-character response, in the trainer, with no
+    over the text. (The regex r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*" says the
+    same but backtracks quadratically: 44 s on a 500k-character response, in the trainer, with no
     deadline; tests/test_rewards.py keeps it as the reference this must agree with.)"""
     _check_str(text, "response")
     if any(text.count(t) != 1 for t in _TAGS):
@@ -334,17 +319,6 @@ def extract_code(completion: str) -> str:
 # -----------------------------------------------------------------------------
 # Scoring one code item (in a worker process, or inline)
 
-def code_reward(program: str, tests: str, timeout: float = CODE_TIMEOUT,
-                sandbox: str | None = None) -> float:
-    """1.0 iff `program` passes `tests` (case form: every CALL gives its LITERAL; assert form:
-    the statements run to the end)."""
-    passed, error, _ = run_program(program, tests, timeout, sandbox)
-    if error:
-        error_counts[error] += 1
-        log.warning("code_reward: %s, scored 0", error)
-    return 1.0 if passed else 0.0
-
-
 def _check_code(completion: str, tests: str, timeout: float,
                 sandbox: str | None) -> tuple[float, str | None]:
     program = extract_code(completion)
@@ -361,8 +335,6 @@ def _check_code(completion: str, tests: str, timeout: float,
 
 def _score_item(domain, completion, reference, timeout, sandbox=None) -> tuple[float, str | None]:
     """One item's accuracy. Runs in a worker (or inline with workers=0)."""
-    if reference == CRASH_FOR_TESTS:
-        os._exit(70)  # the documented test hook: die like a segfault would
     if domain == "math":
         return _check_math(completion, reference, timeout)
     return _check_code(completion, reference, timeout, sandbox)
@@ -552,8 +524,8 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
         _check_str(c, f"completions[{i}]")
         _check_domain(d, f"domains[{i}]")
         _check_str(r, f"references[{i}]")
-    if sandbox is not None and sandbox not in SANDBOX_MODES:
-        raise ValueError(f"sandbox must be one of {SANDBOX_MODES}, got {sandbox!r}")
+    if sandbox is not None:
+        check_mode(sandbox)
     workers = default_workers() if workers is None else workers
     if not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
@@ -576,7 +548,6 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
     scores = []
     for i, (c, (acc, err)) in enumerate(zip(completions, results)):
         if err:
-            error_counts[err] += 1
             log.warning("reward item %d (%s): %s, scored 0", i, domains[i], err)
         mixed = is_mixed_language(c)
         reward = acc - (language_penalty if mixed else 0.0)
@@ -584,23 +555,3 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
                             mixed_language=mixed, error=err))
     return scores
 
-
-def math_reward(completion: str, answer: str, timeout: float = MATH_TIMEOUT) -> float:
-    """1.0 iff the final answer of `completion` is equivalent to `answer`. Runs in the worker pool,
-    so the deadline holds even when the verifier hangs."""
-    return score_batch([completion], ["math"], [answer], math_timeout=timeout)[0].accuracy
-
-
-if __name__ == "__main__":
-    # Self-check: a right and a wrong answer in each domain, plus a worker crash.
-    logging.basicConfig(level=logging.INFO)
-    good = "<think>2+2</think> <answer>\\boxed{4}</answer>"
-    prog = "<think>easy</think> <answer>```python\ndef add(a, b):\n    return a + b\n```</answer>"
-    t0 = time.time()
-    scores = score_batch([good, good, prog, prog, good], ["math", "math", "code", "code", "math"],
-                         ["4", "5", "add(1, 2) == 3", "add(1, 2) == 4", CRASH_FOR_TESTS])
-    for s in scores:
-        print(s)
-    assert [s.accuracy for s in scores] == [1.0, 0.0, 1.0, 0.0, 0.0]
-    assert scores[-1].error == "worker_crash"
-    print(f"ok in {time.time() - t0:.1f}s; code sandbox mode: {check_sandbox()}")

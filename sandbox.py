@@ -33,6 +33,7 @@ Public API (rewards.py re-exports all of it):
     parse_cases(tests) -> list | None             the cases of case-form tests (None: assert form)
     check_tests(tests)                            ValueError naming the line if tests are unusable
     run_program(program, tests, timeout, sandbox=None) -> (passed, error, output)
+    check_mode(mode) -> str                       ValueError unless `mode` is one of SANDBOX_MODES
     check_sandbox(mode=None) -> str               check that a sandbox mode works here, or raise
     describe_sandbox(mode=None) -> str            the checked mode, what a program gets in it here and why
     SandboxUnavailable, SANDBOX_MODES, SANDBOX_ENV
@@ -87,6 +88,13 @@ SANDBOX_UID_BASE = 2_000_000_000
 def _check_str(value, what):
     if not isinstance(value, str):
         raise ValueError(f"{what} must be a str, got {type(value).__name__}")
+
+
+def check_mode(mode: str) -> str:
+    """`mode`, unless it names no sandbox mode: then ValueError. Whether it runs here is check_sandbox's."""
+    if mode not in SANDBOX_MODES:
+        raise ValueError(f"sandbox must be one of {SANDBOX_MODES}, got {mode!r}")
+    return mode
 
 
 # -----------------------------------------------------------------------------
@@ -1036,9 +1044,7 @@ def check_sandbox(mode: str | None = None) -> str:
     per process by running a real program through it, retried (a check can fail for a passing
     reason, a full disk say, and a mode is never given up on one failure). Raises
     SandboxUnavailable when the mode cannot run here: nothing falls back to a weaker one."""
-    mode = mode or os.environ.get(SANDBOX_ENV) or "full"
-    if mode not in SANDBOX_MODES:
-        raise ValueError(f"sandbox must be one of {SANDBOX_MODES}, got {mode!r}")
+    mode = check_mode(mode or os.environ.get(SANDBOX_ENV) or "full")
     if mode in _sandbox_ok:
         return mode
     _remove_stale()

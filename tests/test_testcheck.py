@@ -1,6 +1,6 @@
 """Tests for testcheck.py: tests that check nothing, or that a trivial program passes, are refused,
 with a reason, by the check itself and by the loader (datafile.load_problems), naming file, line and
-field (issue 26, finding 2). The check over every shipped row is in test_data.py."""
+field. The check over every shipped row is in test_data.py."""
 import json
 
 import pytest
@@ -8,8 +8,8 @@ import pytest
 import datafile
 import testcheck
 
-# Tests that run to the end whatever the program does (issue 26, finding 2): check_tests accepted
-# them all, and scoring paid 1.0 to `def add(a, b): return 0` for each.
+# Tests the static check refuses, and the reason it gives. All but the last parse (sandbox.check_tests
+# accepts them), and most run to the end whatever the program does: `def add(a, b): return 0` passes.
 NOTHING = {
     "# tests to be written": "use no function of the program",
     "x = 1": "use no function of the program",
@@ -26,7 +26,7 @@ NOTHING = {
 
 @pytest.mark.parametrize("tests", NOTHING, ids=range(len(NOTHING)))
 def test_static_check_refuses_tests_that_check_nothing(tests):
-    """Each do-nothing test of issue 26 (and a row with one such line) is refused with its reason."""
+    """Each do-nothing test (and a row with one such line) is refused with its reason."""
     with pytest.raises(ValueError, match=NOTHING[tests]) as e:
         testcheck.check_static(tests)
     assert str(e.value), "the refusal must say why"
@@ -69,7 +69,7 @@ def test_trivial_programs_define_every_entry_point():
         assert callable(env.get("a")) and callable(env.get("b")), f"{label}: entry points missing"
 
 
-# (tests, reference solution, expected reason or None): each trivial value the issue names.
+# (tests, reference solution, expected reason or None): each trivial value testcheck.TRIVIAL names.
 FULL = [
     ("add(1, 2) == 3\nadd(0, 5) == 5", "def add(a, b):\n    return a + b\n", None),
     ("add(1, 2) == 3", "def add(a, b):\n    return a - b\n", "the reference solution fails"),
