@@ -1,6 +1,6 @@
 """
 Does a CPU demo run reproduce the baseline metrics? The check every change to the training path is
-held to (README, "Changing the code"):
+held to (docs/tests.md, "Changing the training path"):
 
     bash train.sh demo --dtype fp32 --no_resume --out_dir runs/identity
     python bench/check_identity.py runs/identity/metrics.jsonl

@@ -329,17 +329,15 @@ def test_every_shipped_code_row_passes_the_full_check(rows):
 
 def test_rewards_score_reference_answers_as_correct(rows):
     """The trainer's rewards give sampled reference answers 1, and an answer off by one or a stub 0."""
-    if not os.path.exists(os.path.join(ROOT, "rewards.py")):
-        pytest.skip("rewards.py is not written yet")
-    import rewards
+    from test_rewards import code_reward, math_reward
     rng = random.Random(0)
     for row in rng.sample(rows["math_train"], 15) + rng.sample(rows["math_test"], 5):
         good = f"<think>...</think> <answer>\\boxed{{{row['answer']}}}</answer>"
-        assert rewards.math_reward(good, row["answer"]) == 1.0, f"{row['id']}: math_reward rejects its own answer {row['answer']}"
+        assert math_reward(good, row["answer"]) == 1.0, f"{row['id']}: math_reward rejects its own answer {row['answer']}"
         wrong = as_number(row["answer"]) + 1
         bad = f"<think>...</think> <answer>\\boxed{{{wrong}}}</answer>"
-        assert rewards.math_reward(bad, row["answer"]) == 0.0, f"{row['id']}: math_reward accepts {wrong} for {row['answer']}"
+        assert math_reward(bad, row["answer"]) == 0.0, f"{row['id']}: math_reward accepts {wrong} for {row['answer']}"
     for row in rng.sample(rows["code_train"], 15) + rng.sample(rows["code_test"], 5):
-        assert rewards.code_reward(row["solution"], row["tests"]) == 1.0, f"{row['id']}: code_reward fails its solution"
+        assert code_reward(row["solution"], row["tests"]) == 1.0, f"{row['id']}: code_reward fails its solution"
         stub = f"def {func_name(row)}(*args, **kwargs):\n    pass\n"
-        assert rewards.code_reward(stub, row["tests"]) == 0.0, f"{row['id']}: code_reward passes a stub"
+        assert code_reward(stub, row["tests"]) == 0.0, f"{row['id']}: code_reward passes a stub"

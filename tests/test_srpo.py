@@ -14,6 +14,7 @@ import memory
 import rewards
 import curriculum
 import srpo
+from test_rewards import crashing_workers  # noqa: F401  (a fixture: workers that die on its reference)
 from weights import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -498,10 +499,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monk
     assert not (out / "checkpoint.pt.tmp").exists()
 
 
-def test_reward_worker_crash_scores_zero_and_training_goes_on(tmp_path):
+def test_reward_worker_crash_scores_zero_and_training_goes_on(tmp_path, crashing_workers):
     """A reward worker that dies scores 0 for its rollouts, counted in reward_errors, and training goes on."""
-    # Real rewards (no harness reward): one math answer is the hook that kills its worker.
-    w = harness.make_world(str(tmp_path / "w"), math_answers=["1", rewards.CRASH_FOR_TESTS])
+    # Real rewards (no harness reward): one math answer is the reference that kills its worker.
+    w = harness.make_world(str(tmp_path / "w"), math_answers=["1", crashing_workers])
     out = tmp_path / "out"
     srpo.main(harness.world_args(w, str(out), total_steps=2, prompts_per_step=2, eval_prompts=1))
     steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"step"' in line]
