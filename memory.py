@@ -249,12 +249,3 @@ def generation_plan(cache: KVCache, rollouts: int, max_slots: int, source: str) 
                f"more GPUs or a shorter --max_new_tokens give more")
         line += " | fewer slots than rollouts: " + why
     return line
-
-
-def eos_ids(tok) -> list[int]:
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):  # chat models end turns with these
-        i = tok.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tok.unk_token_id and i is not None:
-            ids.add(i)
-    return sorted(ids)

@@ -523,6 +523,16 @@ class Slot:
     scanned: int = 0       # response tokens already searched for stop strings
 
 
+def eos_token_ids(tok) -> list[int]:
+    """The token ids that end a response: the tokenizer's EOS and the end-of-turn tokens chat models use."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):  # chat models end turns with these
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tok.unk_token_id and i is not None:
+            ids.add(i)
+    return sorted(ids)
+
+
 @torch.no_grad()
 def generate(model, prompts: list, n: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_ids=None, stop_strings=(), tokenizer=None,

@@ -49,8 +49,8 @@ from curriculum import Curriculum, DropRule
 from datafile import Problem, load_data
 from errors import exit_on_user_error
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
-from memory import Precision, eos_ids
-from rollout import generate, inference_copy
+from memory import Precision
+from rollout import eos_token_ids, generate, inference_copy
 from run import Run, option, parse_options
 
 # -----------------------------------------------------------------------------
@@ -460,7 +460,7 @@ def sample_responses(sampler, cache, tok, problems: list[Problem], prompt_ids: d
     if not problems:
         return []
     return generate(sampler, [prompt_ids[p.id] for p in problems], n=n, max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_ids(tok), seed=seed,
+                    temperature=temperature, top_p=top_p, top_k=top_k, eos_ids=eos_token_ids(tok), seed=seed,
                     cache=cache)
 
 

@@ -35,7 +35,7 @@ import datafile  # noqa: E402
 import srpo  # noqa: E402
 from flops import flops_per_token  # noqa: E402
 from weights import load_model, load_tokenizer, resolve_model_path  # noqa: E402
-from rollout import KVCache, generate  # noqa: E402
+from rollout import KVCache, eos_token_ids, generate  # noqa: E402
 
 
 def matmul_flops() -> float:
@@ -99,7 +99,7 @@ def bench_update(ours, tok, reps: int) -> list[str]:
     prompts = demo_prompts(tok, 4)
     cache = KVCache.for_model(ours, max_len=max(map(len, prompts)) + 48, max_slots=16)
     rolls = generate(ours, prompts, n=4, max_new_tokens=48, temperature=0.7, seed=1, cache=cache,
-                     eos_ids=memory.eos_ids(tok))
+                     eos_ids=eos_token_ids(tok))
     samples = [srpo.Sample(prompts[r.prompt_idx] + r.tokens, len(prompts[r.prompt_idx]), r.logprobs,
                            1.0 if i % 2 else -1.0) for i, r in enumerate(rolls)]
     n_resp = sum(len(r.tokens) for r in rolls)

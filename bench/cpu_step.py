@@ -118,10 +118,10 @@ def trl_child(steps: int, result: str, out_dir: str, threads: int, grad_accum: i
     # refuses to fine-tune a "purely quantized model".
     policy = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                   dtype=torch.float32, quantization_config=GgufConfig(dequantize=True))
-    # srpo.py stops a response at memory.eos_ids(tok); TRL at the tokenizer's EOS plus the model's
+    # srpo.py stops a response at rollout.eos_token_ids(tok); TRL at the tokenizer's EOS plus the model's
     # generation_config.eos_token_id. For SmolLM2 both are [<|im_end|>]; asserted so a change shows.
-    from memory import eos_ids
-    assert eos_ids(tok) == [tok.eos_token_id] == [policy.generation_config.eos_token_id], "EOS ids differ"
+    from rollout import eos_token_ids
+    assert eos_token_ids(tok) == [tok.eos_token_id] == [policy.generation_config.eos_token_id], "EOS ids differ"
 
     # The same prompts, as the chat srpo.encode_prompt builds (one worked example, then the question).
     problems = datafile.load_problems(os.path.join(ROOT, "data/math_train.jsonl"), "math", 12, 2)
