@@ -60,13 +60,15 @@ run_one() {  # ARM SEED: run (or finish) it, then copy what it measured to $KEEP
     if ! finished "$out"; then
         echo "== $EXP: $arm seed $s -> $out ($(date -u +%H:%M:%S))"
         start=$(date +%s)
-        # A run continues only at the commit it started at: its halves must be the same code.
-        if [ -f "$out/commit" ] && [ "$(cat "$out/commit")" != "$(git rev-parse HEAD)" ]; then
-            echo "$out was started at commit $(cat "$out/commit"), this is $(git rev-parse HEAD):" \
-                 "continue it there (git worktree add DIR $(cat "$out/commit")), or remove $out" >&2
+        # A run continues only at the commit it started at: its halves must be the same code. The
+        # commit is kept beside the run folder (as its log is): srpo.py writes only into a folder
+        # that is new or its own.
+        if [ -f "$out.commit" ] && [ "$(cat "$out.commit")" != "$(git rev-parse HEAD)" ]; then
+            echo "$out was started at commit $(cat "$out.commit"), this is $(git rev-parse HEAD):" \
+                 "continue it there (git worktree add DIR $(cat "$out.commit")), or remove $out" >&2
             exit 1
         fi
-        mkdir -p "$out" && git rev-parse HEAD > "$out/commit"
+        mkdir -p "$(dirname "$out")" && git rev-parse HEAD > "$out.commit"
         # shellcheck disable=SC2046
         python3 srpo.py $(arm_flags "$arm") --seed "$s" --out_dir "$out" "${common[@]}" "${size[@]}" \
             > "$out.log" 2>&1 || { echo "run $out failed; see $out.log" >&2; exit 1; }
@@ -74,7 +76,7 @@ run_one() {  # ARM SEED: run (or finish) it, then copy what it measured to $KEEP
     fi
     mkdir -p "$keep"
     cp "$out/metrics.jsonl" "$out/config.json" "$keep/"
-    [ -f "$out/commit" ] && cp "$out/commit" "$keep/"  # the code the run was made with
+    [ -f "$out.commit" ] && cp "$out.commit" "$keep/commit"  # the code the run was made with
 }
 
 dirs() {  # ROOT ARM: the kept runs of ARM, one per seed, comma-separated

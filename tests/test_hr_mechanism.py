@@ -264,7 +264,11 @@ echo "$*" >> "$CALLS"
 if [ "$1" = srpo.py ]; then
     out=""; prev=""
     for a in "$@"; do [ "$prev" = --out_dir ] && out=$a; prev=$a; done
-    mkdir -p "$out" && echo '{"type": "eval", "tag": "after"}' > "$out/metrics.jsonl"
+    # As srpo.py (runfolder.py): it writes only into a new or empty folder, or one of its own runs.
+    if [ -d "$out" ] && [ ! -f "$out/.srpo-run" ] && [ -n "$(ls -A "$out")" ]; then
+        echo "srpo: error: --out_dir $out holds what no srpo run put there" >&2; exit 2
+    fi
+    mkdir -p "$out" && touch "$out/.srpo-run" && echo '{"type": "eval", "tag": "after"}' > "$out/metrics.jsonl"
     echo '{}' > "$out/config.json"
 elif [ "$1" = bench/hr_stats.py ] && [ "$2" = reproduces ]; then
     exit "$REPRO"
@@ -339,7 +343,8 @@ def test_experiment_g16_flags_resume_and_commit_check(tmp_path):
     assert p.returncode == 0 and runs == [], f"finished runs must be skipped: {runs}"
     half = repo / "runs/hr-exp2/g16/srpo-s2"
     half.mkdir(parents=True)
-    (half / "commit").write_text("0" * 40 + "\n")
+    (half / ".srpo-run").touch()
+    (repo / "runs/hr-exp2/g16/srpo-s2.commit").write_text("0" * 40 + "\n")
     p, lines, runs, _ = experiment(tmp_path, "g16", "2")
     assert p.returncode == 1 and "was started at commit 0000" in p.stderr, (p.returncode, p.stderr)
     assert runs == [], runs
