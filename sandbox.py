@@ -4,35 +4,40 @@ the program unable to touch the trainer, the host or the verdict. rewards.py cal
 (through its worker pool); everything here is the sandbox's, so it can be read and tested on its own.
 
 What it protects. The program is untrusted: the policy writes it and is paid when it passes, so it
-will find any way to be paid or to do harm. Three things are kept from it. The verdict: in the
-case form of the tests (`CALL == LITERAL` per line) only the calls enter the sandbox; their
-results come back as plain data, read with ast.literal_eval out here and compared with the
-expected literals, which never left this process. The host: in the "full" and "namespaces" modes
-each run gets fresh PID, network, mount and IPC namespaces, a private root (a size-capped tmpfs
-for everything it may write, the system folders and the Python installation bound read-only, no
-home folders, repository or data), a uid of its own, a scrubbed environment and rlimits; "full"
-adds a memory and a pids cgroup that cap the whole program, every child included. The trainer: a
-wall-clock deadline kills the whole run, nothing it writes reaches the host's disk, and what a
-killed run leaves behind (cgroups, run folders) is removed at the next start-up.
+will find any way to be paid or to do harm. Three things are kept from it. The verdict: in no form
+of the tests is it computed in the program's process. The tests (trusted: they come from the data)
+run in a tester, a process of their own; the program's functions are proxies there, and each call
+crosses a pipe as plain data (its name and arguments in, its result, the arguments' new values or
+its exception out), so comparisons, loops and the tests' helpers run on plain values the program
+cannot make lie. The host: in the "full" and "namespaces" modes each run gets fresh PID, network,
+mount and IPC namespaces, a private root (a size-capped tmpfs for everything it may write, the
+system folders and the Python installation bound read-only, no home folders, repository or data),
+a uid of its own, a scrubbed environment, rlimits and a seccomp filter that denies new namespaces,
+mounts, ptrace, bpf, the keyring, perf events, userfaultfd, io_uring, kernel modules, kexec,
+reboot, personality and more (_DENIED_SYSCALLS); "full" adds a memory and a pids cgroup that cap
+the whole program, every child included. The trainer: a wall-clock deadline kills the whole run,
+nothing it writes reaches the host's disk, and what a killed run leaves behind (cgroups, run
+folders) is removed at the next start-up.
 
-How. A run starts the harness (_HARNESS_SOURCE, below) under `unshare`; the harness builds the
-sandbox from the inside as init of its PID namespace, drops to the run's uid, runs the program
-and reports on a captured, size-capped output. check_sandbox proves a mode works here by running
-a real program through it, and raises SandboxUnavailable when it cannot: code never runs with
-fewer protections than the mode named, and nothing falls back to a weaker one.
+How. A run starts the harness (_HARNESS_SOURCE, below) under `unshare` and the tester (_TESTER);
+the harness builds the sandbox from the inside as init of its PID namespace, drops to the run's
+uid, installs the filter, runs the program and answers the tester's calls. check_sandbox proves a
+mode works here by running a real program through it, and raises SandboxUnavailable when it
+cannot: code never runs with fewer protections than the mode named, and nothing falls back to a
+weaker one.
 
-What it does not protect. There is no seccomp filter, so a kernel bug is a way out; the program
-can read everything in its view (the system folders, installed packages' data); CPU is not
-shared out. The assert form of the tests (HumanEval's check(candidate)) is hardened but can be
-forged by a program written to do so. "rlimits" mode isolates nothing: trusted code only. Run
-code from untrusted users in a VM as well. The README's sandbox section is the full account.
+What it does not protect. A kernel bug in a system call the filter allows is a way out; the
+program can read everything in its view (the system folders, installed packages' data); CPU is
+not shared out. Tests that call a helper the program defines (HumanEval/32's `poly`) trust that
+helper's answers. "rlimits" mode isolates nothing (no namespaces, no filter): trusted code only.
+Run code from untrusted users in a VM as well. The README's sandbox section is the full account.
 
-Public API (rewards.py re-exports all of it):
+Public API (rewards.py re-exports most of it):
     parse_cases(tests) -> list | None             the cases of case-form tests (None: assert form)
     check_tests(tests)                            ValueError naming the line if tests are unusable
     run_program(program, tests, timeout, sandbox=None) -> (passed, error, output)
     check_sandbox(mode=None) -> str               check that a sandbox mode works here, or raise
-    SandboxUnavailable, SANDBOX_MODES, SANDBOX_ENV
+    SandboxUnavailable, TestsUnsupported, SANDBOX_MODES, SANDBOX_ENV
 """
 import ast
 import builtins
@@ -1272,9 +1277,10 @@ def run_program(program: str, tests: str, timeout: float = CODE_TIMEOUT,
     """Run `program` and then its tests (either form, see parse_cases) in the code sandbox, mode
     `sandbox` (see check_sandbox). Returns (passed, error, output): error is "timeout" when the
     wall-clock deadline killed the run, "sandbox_error" when the sandbox could not be built (the
-    program did not run), else None; output is the last SANDBOX_FSIZE characters of what it
-    printed, ending with why it did not pass. Raises ValueError for malformed tests and
-    SandboxUnavailable when the mode cannot run here."""
+    program did not run) or the tester died, else None; output is the last SANDBOX_FSIZE
+    characters of what it printed, ending with why it did not pass. Raises ValueError for
+    malformed tests, TestsUnsupported (a ValueError) for tests that cannot run with the program
+    behind proxies, and SandboxUnavailable when the mode cannot run here."""
     _check_str(program, "program")
     _prepare(tests)  # malformed tests raise here, before any sandbox starts
     return _run(check_sandbox(sandbox), program, tests, timeout)
