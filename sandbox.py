@@ -690,9 +690,9 @@ def serve(job, chan_in, chan_out):
         send(chan_out, ["crashed", f"{type(e).__name__}: {e}"[:300]])
         return
     send(chan_out, ["ready", {n: describe(ns[n]) for n in job["names"] if n in ns}])
-    for line in chan_in:
-        message = json.loads(line)
-        send(chan_out, call(ns, *message[1:]))
+    for line in chan_in:  # the tester's requests, one kind for now: ["call", name, args, kwargs]
+        kind, *request = json.loads(line)
+        send(chan_out, call(ns, *request))
 
 
 def main():
