@@ -496,13 +496,15 @@ def _tester_main():
     (JSON) on stdout."""
     job = marshal.loads(sys.stdin.buffer.read())
     sys.path.extend(job["site"])
+    report = os.dup(1)
+    os.dup2(2, 1)  # what the tests print goes to stderr, so it cannot garble the verdict
     chan = _Channel(job["to_program"], job["from_program"], job["limit"])
     try:
         passed, why = _test(job, chan)
     except _Broken as e:
         passed, why = False, str(e)
     verdict = {"passed": passed, "why": why, "unsupported": chan.unsupported}
-    os.write(1, json.dumps(verdict).encode())
+    os.write(report, json.dumps(verdict).encode())
 
 
 # The tester's source: these functions, copied, so that it starts as a bare interpreter with a
@@ -1182,6 +1184,8 @@ def _run(mode: str, program: str, tests: str,
         if tester is not None:
             _kill(-tester.pid)
             tester.wait()
+            for pipe in (tester.stdin, tester.stdout, tester.stderr):  # a worker lives long:
+                pipe.close()                                          # no descriptor may leak
         if proc is not None:
             _stop(proc, namespaced, job["uid"] if not namespaced else -1)
         size = os.fstat(out).st_size

@@ -451,6 +451,16 @@ def test_the_tests_run_on_plain_values_in_the_tester():
     assert not passed and "StopIteration" in output, f"StopIteration ended the tests' map(): {output[-300:]!r}"
 
 
+def test_printing_tests_and_timed_out_runs_leave_the_verdict_and_the_worker_intact():
+    """Tests that print cannot garble the tester's verdict; a run killed by its deadline leaks no descriptor."""
+    assert code_reward("def f():\n    return 1", "print('{\"passed\": false}')\nassert f() == 1") == 1.0, \
+        "the tests' own print reached the verdict"
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert sandbox.run_program("while True:\n    pass", "assert True", timeout=1.0)[1] == "timeout"
+    assert len(os.listdir("/proc/self/fd")) == before, "timed-out runs left descriptors open"
+
+
 def test_tests_that_hand_the_program_objects_are_unsupported_not_scored():
     """Tests that pass a lambda or use the program's class or module raise TestsUnsupported; scoring calls it bad_reference (issue 26.1)."""
     program = "import math\nclass Box:\n    pass\ndef apply(f, x):\n    return f(x)\n"
