@@ -476,8 +476,11 @@ def test_tests_that_hand_the_program_objects_are_unsupported_not_scored():
 def test_large_tests_pass_a_correct_program():
     """Past bug (issue 26.4): 1,500 cases timed out in the quadratic parser; a 100,000-item result exceeded the output cap."""
     adds = "\n".join(f"add({i}, {i * 7}) == {i * 8}" for i in range(1500))
-    assert code_reward("def add(a, b):\n    return a + b", adds) == 1.0, "1,500 cases of add"
-    assert code_reward("def add(a, b):\n    return a + b + (a == 1499)", adds) == 0.0, "control: one wrong case"
+    # Through the worker pool, as the trainer scores: its deadline covers parsing the tests too.
+    right, wrong = score_batch([fenced("def add(a, b):\n    return a + b"),
+                                fenced("def add(a, b):\n    return a + b + (a == 1499)")], ["code"] * 2, [adds] * 2)
+    assert (right.accuracy, right.error) == (1.0, None), f"1,500 cases of a correct add: {right}"
+    assert wrong.accuracy == 0.0, f"control: one wrong case of 1,500 must fail: {wrong}"
     long = "def f():\n    return list(range(100000))"
     assert code_reward(long, "f() == " + repr(list(range(100000)))) == 1.0, "a long correct result (case form)"
     assert code_reward(long, "assert f() == list(range(100000))") == 1.0, "a long correct result (assert form)"
