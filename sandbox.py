@@ -123,6 +123,7 @@ TESTS_MAX_CHARS = 8 << 20  # a row's tests; real sets carry hundreds of cases, n
 # program's captured output, which SANDBOX_FSIZE caps.
 REPLY_MIN_BYTES = 16 << 20
 REPLY_BYTES_PER_TESTS_CHAR = 16
+STDIO_RTOL = 1e-6  # stdin/stdout form: tokens that both read as numbers match within this, relative
 
 
 class TestsUnsupported(ValueError):
@@ -293,6 +294,54 @@ def _prepare(tests: str) -> dict:
             "limit": REPLY_MIN_BYTES + REPLY_BYTES_PER_TESTS_CHAR * len(tests)}
 
 
+def _prepare_stdio(tests: list) -> dict:
+    """The stdin/stdout form: a list of {"input": str, "output": str}, each case a run of the
+    program with `input` on its stdin, its stdout compared in the tester with `output` (which
+    never enters the sandbox). Raises ValueError naming the case."""
+    if not isinstance(tests, list) or not tests:
+        raise ValueError("stdin/stdout tests must be a non-empty list of {input, output} objects")
+    for i, case in enumerate(tests):
+        if not (isinstance(case, dict) and case.keys() == {"input", "output"}
+                and all(isinstance(v, str) for v in case.values())):
+            raise ValueError(f"tests case {i}: not an object with str \"input\" and \"output\"")
+    size = sum(len(c["input"]) + len(c["output"]) for c in tests)
+    if size > TESTS_MAX_CHARS:
+        raise ValueError(f"tests are {size:,} characters, more than {TESTS_MAX_CHARS:,}")
+    return {"code": ("stdio", [(c["input"], c["output"]) for c in tests]), "source": "",
+            "names": [], "limit": REPLY_MIN_BYTES + REPLY_BYTES_PER_TESTS_CHAR * size}
+
+
+def _prepared(tests: str | list) -> dict:
+    """_prepare (cached: strings, the case and assert forms) or _prepare_stdio (a list)."""
+    return _prepare_stdio(tests) if isinstance(tests, list) else _prepare(tests)
+
+
+def _same_output(want: str, got: str) -> bool:
+    """The stdin/stdout form's comparison: line by line, trailing whitespace and trailing blank
+    lines ignored; token by token, numbers (both tokens read as floats) within STDIO_RTOL
+    relative, anything else exactly."""
+    def lines(text):
+        out = [line.rstrip() for line in text.split("\n")]
+        while out and not out[-1]:
+            out.pop()
+        return [line.split() for line in out]
+    want_lines, got_lines = lines(want), lines(got)
+    if len(want_lines) != len(got_lines):
+        return False
+    for w_line, g_line in zip(want_lines, got_lines):
+        if len(w_line) != len(g_line):
+            return False
+        for w, g in zip(w_line, g_line):
+            if w == g:
+                continue
+            try:
+                if not math.isclose(float(w), float(g), rel_tol=STDIO_RTOL):
+                    return False
+            except ValueError:
+                return False
+    return True
+
+
 def check_tests(tests: str) -> None:
     """Raise ValueError (naming the line) unless `tests` is usable: a loader's check of a row. (Tests
     that cannot run with the program behind proxies show only when run: TestsUnsupported.)"""
@@ -457,6 +506,8 @@ def _test(job: dict, chan: _Channel) -> tuple[bool, str]:
         else:  # a class, a module...: not bound, and a NameError on it says why
             objects[name] = str(what[-1])[:40]
     try:
+        if isinstance(job["code"], tuple):  # the stdin/stdout form: ("stdio", [(input, output)])
+            return _run_stdio(job["code"][1], chan)
         if isinstance(job["code"], list):  # the case form
             for i, (code, call, want) in enumerate(job["code"], start=1):
                 try:
@@ -482,6 +533,22 @@ def _test(job: dict, chan: _Channel) -> tuple[bool, str]:
     if chan.unsupported or chan.broken:
         return False, chan.unsupported or chan.broken
     return True, ""
+
+
+def _run_stdio(cases: list, chan: _Channel) -> tuple[bool, str]:
+    """Run the program once per case, its stdin the case's input; all must pass. The fraction that
+    passed is part of the reason, for the logs."""
+    passed, first = 0, ""
+    for i, (stdin_text, want) in enumerate(cases, start=1):
+        chan.send(["run", stdin_text])
+        answer = chan.receive()
+        if len(answer) != 3 or answer[0] != "ran" or type(answer[1]) is not str:
+            raise chan.broke("a malformed answer")
+        ok = answer[2] == "ok" and _same_output(want, answer[1])
+        passed += ok
+        if not ok and not first:
+            first = f"case {i}: " + ("wrong output" if answer[2] == "ok" else str(answer[2])[:100])
+    return passed == len(cases), f"{passed}/{len(cases)} cases passed" + (f"; {first}" if first else "")
 
 
 def _failure(e: BaseException) -> str:
@@ -511,10 +578,10 @@ def _tester_main():
 # few imports rather than importing this module (ast, ctypes, subprocess...): it starts every run.
 _TESTER = "\n\n".join(
     ["import builtins, json, linecache, marshal, math, os, sys, traceback",
-     f"FLOAT_RTOL, FLOAT_ATOL = {FLOAT_RTOL!r}, {FLOAT_ATOL!r}"]
+     f"FLOAT_RTOL, FLOAT_ATOL, STDIO_RTOL = {FLOAT_RTOL!r}, {FLOAT_ATOL!r}, {STDIO_RTOL!r}"]
     + [inspect.getsource(part) for part in (
         ProgramError, _tag, _value, _close, _same, _untag, _Broken, _Unsupported, _exceptions,
-        _Channel, _update, _Function, _test, _failure, _tester_main)]
+        _Channel, _update, _Function, _same_output, _test, _run_stdio, _failure, _tester_main)]
     + ["_EXCEPTIONS = _exceptions()", "_tester_main()"])
 # -----------------------------------------------------------------------------
 # The code sandbox
@@ -541,7 +608,7 @@ _TESTER = "\n\n".join(
 # a scrubbed environment, stdin closed, a wall-clock deadline that kills the whole run.
 
 _HARNESS_SOURCE = r'''
-import json, os, sys, traceback, types
+import json, os, signal, sys, time, traceback, types
 
 SETUP_FAILED = 121  # exit code: the sandbox could not be built, and the program did not run
 
@@ -679,22 +746,83 @@ def call(ns, name, arg_tags, kw_tags):
         return ["notdata", str(e)[:200]]
 
 
-def serve(job, chan_in, chan_out):
-    """Run the program as __main__, then answer the tester's calls until it hangs up."""
+def run_as_main(program):
+    """Run the program as __main__; its namespace."""
     main = types.ModuleType("__main__")
     main.__file__ = os.path.abspath("main.py")
     sys.modules["__main__"] = main
-    ns = main.__dict__
+    exec(compile(program, "main.py", "exec"), main.__dict__)
+    return main.__dict__
+
+
+def run_case(job, stdin_text, channel):
+    """The stdin/stdout form: one run of the program, in a child, with `stdin_text` on its stdin,
+    under the run's deadline; its stdout (capped by RLIMIT_FSIZE) and how it ended."""
+    inp, out = os.memfd_create("stdin"), os.memfd_create("stdout")
+    data = stdin_text.encode("utf-8", "surrogateescape")
+    while data:
+        data = data[os.write(inp, data):]
+    os.lseek(inp, 0, 0)
+    for f in (sys.stdout, sys.stderr):
+        f.flush()  # nothing of ours may reach the child's buffers
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)  # its own group: whatever it starts is killed with it
+        os.dup2(inp, 0)
+        os.dup2(out, 1)
+        for fd in (inp, out, *channel):  # it gets no end of the channel
+            os.close(fd)
+        code = 0
+        try:
+            run_as_main(job["program"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except BaseException:
+                code = code or 1  # output over the cap: EFBIG
+        os._exit(code)
+    deadline = time.monotonic() + job["case_timeout"]
+    done, status = os.waitpid(pid, os.WNOHANG)
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.002)
+        done, status = os.waitpid(pid, os.WNOHANG)
     try:
-        exec(compile(job["program"], "main.py", "exec"), ns)
-    except BaseException as e:
-        traceback.print_exc()
-        send(chan_out, ["crashed", f"{type(e).__name__}: {e}"[:300]])
-        return
+        os.killpg(pid, signal.SIGKILL)  # what it left running, or itself past the deadline
+    except ProcessLookupError:
+        pass
+    if not done:
+        os.waitpid(pid, 0)
+        how = "timeout"
+    else:
+        code = os.waitstatus_to_exitcode(status)
+        how = "ok" if code == 0 else f"exit {code}" if code > 0 else f"killed by signal {-code}"
+    stdout = os.pread(out, os.fstat(out).st_size, 0).decode("utf-8", "replace")
+    os.close(inp)
+    os.close(out)
+    return ["ran", stdout, how]
+
+
+def serve(job, chan_in, chan_out):
+    """Answer the tester until it hangs up. Function forms: run the program as __main__ first,
+    then its calls; the stdin/stdout form: one run per case."""
+    ns = {}
+    if job["kind"] == "functions":
+        try:
+            ns = run_as_main(job["program"])
+        except BaseException as e:
+            traceback.print_exc()
+            send(chan_out, ["crashed", f"{type(e).__name__}: {e}"[:300]])
+            return
     send(chan_out, ["ready", {n: describe(ns[n]) for n in job["names"] if n in ns}])
-    for line in chan_in:  # the tester's requests, one kind for now: ["call", name, args, kwargs]
+    channel = (chan_in.fileno(), chan_out.fileno())
+    for line in chan_in:  # ["call", name, args, kwargs] or ["run", stdin text]
         kind, *request = json.loads(line)
-        send(chan_out, call(ns, *request))
+        send(chan_out, call(ns, *request) if kind == "call" else run_case(job, *request, channel))
 
 
 def main():
@@ -1106,10 +1234,14 @@ def _start_tester(to_program: int, from_program: int, timeout: float) -> subproc
 def _run(mode: str, program: str, tests: str,
          timeout: float) -> tuple[bool, str | None, str]:
     """One run of `program` and its tests in sandbox `mode` (already checked). See run_program."""
-    prepared = _prepare(tests)
+    prepared = _prepared(tests)
+    stdio = isinstance(prepared["code"], tuple)
     site_dirs = [os.path.realpath(d) for d in site.getsitepackages() if os.path.isdir(d)]
     job = {"program": program, "names": prepared["names"], "home": "/sandbox", "uid": -1,
-           "root": None, "seccomp": "", "site": site_dirs}
+           "root": None, "seccomp": "", "site": site_dirs,
+           "kind": "stdio" if stdio else "functions", "case_timeout": timeout}
+    if stdio:  # each case has the whole deadline (the harness enforces it), the run one per case
+        timeout *= len(prepared["code"][1]) + 1  # + 1: the sandbox's start-up
     namespaced = mode != "rlimits"
     drop, nproc = os.geteuid() == 0, SANDBOX_NPROC if mode == "full" else SANDBOX_NPROC_NO_CGROUP
     proc, tester, cgroup, run_dir, error, output = None, None, None, None, None, ""
@@ -1209,7 +1341,7 @@ def _run(mode: str, program: str, tests: str,
         else:
             if result.get("unsupported"):
                 raise TestsUnsupported(result["unsupported"])
-    note = "" if passed else f"\n[srpo] not passed: {why}\n"
+    note = f"\n[srpo] {'passed' if passed else 'not passed'}: {why}\n" if why else ""
     output = output[-(SANDBOX_FSIZE - len(note)):] + note
     return passed, error, output
 
@@ -1276,15 +1408,17 @@ def check_sandbox(mode: str | None = None) -> str:
     return mode
 
 
-def run_program(program: str, tests: str, timeout: float = CODE_TIMEOUT,
+def run_program(program: str, tests: str | list, timeout: float = CODE_TIMEOUT,
                 sandbox: str | None = None) -> tuple[bool, str | None, str]:
-    """Run `program` and then its tests (either form, see parse_cases) in the code sandbox, mode
-    `sandbox` (see check_sandbox). Returns (passed, error, output): error is "timeout" when the
-    wall-clock deadline killed the run, "sandbox_error" when the sandbox could not be built (the
-    program did not run) or the tester died, else None; output is the last SANDBOX_FSIZE
-    characters of what it printed, ending with why it did not pass. Raises ValueError for
+    """Run `program` and then its tests in the code sandbox, mode `sandbox` (see check_sandbox).
+    `tests` is a str (the case or assert form, see parse_cases) or a list of {"input", "output"}
+    (the stdin/stdout form: each case has the deadline `timeout`). Returns (passed, error,
+    output): error is "timeout" when the wall-clock deadline killed the run, "sandbox_error" when
+    the sandbox could not be built (the program did not run) or the tester died, else None;
+    output is the last SANDBOX_FSIZE characters of what it printed, ending with why it did not
+    pass (the stdin/stdout form: how many cases passed, always). Raises ValueError for
     malformed tests, TestsUnsupported (a ValueError) for tests that cannot run with the program
     behind proxies, and SandboxUnavailable when the mode cannot run here."""
     _check_str(program, "program")
-    _prepare(tests)  # malformed tests raise here, before any sandbox starts
+    _prepared(tests)  # malformed tests raise here, before any sandbox starts
     return _run(check_sandbox(sandbox), program, tests, timeout)

@@ -509,6 +509,43 @@ def test_tests_are_parsed_in_linear_time_and_once_per_tests_string():
 
 
 # -----------------------------------------------------------------------------
+# The stdin/stdout form (issue 24.2): a run per case, its output compared outside the sandbox
+
+@pytest.mark.parametrize("want,got,same", [
+    ("3\n", "3", True), ("1 2\n3\n", "1  2   \n3\n\n\n", True), ("0.3", "0.30000000000000004", True),
+    ("1e6", "1000000.0", True), ("0.3", "0.3001", False), ("3", "3\n4", False), ("a b", "a  c", False),
+    ("yes", "YES", False), ("1 2", "1\n2", False), ("nan", "nan", True), ("", "\n\n", True), ("inf", "1e400", True),
+])
+def test_stdio_output_comparison(want, got, same):
+    """Output matches line by line, token by token: trailing whitespace and blank lines ignored, numbers within 1e-6."""
+    assert sandbox._same_output(want, got) == same, f"expected {want!r}, printed {got!r}"
+
+
+def test_stdio_form_runs_each_case_and_compares_outside():
+    """Each case runs with its input on stdin; its stdout is compared in the tester; all must pass, the fraction is shown."""
+    add = "import sys\nprint(sum(map(int, sys.stdin.read().split())))\n"
+    cases = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5 5", "output": "15"},
+             {"input": "", "output": "0"}]
+    for program, want, note in [
+            (add, True, "3/3 cases passed"),                                   # correct
+            ("print(3)", False, "1/3 cases passed; case 2: wrong output"),     # partly correct
+            ("print(4)", False, "0/3 cases passed"),                           # wrong
+            ("import time\ntime.sleep(60)", False, "case 1: timeout"),         # slow
+            ("raise SystemExit(3)", False, "case 1: exit 3"),                  # crashing
+            ("print('x' * 3_000_000)", False, "case 1: exit 1"),               # huge output: over the 1 MiB cap
+            ("input()\ninput()", False, "case 1: exit 1"),                     # reads past the end of stdin
+            # forged: prints an answer for the tester on every descriptor it might hold
+            ("import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'[\"ran\", \"3\", \"ok\"]\\n')\n"
+             "    except OSError:\n        pass", False, "0/3 cases passed")]:
+        passed, error, output = sandbox.run_program(program, cases, timeout=2.0)
+        assert passed == want and note in output, f"{program[:40]!r}: passed {passed}, {output[-300:]!r}"
+        assert error is None, f"{program[:40]!r}: a case's failure is not an error of the run: {error}"
+    for bad in ([], [{"input": "1"}], [{"input": 1, "output": "1"}], [["1", "1"]]):
+        with pytest.raises(ValueError):
+            sandbox.run_program(add, bad)
+
+
+# -----------------------------------------------------------------------------
 # The seccomp filter (issue 26.5)
 
 def _syscall_numbers():
