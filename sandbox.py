@@ -9,7 +9,8 @@ of the tests is it computed in the program's process. The tests (trusted: they c
 run in a tester, a process of their own; the program's functions are proxies there, and each call
 crosses a pipe as plain data (its name and arguments in, its result, the arguments' new values or
 its exception out), so comparisons, loops and the tests' helpers run on plain values the program
-cannot make lie. The host: in the "full" and "namespaces" modes each run gets fresh PID, network,
+cannot make lie; in the stdin/stdout form each run's output crosses it, and the expected output
+never enters the sandbox. The host: in the "full" and "namespaces" modes each run gets fresh PID, network,
 mount and IPC namespaces, a private root (a size-capped tmpfs for everything it may write, the
 system folders and the Python installation bound read-only, no home folders, repository or data),
 a uid of its own, a scrubbed environment, rlimits and a seccomp filter that denies new namespaces,
@@ -342,12 +343,13 @@ def _same_output(want: str, got: str) -> bool:
     return True
 
 
-def check_tests(tests: str) -> None:
-    """Raise ValueError (naming the line) unless `tests` is usable: a loader's check of a row. (Tests
-    that cannot run with the program behind proxies show only when run: TestsUnsupported.)"""
-    if not tests.strip():
+def check_tests(tests: str | list) -> None:
+    """Raise ValueError (naming the line or case) unless `tests` is usable: a loader's check of a
+    row. (Tests that cannot run with the program behind proxies show only when run:
+    TestsUnsupported.)"""
+    if isinstance(tests, str) and not tests.strip():
         raise ValueError("tests are empty")
-    _prepare(tests)
+    _prepared(tests)
 
 
 # -----------------------------------------------------------------------------
@@ -357,11 +359,13 @@ def check_tests(tests: str) -> None:
 # that holds nothing of the trainer's), joined to the sandboxed program by two pipes. On them
 # travel only JSON lines of plain data:
 #   tester -> program   the harness's job (first), then ["call", name, [arg tags], {kw: tag}]
+#                       (or, in the stdin/stdout form, ["run", stdin text])
 #   program -> tester   ["ready", {name: ["function"] | ["data", tag] | ["object", type]}] once
 #                       the program has run (or ["crashed", why]), then per call
 #                       ["return", tag, {arg index: new tag}, {kw: new tag}] (the arguments it
 #                       changed, so an in-place sort tests right), ["raise", type, message] or
-#                       ["notdata", why] (its result is not plain data)
+#                       ["notdata", why] (its result is not plain data); per run
+#                       ["ran", stdout, "ok" | "timeout" | "exit N" | "killed by signal N"]
 # Whatever the program writes on its pipe can only be an answer to a call: the verdict is the
 # tests' own, run here on plain values, and its report goes to the worker on the tester's stdout,
 # which the program cannot reach.
