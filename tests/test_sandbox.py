@@ -442,13 +442,15 @@ def test_the_tests_run_on_plain_values_in_the_tester():
                "def stop(x):\n    raise StopIteration\n\nLIMIT = {'n': 3}\n")
     tests = ("xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]\n"
              "d = {}\nfill(d, key='k')\nassert d == {'k': [1]}\n"
-             "try:\n    parse('')\nexcept ValueError as e:\n    assert 'empty' in str(e)\nelse:\n    assert False\n"
+             "try:\n    parse('')\nexcept ValueError as e:\n    assert 'empty' in str(e)\n"
+             "else:\n    assert False\n"
              "assert parse('42') + 1 == 43 and LIMIT['n'] == 3\n")
     passed, error, output = sandbox.run_program(program, tests)
     assert passed, f"in-place changes, exceptions and globals must reach the tests: {output[-400:]!r}"
     # A StopIteration from the program must not end a map() over the tests' inputs early.
     passed, error, output = sandbox.run_program(program, "assert all(map(stop, [1, 2]))")
-    assert not passed and "StopIteration" in output, f"StopIteration ended the tests' map(): {output[-300:]!r}"
+    assert not passed and "StopIteration" in output, \
+        f"StopIteration ended the tests' map(): {output[-300:]!r}"
 
 
 def test_printing_tests_and_timed_out_runs_leave_the_verdict_and_the_worker_intact():
@@ -477,13 +479,13 @@ def test_large_tests_pass_a_correct_program():
     """Past bug (issue 26.4): 1,500 cases timed out in the quadratic parser; a 100,000-item result exceeded the output cap."""
     adds = "\n".join(f"add({i}, {i * 7}) == {i * 8}" for i in range(1500))
     # Through the worker pool, as the trainer scores: its deadline covers parsing the tests too.
-    right, wrong = score_batch([fenced("def add(a, b):\n    return a + b"),
-                                fenced("def add(a, b):\n    return a + b + (a == 1499)")], ["code"] * 2, [adds] * 2)
+    programs = ["def add(a, b):\n    return a + b", "def add(a, b):\n    return a + b + (a == 1499)"]
+    right, wrong = score_batch([fenced(p) for p in programs], ["code"] * 2, [adds] * 2)
     assert (right.accuracy, right.error) == (1.0, None), f"1,500 cases of a correct add: {right}"
     assert wrong.accuracy == 0.0, f"control: one wrong case of 1,500 must fail: {wrong}"
     long = "def f():\n    return list(range(100000))"
-    assert code_reward(long, "f() == " + repr(list(range(100000)))) == 1.0, "a long correct result (case form)"
-    assert code_reward(long, "assert f() == list(range(100000))") == 1.0, "a long correct result (assert form)"
+    assert code_reward(long, "f() == " + repr(list(range(100000)))) == 1.0, "a long result (case form)"
+    assert code_reward(long, "assert f() == list(range(100000))") == 1.0, "a long result (assert form)"
     assert code_reward(long, "assert f() == list(range(1, 100001))") == 0.0, "control: a long wrong result"
 
 
@@ -514,7 +516,8 @@ def test_tests_are_parsed_in_linear_time_and_once_per_tests_string():
 @pytest.mark.parametrize("want,got,same", [
     ("3\n", "3", True), ("1 2\n3\n", "1  2   \n3\n\n\n", True), ("0.3", "0.30000000000000004", True),
     ("1e6", "1000000.0", True), ("0.3", "0.3001", False), ("3", "3\n4", False), ("a b", "a  c", False),
-    ("yes", "YES", False), ("1 2", "1\n2", False), ("nan", "nan", True), ("", "\n\n", True), ("inf", "1e400", True),
+    ("yes", "YES", False), ("1 2", "1\n2", False), ("nan", "nan", True), ("", "\n\n", True),
+    ("inf", "1e400", True),
 ])
 def test_stdio_output_comparison(want, got, same):
     """Output matches line by line, token by token: trailing whitespace and blank lines ignored, numbers within 1e-6."""
@@ -532,10 +535,11 @@ def test_stdio_form_runs_each_case_and_compares_outside():
             ("print(4)", False, "0/3 cases passed"),                           # wrong
             ("import time\ntime.sleep(60)", False, "case 1: timeout"),         # slow
             ("raise SystemExit(3)", False, "case 1: exit 3"),                  # crashing
-            ("print('x' * 3_000_000)", False, "case 1: exit 1"),               # huge output: over the 1 MiB cap
+            ("print('x' * 3_000_000)", False, "case 1: exit 1"),               # huge output: over 1 MiB
             ("input()\ninput()", False, "case 1: exit 1"),                     # reads past the end of stdin
             # forged: prints an answer for the tester on every descriptor it might hold
-            ("import os\nfor fd in range(64):\n    try:\n        os.write(fd, b'[\"ran\", \"3\", \"ok\"]\\n')\n"
+            ("import os\nfor fd in range(64):\n    try:\n"
+             "        os.write(fd, b'[\"ran\", \"3\", \"ok\"]\\n')\n"
              "    except OSError:\n        pass", False, "0/3 cases passed")]:
         passed, error, output = sandbox.run_program(program, cases, timeout=2.0)
         assert passed == want and note in output, f"{program[:40]!r}: passed {passed}, {output[-300:]!r}"
@@ -564,7 +568,8 @@ def test_the_filter_denies_what_the_headers_name():
     column = 0 if os.uname().machine == "x86_64" else 1
     for name, nrs in sandbox._DENIED_SYSCALLS.items():
         if nrs[column] is not None:
-            assert numbers.get(name) == nrs[column], f"{name}: the filter denies {nrs[column]}, the headers say {numbers.get(name)}"
+            assert numbers.get(name) == nrs[column], \
+                f"{name}: the filter denies {nrs[column]}, the headers say {numbers.get(name)}"
     with pytest.raises(SandboxUnavailable, match="no seccomp filter"):
         sandbox._seccomp_filter("riscv64")
 
@@ -619,7 +624,8 @@ def test_the_seccomp_filter_denies_each_call_inside(monkeypatch):
     # privileges allow, so the EPERMs above are the filter's (mount needs privileges either way).
     monkeypatch.setattr(sandbox, "_seccomp_filter", lambda machine: b"")
     passed, error, output = sandbox.run_program(
-        program, "assert unshare_r() == (0, '0'), unshare_r()\ngot = denied()\n"  # unshare_r first: denied() moves it
+        # unshare_r first: denied() moves the process into a user namespace of its own
+        program, "assert unshare_r() == (0, '0'), unshare_r()\ngot = denied()\n"
                  "assert [got[k] for k in ('setns', 'ptrace', 'personality', 'io_uring_setup')]"
                  " == ['EBADF', 'ESRCH', 'ok', 'EFAULT'], got", timeout=30)
     assert passed, f"control: without the filter the calls behave as the kernel decides: {output[-800:]}"
