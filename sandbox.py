@@ -377,9 +377,11 @@ def check_tests(tests: str | list) -> None:
 # that holds nothing of the trainer's), joined to the sandboxed program by two pipes. On them
 # travel only JSON lines of plain data:
 #   tester -> program   the harness's job (first), then ["call", name, [arg tags], {kw: tag}]
-#                       (or, in the stdin/stdout form, ["run", stdin text])
-#   program -> tester   ["ready", {name: ["function"] | ["data", tag] | ["object", type]}] once
-#                       the program has run (or ["crashed", why]), then per call
+#                       (or, in the stdin/stdout form, ["run", stdin text]); a call's name is a
+#                       function of the program's, or `Class().method` (LeetCode's
+#                       `Solution().twoSum(...)`: the method of a fresh instance)
+#   program -> tester   ["ready", {name: ["function"] | ["class"] | ["data", tag] | ["object", type]}]
+#                       once the program has run (or ["crashed", why]), then per call
 #                       ["return", tag, {arg index: new tag}, {kw: new tag}] (the arguments it
 #                       changed, so an in-place sort tests right), ["raise", type, message] or
 #                       ["notdata", why] (its result is not plain data); per run
@@ -506,6 +508,28 @@ class _Function:
         return f"<the program's {self.__name__}>"
 
 
+class _Class:
+    """A class of the program, in the tester, as LeetCode's tests use one: `Solution().method(...)`
+    calls `method` on a fresh instance made in the sandbox. Nothing else of the class can be used."""
+
+    def __init__(self, chan: _Channel, name: str):
+        self._chan, self.__name__ = chan, name
+
+    def __call__(self, *args, **kwargs):
+        if args or kwargs:
+            raise self._chan.refuse(f"the tests construct the program's {self.__name__} with arguments")
+        chan, name = self._chan, self.__name__
+
+        class Instance:
+            def __getattr__(self, attr):
+                return _Function(chan, f"{name}().{attr}")
+        return Instance()
+
+    def __getattr__(self, attr):
+        raise self._chan.refuse(f"the tests read `{self.__name__}.{attr}`, an attribute of the "
+                                f"program's class")
+
+
 def _test(job: dict, chan: _Channel) -> tuple[bool, str]:
     """Run the tests against the program behind `chan`: (passed, why not)."""
     chan.send(job["harness"])
@@ -520,6 +544,8 @@ def _test(job: dict, chan: _Channel) -> tuple[bool, str]:
             raise chan.broke("a malformed answer")
         if what[0] == "function":
             ns[name] = _Function(chan, name)
+        elif what[0] == "class":
+            ns[name] = _Class(chan, name)
         elif what[0] == "data":
             try:
                 ns[name] = _value(what[1])
@@ -559,7 +585,8 @@ def _test(job: dict, chan: _Channel) -> tuple[bool, str]:
 
 def _run_stdio(cases: list, chan: _Channel) -> tuple[bool, str]:
     """Run the program once per case, its stdin the case's input; all must pass. The fraction that
-    passed is part of the reason, for the logs."""
+    passed is part of the reason, for the logs. A case that times out ends the run: the others are
+    not run (counted as not passed), so a program that hangs costs one deadline, not one a case."""
     passed, first = 0, ""
     for i, (stdin_text, want) in enumerate(cases, start=1):
         chan.send(["run", stdin_text])
@@ -570,6 +597,9 @@ def _run_stdio(cases: list, chan: _Channel) -> tuple[bool, str]:
         passed += ok
         if not ok and not first:
             first = f"case {i}: " + ("wrong output" if answer[2] == "ok" else str(answer[2])[:100])
+        if answer[2] == "timeout" and i < len(cases):
+            first += f"; cases {i + 1}-{len(cases)} not run"
+            break
     return passed == len(cases), f"{passed}/{len(cases)} cases passed" + (f"; {first}" if first else "")
 
 
@@ -617,7 +647,8 @@ _TESTER = "\n\n".join(
      f"FLOAT_RTOL, FLOAT_ATOL, STDIO_RTOL = {FLOAT_RTOL!r}, {FLOAT_ATOL!r}, {STDIO_RTOL!r}"]
     + [inspect.getsource(part) for part in (
         _die_with_parent, ProgramError, _tag, _value, _close, _same, _untag, _Broken, _Unsupported,
-        _exceptions, _Channel, _update, _Function, _same_output, _test, _run_stdio, _failure, _tester_main)]
+        _exceptions, _Channel, _update, _Function, _Class, _same_output, _test, _run_stdio, _failure,
+        _tester_main)]
     + ["_EXCEPTIONS = _exceptions()", "_tester_main()"])
 # -----------------------------------------------------------------------------
 # The code sandbox
@@ -815,6 +846,8 @@ def send(chan, message):
 
 def describe(value):
     """What the tester gets of a global the tests read: a proxy, a copy, or nothing."""
+    if isinstance(value, type) and value.__module__ == "__main__":
+        return ["class"]
     if callable(value) and not isinstance(value, type):
         return ["function"]
     try:
@@ -824,14 +857,16 @@ def describe(value):
 
 
 def call(ns, name, arg_tags, kw_tags):
-    """One call of the program's function `name`: the answer the tester gets."""
+    """One call of the program's function `name` (or `Class().method`): the answer the tester gets."""
     args = [_value(t) for t in arg_tags]
     kwargs = {k: _value(t) for k, t in kw_tags.items()}
     mutable = (list, dict, set)
     before = [_tag(a) if type(a) in mutable else None for a in args]
     kw_before = {k: _tag(v) for k, v in kwargs.items() if type(v) in mutable}
     try:
-        result = ns[name](*args, **kwargs)
+        owner, _, method = name.partition("().")
+        function = getattr(ns[owner](), method) if method else ns[name]
+        result = function(*args, **kwargs)
     except BaseException as e:
         try:
             return ["raise", type(e).__name__, str(e)[:300]]

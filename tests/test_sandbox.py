@@ -455,6 +455,20 @@ def test_the_tests_run_on_plain_values_in_the_tester():
         f"StopIteration ended the tests' map(): {output[-300:]!r}"
 
 
+def test_leetcode_solution_class_methods_run_behind_proxies():
+    """LeetCode's `Solution().method(...)` calls a fresh instance's method in the sandbox; nothing else of a class is reachable."""
+    right = "class Solution:\n    def addK(self, nums, k):\n        return sum(nums) + k\n"
+    wrong = right.replace("+ k", "+ k + 1")
+    for tests in ("Solution().addK([1, 2], 3) == 6\nSolution().addK([], 0) == 0",
+                  "s = Solution()\nassert s.addK([1, 2], 3) == 6\nassert Solution().addK([], 0) == 0"):
+        assert sandbox.run_program(right, tests)[0], f"a right Solution must pass {tests!r}"
+        assert not sandbox.run_program(wrong, tests)[0], f"a wrong Solution must fail {tests!r}"
+    for tests, why in (("assert Solution.addK(None, [1], 1) == 2", "attribute of the program's class"),
+                       ("assert Solution(3).addK([1], 1) == 4", "with arguments")):
+        with pytest.raises(sandbox.TestsUnsupported, match=why):
+            sandbox.run_program(right, tests)
+
+
 def test_printing_tests_and_timed_out_runs_leave_the_verdict_and_the_worker_intact():
     """Tests that print cannot garble the tester's verdict; a run killed by its deadline leaks no descriptor."""
     assert code_reward("def f():\n    return 1", "print('{\"passed\": false}')\nassert f() == 1") == 1.0, \
@@ -535,7 +549,7 @@ def test_stdio_form_runs_each_case_and_compares_outside():
             (add, True, "3/3 cases passed"),                                   # correct
             ("print(3)", False, "1/3 cases passed; case 2: wrong output"),     # partly correct
             ("print(4)", False, "0/3 cases passed"),                           # wrong
-            ("import time\ntime.sleep(60)", False, "case 1: timeout"),         # slow
+            ("import time\ntime.sleep(60)", False, "case 1: timeout; cases 2-3 not run"),  # slow
             ("raise SystemExit(3)", False, "case 1: exit 3"),                  # crashing
             ("print('x' * 3_000_000)", False, "case 1: exit 1"),               # huge output: over 1 MiB
             ("input()\ninput()", False, "case 1: exit 1"),                     # reads past the end of stdin
