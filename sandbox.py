@@ -529,6 +529,10 @@ class _Class:
         raise self._chan.refuse(f"the tests read `{self.__name__}.{attr}`, an attribute of the "
                                 f"program's class")
 
+    def __instancecheck__(self, obj):
+        raise self._chan.refuse(f"the tests use the program's class `{self.__name__}` other than "
+                                f"as `{self.__name__}().method(...)`")
+
 
 def _test(job: dict, chan: _Channel) -> tuple[bool, str]:
     """Run the tests against the program behind `chan`: (passed, why not)."""

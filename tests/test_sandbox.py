@@ -155,12 +155,16 @@ HOSTILE = ["loop_forever", "fork_bomb", "allocate_without_bound", "print_gigabyt
            "recurse_with_raised_limit", "use_the_network"]
 
 
+@pytest.mark.parametrize("form", ["assert", "stdin"])
 @pytest.mark.parametrize("name", HOSTILE)
-def test_hostile_program_scores_zero_and_is_contained(name, outside, listener, monkeypatch):
-    """A hostile program scores 0 by its deadline, output capped, outside folder intact, no process left."""
+def test_hostile_program_scores_zero_and_is_contained(name, form, outside, listener, monkeypatch):
+    """A hostile program scores 0 by its deadline, output capped, outside folder intact, no process left;
+    in the stdin/stdout form too, where it runs once per case (its expected output never printed)."""
     monkeypatch.setenv("SRPO_TEST_SECRET", "hunter2")
     progs = {h[0]: h[1:] for h in hostile_programs(outside, listener)}
     prog, tests, control_safe = progs[name]
+    if form == "stdin":
+        tests, control_safe = [{"input": "", "output": "the attack worked"}] * 2, False
     if control_safe:
         # The control: the same program and tests without the sandbox. It must "pass" (exit 0),
         # which is what the sandbox has to prevent.
