@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 import rewards
+import sandbox
 import testcheck
 from common import print0
 from errors import MissingFile, UserError
@@ -19,7 +20,7 @@ class Problem:
     id: str
     domain: str       # "math" or "code"
     question: str
-    reference: str    # math: the answer; code: the test code
+    reference: str | list  # math: the answer; code: the tests (a list: the stdin/stdout form)
     source: str = ""  # "file:line" of its row, for errors that must point at it
 
 
@@ -64,7 +65,7 @@ def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level
             for key in required:
                 if key == "tests" and isinstance(row.get(key), list):  # the stdin/stdout form: its shape here
                     try:
-                        check_stdin_cases(row[key])
+                        sandbox.check_tests(row[key])
                     except ValueError as e:
                         raise ValueError(f"{path}:{lineno}: field 'tests': {e}") from None
                     continue
@@ -88,17 +89,6 @@ def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level
     if not problems:
         raise UserError(f"{domain} data file {path!r} is empty" + (f" at levels <= {max_level}" if max_level else ""))
     return problems
-
-
-def check_stdin_cases(tests: list) -> None:
-    """Raise ValueError unless `tests` has the shape of the stdin/stdout form of code tests: a
-    non-empty list of {"input": str, "output": str}, the program's stdin and its expected stdout."""
-    if not tests:
-        raise ValueError("a list of stdin/stdout cases must hold at least one case")
-    for i, case in enumerate(tests):
-        if not (isinstance(case, dict) and set(case) == {"input", "output"}
-                and isinstance(case["input"], str) and isinstance(case["output"], str)):
-            raise ValueError(f"case {i} is not an object of exactly two strings, 'input' and 'output'")
 
 
 def _no_repeated_keys(pairs: list) -> dict:
@@ -138,10 +128,6 @@ def load_problems(path: str, domain: str, limit: int = 0, max_level: int = 0, ch
     a math answer math-verify cannot read, and code tests that do not test (testcheck.check_rows)."""
     key = "answer" if domain == "math" else "tests"
     rows = read_rows(path, domain, ("id", "question", key), limit, max_level)
-    for row, source in rows:
-        if not isinstance(row[key], str):  # read_rows let through the shape of the stdin/stdout form
-            raise ValueError(f"{source}: field 'tests' is a list of stdin/stdout cases, a test form the "
-                             f"sandbox does not run yet; use the case or assert form")
     if domain == "math":
         for row, source in rows:
             try:

@@ -319,7 +319,7 @@ def extract_code(completion: str) -> str:
 # -----------------------------------------------------------------------------
 # Scoring one code item (in a worker process, or inline)
 
-def _check_code(completion: str, tests: str, timeout: float,
+def _check_code(completion: str, tests: str | list, timeout: float,
                 sandbox: str | None) -> tuple[float, str | None]:
     program = extract_code(completion)
     if not program.strip():
@@ -506,15 +506,16 @@ atexit.register(shutdown)
 # -----------------------------------------------------------------------------
 # Batch scoring: what the trainer calls once per step
 
-def score_batch(completions: list[str], domains: list[str], references: list[str],
+def score_batch(completions: list[str], domains: list[str], references: list[str | list],
                 workers: int | None = None, math_timeout: float = MATH_TIMEOUT,
                 code_timeout: float = CODE_TIMEOUT, language_penalty: float = 0.0,
                 sandbox: str | None = None) -> list[Score]:
     """Score a whole step's rollouts at once, in parallel over `workers` processes (default:
     default_workers(), this rank's share of the CPUs; 0 scores inline in this process, for
     debugging, with no hard deadline on math).
-    references[i] is the answer (math) or the tests (code). language_penalty > 0 subtracts that
-    much from the reward of mixed-language responses (the report's penalty; off by default).
+    references[i] is the answer (math) or the tests (code: a str, or a list of {"input", "output"}
+    for the stdin/stdout form). language_penalty > 0 subtracts that much from the reward of
+    mixed-language responses (the report's penalty; off by default).
     `sandbox` is the code sandbox's mode (see check_sandbox); when the batch holds code, it is
     checked here first, and SandboxUnavailable stops the caller rather than scoring the batch."""
     if not (len(completions) == len(domains) == len(references)):
@@ -523,7 +524,8 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
     for i, (c, d, r) in enumerate(zip(completions, domains, references)):
         _check_str(c, f"completions[{i}]")
         _check_domain(d, f"domains[{i}]")
-        _check_str(r, f"references[{i}]")
+        if not (d == "code" and isinstance(r, list)):  # a list: the stdin/stdout form of tests
+            _check_str(r, f"references[{i}]")
     if sandbox is not None:
         check_mode(sandbox)
     workers = default_workers() if workers is None else workers
@@ -541,8 +543,10 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
         results = [_score_item(*t) for t in tasks]
     else:
         # The pool's deadline for code adds slack for the sandbox's own start-up and clean-up:
-        # the sandbox enforces the program's deadline itself and reports "timeout".
-        hard = [t if d == "math" else t + 5.0 for d, t in zip(domains, timeouts)]
+        # the sandbox enforces the program's deadline itself and reports "timeout". The
+        # stdin/stdout form runs the program once per case, each case under the deadline.
+        runs = [len(r) + 1 if isinstance(r, list) else 1 for r in references]
+        hard = [t if d == "math" else t * n + 5.0 for d, t, n in zip(domains, timeouts, runs)]
         results = _get_pool(workers).map(tasks, hard)
 
     scores = []

@@ -4,57 +4,69 @@ the program unable to touch the trainer, the host or the verdict. rewards.py cal
 (through its worker pool); everything here is the sandbox's, so it can be read and tested on its own.
 
 What it protects. The program is untrusted: the policy writes it and is paid when it passes, so it
-will find any way to be paid or to do harm. Three things are kept from it. The verdict: in the
-case form of the tests (`CALL == LITERAL` per line) only the calls enter the sandbox; their
-results come back as plain data, read with ast.literal_eval out here and compared with the
-expected literals, which never left this process. The host: in the "full" and "namespaces" modes
-each run gets fresh PID, network, mount and IPC namespaces, a private root (a size-capped tmpfs
-for everything it may write, the system folders and the Python installation bound read-only, no
-home folders, repository or data), a uid of its own, a scrubbed environment and rlimits; "full"
-adds a memory and a pids cgroup that cap the whole program, every child included. A user who is
-not root gets the same namespaces and root inside a user namespace, the program running as their
-own uid with no capabilities (describe_sandbox says which here). The trainer: a
-wall-clock deadline kills the whole run, nothing it writes reaches the host's disk, and what a
-killed run leaves behind (cgroups, run folders) is removed at the next start-up.
+will find any way to be paid or to do harm. Three things are kept from it. The verdict: in no form
+of the tests is it computed in the program's process. The tests (trusted: they come from the data)
+run in a tester, a process of their own; the program's functions are proxies there, and each call
+crosses a pipe as plain data (its name and arguments in, its result, the arguments' new values or
+its exception out), so comparisons, loops and the tests' helpers run on plain values the program
+cannot make lie; in the stdin/stdout form each run's output crosses it, and the expected output
+never enters the sandbox. The host: in the "full" and "namespaces" modes each run gets fresh PID,
+network, mount and IPC namespaces, a private root (a size-capped tmpfs for everything it may write,
+the system folders and the Python installation bound read-only, no home folders, repository or
+data), a uid of its own, a scrubbed environment, rlimits and a seccomp filter that denies new
+namespaces, mounts, ptrace, bpf, the keyring, perf events, userfaultfd, io_uring, kernel modules,
+kexec, reboot, personality and more (_DENIED_SYSCALLS); "full" adds a memory and a pids cgroup
+that cap the whole program, every child included. A user who is not root gets the same namespaces,
+root and filter inside a user namespace, the program running as their own uid with no
+capabilities (describe_sandbox says which here). The trainer: a wall-clock deadline kills the whole
+run, nothing it writes reaches the host's disk, and what a killed run leaves behind (cgroups, run
+folders) is removed at the next start-up.
 
-How. A run starts the harness (_HARNESS_SOURCE, below) under `unshare`; the harness builds the
-sandbox from the inside as init of its PID namespace, drops to the run's uid, runs the program
-and reports on a captured, size-capped output. check_sandbox proves a mode works here by running
-a real program through it, and raises SandboxUnavailable when it cannot: code never runs with
-fewer protections than the mode named, and nothing falls back to a weaker one.
+How. A run starts the harness (_HARNESS_SOURCE, below) under `unshare` and the tester (_TESTER);
+the harness builds the sandbox from the inside as init of its PID namespace, drops to the run's
+uid, installs the filter, runs the program and answers the tester's calls. check_sandbox proves a
+mode works here by running a real program through it, and raises SandboxUnavailable when it
+cannot: code never runs with fewer protections than the mode named, and nothing falls back to a
+weaker one.
 
-What it does not protect. There is no seccomp filter, so a kernel bug is a way out; the program
-can read everything in its view (the system folders, installed packages' data); CPU is not
-shared out. The assert form of the tests (HumanEval's check(candidate)) is hardened but can be
-forged by a program written to do so. "rlimits" mode isolates nothing: trusted code only. Run
-code from untrusted users in a VM as well. The README's sandbox section is the full account.
+What it does not protect. A kernel bug in a system call the filter allows is a way out; the
+program can read everything in its view (the system folders, installed packages' data); CPU is
+not shared out. Tests that call a helper the program defines (HumanEval/32's `poly`) trust that
+helper's answers. "rlimits" mode isolates nothing (no namespaces, no filter): trusted code only.
+Run code from untrusted users in a VM as well. The README's sandbox section is the full account.
 
-Public API (rewards.py re-exports all of it):
+Public API (rewards.py re-exports most of it):
     parse_cases(tests) -> list | None             the cases of case-form tests (None: assert form)
     check_tests(tests)                            ValueError naming the line if tests are unusable
     run_program(program, tests, timeout, sandbox=None) -> (passed, error, output)
     check_mode(mode) -> str                       ValueError unless `mode` is one of SANDBOX_MODES
     check_sandbox(mode=None) -> str               check that a sandbox mode works here, or raise
     describe_sandbox(mode=None) -> str            the checked mode, what a program gets in it here and why
-    SandboxUnavailable, SANDBOX_MODES, SANDBOX_ENV
+    SandboxUnavailable, TestsUnsupported, SANDBOX_MODES, SANDBOX_ENV
 """
 import ast
+import builtins
+import errno
+import functools
 import inspect
 import itertools
 import json
+import linecache
 import logging
+import marshal
 import math
 import os
 import re
 import resource
-import secrets
 import shutil
 import signal
 import site
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 log = logging.getLogger("srpo.sandbox")
 
@@ -100,30 +112,47 @@ def check_mode(mode: str) -> str:
 # -----------------------------------------------------------------------------
 # The tests: their two forms, and the verdict
 
-# `tests` comes in one of two forms.
+# `tests` comes in one of two forms. Both run in the *tester*, a trusted process of their own
+# (below), never in the program's: the program's functions are there only as proxies, and what
+# comes back through them is plain data.
 #
 # Case form (the project's own data, and what to train on): one case per line, `CALL == LITERAL`,
 #     fizzbuzz(3) == ['1', 'Zap', '3']
 #     is_divisible(0) == True
-# Only the CALLs enter the sandbox. The harness evaluates each after the program has run and
-# prints its result through `_tag` (below), which accepts plain data only; out here the printed
-# line is read back with ast.literal_eval and compared with the expected literal, which never left
-# this process. A program that tampers with the harness can at most print values, and it still
-# needs the right ones, which it can only get by solving the problem.
+# The tester evaluates each CALL (its calls to the program's functions go through the proxies)
+# and compares the result with the expected literal, which never leaves it.
 #
-# Assert form (HumanEval's `check(candidate)`, hand-written asserts): Python statements run after
-# the program, in the sandbox; the program passes when they run to the end, which the harness
-# reports with a random marker. This form is hardened (`_harden_asserts` and the harness's
-# `execute`) but not unforgeable: see the README's sandbox section for what remains.
+# Assert form (HumanEval's `check(candidate)`, hand-written asserts): Python statements, run in the
+# tester on plain values; they pass when they run to the end. Tests that hand the program
+# something that is not data (a lambda, a class) or use its other objects (a class, a module)
+# cannot run this way: run_program raises TestsUnsupported, and the row is a data error.
 #
 # Comparison of a case (decided here, documented in the README): the result must have exactly the
 # expected types, all the way down (True is not 1, 3.0 is not 3, a tuple is not a list); floats
 # compare within FLOAT_RTOL relative (FLOAT_ATOL absolute near 0), so -0.0 equals 0.0 and inf
 # equals inf; NaN equals nothing (and no literal can expect it); set elements and dict keys must
-# be equal exactly. Expected values are Python literals (what ast.literal_eval reads).
+# be equal exactly. Expected values are Python literals (what ast.literal_eval reads). The assert
+# form compares as Python does, on the plain values.
 
 FLOAT_RTOL = 1e-9
 FLOAT_ATOL = 1e-12
+TESTS_MAX_CHARS = 8 << 20  # a row's tests; real sets carry hundreds of cases, not megabytes
+# The largest message the program may send the tester: far above any value a test expects (a
+# value's tag is at most ~12 characters per character of its literal), and separate from the
+# program's captured output, which SANDBOX_FSIZE caps.
+REPLY_MIN_BYTES = 16 << 20
+REPLY_BYTES_PER_TESTS_CHAR = 16
+STDIO_RTOL = 1e-6  # stdin/stdout form: tokens that both read as numbers match within this, relative
+
+
+class TestsUnsupported(ValueError):
+    """Tests that cannot run with the program behind proxies: they hand it something that is not
+    plain data, or use one of its objects that is not a function or plain data. A data error:
+    such a row is skipped, never scored another way."""
+
+
+class ProgramError(Exception):
+    """In the tester: an exception the program raised whose type is not a builtin one."""
 
 
 def _tag(value, depth=0):
@@ -131,15 +160,17 @@ def _tag(value, depth=0):
     ("dict", (key, value)...). Plain data only, exact types: anything else (a subclass, an object
     with its own __eq__) raises TypeError. Equal tags mean equal values of the same types, in set
     elements and dict keys too. Ints travel as hex and floats as float.hex(): exact, with no
-    4300-digit limit, inf and nan included. Its source is copied into the sandbox's harness, so
-    the results printed there and the expected values here are tagged by the same code."""
+    4300-digit limit, inf and nan included; bytes as hex, so a tag is JSON. Its source is copied
+    into the sandbox's harness, so both sides of the channel tag with the same code."""
     if depth > 100:  # deeper is not data a test expects; the bound keeps recursion shallow
         raise TypeError("nested deeper than 100 levels")
     kind = type(value)
     if value is None:
         return ("None",)
-    if kind is bool or kind is str or kind is bytes:
+    if kind is bool or kind is str:
         return (kind.__name__, value)
+    if kind is bytes:
+        return ("bytes", value.hex())
     if kind is int:
         return ("int", hex(value))
     if kind is float:
@@ -153,196 +184,484 @@ def _tag(value, depth=0):
     raise TypeError(f"a {kind.__name__} is not plain data")
 
 
+def _value(tag, depth=0):
+    """The value a tag names: the inverse of _tag, for tags as tuples or as JSON lists. Tags from
+    the other side of the channel are untrusted: anything malformed raises (ValueError,
+    TypeError, ...), and the caller treats that as a broken answer. Copied into the harness."""
+    if type(tag) not in (list, tuple) or not tag or depth > 100:
+        raise ValueError("not a tag")
+    kind, rest = tag[0], tag[1:]
+    one = rest[0] if len(rest) == 1 else None
+    if kind == "None" and not rest:
+        return None
+    if kind in ("bool", "str") and type(one).__name__ == kind:
+        return one
+    if kind in ("bytes", "int", "float") and type(one) is str:
+        return bytes.fromhex(one) if kind == "bytes" else int(one, 16) if kind == "int" \
+            else float.fromhex(one)
+    if kind == "complex" and len(rest) == 2 and all(type(r) is str for r in rest):
+        return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
+    if kind in ("list", "tuple", "set", "frozenset"):
+        items = [_value(v, depth + 1) for v in rest]
+        return {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}[kind](items)
+    if kind == "dict" and all(type(kv) in (list, tuple) and len(kv) == 2 for kv in rest):
+        return {_value(k, depth + 1): _value(v, depth + 1) for k, v in rest}
+    raise ValueError(f"malformed tag of kind {str(kind)[:20]!r}")
+
+
 def _close(want_hex: str, got_hex: str) -> bool:
     want, got = float.fromhex(want_hex), float.fromhex(got_hex)
     return math.isclose(want, got, rel_tol=FLOAT_RTOL, abs_tol=FLOAT_ATOL)
 
 
-def _same(want: tuple, got) -> bool:
-    """Whether a result's tag `got` (read from the sandbox's output: anything at all) matches the
-    expected tag `want`, by the rules above. Malformed input raises, which the caller counts as a
-    mismatch; `want` is trusted."""
+def _same(want: tuple, got: tuple) -> bool:
+    """Whether a result's tag `got` matches the expected tag `want`, by the rules above."""
     kind = want[0]
-    if type(got) is not tuple or not got or got[0] != kind:
+    if got[0] != kind:
         return False
     if kind == "float":
-        return len(got) == 2 and _close(want[1], got[1])
+        return _close(want[1], got[1])
     if kind == "complex":
-        return len(got) == 3 and _close(want[1], got[1]) and _close(want[2], got[2])
+        return _close(want[1], got[1]) and _close(want[2], got[2])
     if kind in ("list", "tuple"):
         return len(got) == len(want) and all(_same(w, g) for w, g in zip(want[1:], got[1:]))
     if kind == "dict":
-        items = dict(got[1:])
-        expected = dict(want[1:])
-        return (len(items) == len(got) - 1 and items.keys() == expected.keys()
-                and all(_same(expected[k], items[k]) for k in expected))
+        items, expected = dict(got[1:]), dict(want[1:])
+        return items.keys() == expected.keys() and all(_same(expected[k], items[k]) for k in expected)
     if kind in ("set", "frozenset"):
         return frozenset(got[1:]) == frozenset(want[1:])
     return got == want  # None, bool, int, str, bytes: exact
+
+
+def _untag(tag, limit: int = 200) -> str:
+    """A readable value for a failure message."""
+    try:
+        text = repr(_value(tag))
+    except Exception:  # noqa: BLE001
+        text = f"<unreadable {str(tag)[:limit]}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _parse(tests: str) -> ast.Module:
+    _check_str(tests, "tests")
+    if len(tests) > TESTS_MAX_CHARS:
+        raise ValueError(f"tests are {len(tests):,} characters, more than {TESTS_MAX_CHARS:,}")
+    try:
+        return ast.parse(tests)
+    except SyntaxError as e:
+        raise ValueError(f"tests line {e.lineno}: not valid Python ({e.msg})") from None
+    except (ValueError, MemoryError, RecursionError) as e:  # null bytes, surrogates, nesting
+        raise ValueError(f"tests do not parse: {type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _cases(tests: str, tree: ast.Module) -> list[tuple[ast.expr, str, tuple]] | None:
+    """The cases of case-form tests as (call node, call source, expected value's tag), or None in
+    assert form. Linear in the size of the tests: each case is sliced from its own line, once
+    (ast.get_source_segment splits the whole source on every call, quadratic in the lines)."""
+    bare = [isinstance(s, ast.Expr) and isinstance(s.value, ast.Compare) for s in tree.body]
+    if not any(bare):
+        return None  # a bare comparison checks nothing in assert form, so it marks a case
+    lines = re.split(r"\r\n?|\n", tests)  # the tokenizer's line breaks (not str.splitlines')
+    cases, seen = [], set()
+    for stmt, is_case in zip(tree.body, bare):
+        where = f"tests line {stmt.lineno}"
+        shown = lambda node: repr(ast.unparse(node)[:80])  # only for the error raised at once
+        if not is_case:
+            raise ValueError(f"{where}: case-form tests hold only `CALL == LITERAL` lines, got "
+                             f"{shown(stmt)}")
+        if stmt.end_lineno != stmt.lineno or stmt.lineno in seen:
+            raise ValueError(f"{where}: one case per line, each on a single line")
+        seen.add(stmt.lineno)
+        cmp = stmt.value
+        if len(cmp.ops) != 1 or not isinstance(cmp.ops[0], ast.Eq):
+            raise ValueError(f"{where}: a case is `CALL == LITERAL` with a single ==, got "
+                             f"{shown(stmt)}")
+        try:
+            expected = _tag(ast.literal_eval(cmp.comparators[0]))
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise ValueError(f"{where}: the expected value must be a Python literal, got "
+                             f"{shown(cmp.comparators[0])}") from None
+        line = lines[stmt.lineno - 1].encode()  # ast's column offsets count UTF-8 bytes
+        call = line[cmp.left.col_offset:cmp.left.end_col_offset].decode()
+        cases.append((cmp.left, call, expected))
+    return cases
 
 
 def parse_cases(tests: str) -> list[tuple[str, tuple]] | None:
     """The cases of case-form tests as (call source, expected value's tag), or None when `tests`
     is in assert form (no line is a bare `X == Y`). Raises ValueError, naming the line, for tests
     that do not parse, mix the forms, or have a case whose right side is not a literal."""
-    _check_str(tests, "tests")
-    try:
-        tree = ast.parse(tests)
-    except SyntaxError as e:
-        raise ValueError(f"tests line {e.lineno}: not valid Python ({e.msg})") from None
-    bare = [isinstance(s, ast.Expr) and isinstance(s.value, ast.Compare) for s in tree.body]
-    if not any(bare):
-        return None  # a bare comparison checks nothing in assert form, so it marks a case
-    cases, lines = [], set()
-    for stmt, is_case in zip(tree.body, bare):
-        where = f"tests line {stmt.lineno}"
-        text = ast.get_source_segment(tests, stmt) or ""
-        if not is_case:
-            raise ValueError(f"{where}: case-form tests hold only `CALL == LITERAL` lines, got "
-                             f"{text[:80]!r}")
-        if stmt.end_lineno != stmt.lineno or stmt.lineno in lines:
-            raise ValueError(f"{where}: one case per line, each on a single line")
-        lines.add(stmt.lineno)
-        cmp = stmt.value
-        if len(cmp.ops) != 1 or not isinstance(cmp.ops[0], ast.Eq):
-            raise ValueError(f"{where}: a case is `CALL == LITERAL` with a single ==, got "
-                             f"{text[:80]!r}")
-        try:
-            expected = _tag(ast.literal_eval(cmp.comparators[0]))
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            literal = ast.get_source_segment(tests, cmp.comparators[0])
-            raise ValueError(f"{where}: the expected value must be a Python literal, got "
-                             f"{literal[:80]!r}") from None
-        cases.append((ast.get_source_segment(tests, cmp.left), expected))
-    return cases
+    cases = _cases(tests, _parse(tests))
+    return None if cases is None else [(call, want) for _, call, want in cases]
 
 
-def check_tests(tests: str) -> None:
-    """Raise ValueError (naming the line) unless `tests` is usable: a loader's check of a row."""
-    if not tests.strip():
-        raise ValueError("tests are empty")
-    parse_cases(tests)
-
-
-# Assert form: every operand that a test's verdict is computed from must be plain data. The
-# classic hack returns an object whose __eq__ always says True (or __bool__, __sub__, __abs__,
-# __lt__...); with every operand of a comparison, a boolean or arithmetic operator, every call
-# argument and the asserted value itself passed through __srpo_plain__ (the harness's `plain`,
-# which raises on anything _tag refuses), such an object fails the test where it first appears.
-_PLAIN = "__srpo_plain__"  # dunder-shaped, so that no class body mangles the name
-
-
-def _plain_call(node: ast.expr) -> ast.expr:
-    if isinstance(node, (ast.GeneratorExp, ast.Lambda, ast.Starred)):
-        return node  # test code's own iterators and functions, not values from the program
-    return ast.copy_location(ast.Call(ast.Name(_PLAIN, ast.Load()), [node], []), node)
-
-
-class _StrictOperands(ast.NodeTransformer):
-    """Inside one assert's test expression: operands and arguments wrapped in __srpo_plain__."""
-
-    def visit_Compare(self, node):
-        self.generic_visit(node)
-        node.left = _plain_call(node.left)
-        node.comparators = [_plain_call(c) for c in node.comparators]
-        return node
-
-    def visit_BoolOp(self, node):
-        self.generic_visit(node)
-        node.values = [_plain_call(v) for v in node.values]
-        return node
-
-    def visit_UnaryOp(self, node):
-        self.generic_visit(node)
-        node.operand = _plain_call(node.operand)
-        return node
-
-    def visit_BinOp(self, node):
-        self.generic_visit(node)
-        node.left, node.right = _plain_call(node.left), _plain_call(node.right)
-        return node
-
-    def visit_Call(self, node):
-        self.generic_visit(node)
-        node.args = [_plain_call(a) for a in node.args]
-        for k in node.keywords:
-            if k.arg is not None:  # not **kwargs
-                k.value = _plain_call(k.value)
-        return node
-
-
-class _HardenAsserts(ast.NodeTransformer):
-    def visit_Assert(self, node):
-        node.test = _plain_call(_StrictOperands().visit(node.test))
-        return node
-
-
-def _harden_asserts(tests: str) -> str:
-    """Assert-form tests with every assert made strict (above); other statements unchanged."""
-    tree = _HardenAsserts().visit(ast.parse(tests))
-    return ast.unparse(ast.fix_missing_locations(tree))
-
-
-def _verdict(output: str, marker: str, cases) -> tuple[bool, str]:
-    """(passed, why not) from the harness's report: the last line that starts with the marker.
-    Assert form: the report says "passed". Case form: it holds the tagged results, compared here
-    with the expected values. Everything the program printed is untrusted; a malformed report
-    is a failure, never an exception."""
-    at = output.rfind("\n" + marker)
-    if at < 0:
-        return False, "no report: the program or its tests did not run to the end"
-    report = output[at + 1 + len(marker):].split("\n", 1)[0]
+@functools.lru_cache(maxsize=1024)
+def _prepare(tests: str) -> dict:
+    """What the tester needs to run `tests`: parsed and compiled once per tests string (a reward
+    worker scores the same problem's tests for every rollout of it). Raises ValueError."""
+    tree = _parse(tests)
+    cases = _cases(tests, tree)
+    # The names the tests read that are not builtins: the program's globals the tester asks for.
+    names = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+                    and isinstance(n.ctx, ast.Load) and not hasattr(builtins, n.id)})
     if cases is None:
-        return report == "passed", "" if report == "passed" else "malformed report"
-    try:
-        results = ast.literal_eval(report)
-    except Exception:  # noqa: BLE001 - SyntaxError, ValueError, MemoryError, RecursionError...
-        return False, "malformed report"
-    if type(results) is not list or len(results) != len(cases):
-        return False, "malformed report"
-    for i, ((call, want), got) in enumerate(zip(cases, results), start=1):
-        try:
-            same = _same(want, got)
-        except Exception:  # noqa: BLE001 - a malformed tag from the program
-            same = False
-        if not same:
-            shown = got[1] if type(got) is tuple and got[:1] == ("error",) else _untag(got)
-            return False, f"case {i}: {call} gave {shown}, expected {_untag(want)}"
-    return True, ""
+        code = compile(tree, "tests.py", "exec")
+    else:
+        code = [(compile(ast.Expression(node), f"<case {i}>", "eval"), call, want)
+                for i, (node, call, want) in enumerate(cases, start=1)]
+    return {"code": code, "source": tests, "names": names,
+            "limit": REPLY_MIN_BYTES + REPLY_BYTES_PER_TESTS_CHAR * len(tests)}
 
 
-def _untag(tag, limit: int = 200) -> str:
-    """A readable value for a failure message (best effort: the tag may come from the program)."""
-    def value(t):
-        kind, rest = t[0], t[1:]
-        if kind == "None":
-            return None
-        if kind == "int":
-            return int(rest[0], 16)
-        if kind == "float":
-            return float.fromhex(rest[0])
-        if kind == "complex":
-            return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
-        if kind in ("list", "tuple", "set", "frozenset"):
-            items = [value(v) for v in rest]
-            return items if kind == "list" else tuple(items) if kind == "tuple" else set(items)
-        if kind == "dict":
-            return {value(k): value(v) for k, v in rest}
-        return rest[0]
-    try:
-        text = repr(value(tag))
-    except Exception:  # noqa: BLE001
-        text = f"<unreadable {str(tag)[:limit]}>"
-    return text if len(text) <= limit else text[:limit] + "..."
+def _prepare_stdio(tests: list) -> dict:
+    """The stdin/stdout form: a list of {"input": str, "output": str}, each case a run of the
+    program with `input` on its stdin, its stdout compared in the tester with `output` (which
+    never enters the sandbox). Raises ValueError naming the case."""
+    if not isinstance(tests, list) or not tests:
+        raise ValueError("stdin/stdout tests must be a non-empty list of {input, output} objects")
+    for i, case in enumerate(tests):
+        if not (isinstance(case, dict) and case.keys() == {"input", "output"}
+                and all(isinstance(v, str) for v in case.values())):
+            raise ValueError(f"tests case {i}: not an object with str \"input\" and \"output\"")
+    size = sum(len(c["input"]) + len(c["output"]) for c in tests)
+    if size > TESTS_MAX_CHARS:
+        raise ValueError(f"tests are {size:,} characters, more than {TESTS_MAX_CHARS:,}")
+    return {"code": ("stdio", [(c["input"], c["output"]) for c in tests]), "source": "",
+            "names": [], "limit": REPLY_MIN_BYTES + REPLY_BYTES_PER_TESTS_CHAR * size}
+
+
+def _prepared(tests: str | list) -> dict:
+    """_prepare (cached: strings, the case and assert forms) or _prepare_stdio (a list)."""
+    return _prepare_stdio(tests) if isinstance(tests, list) else _prepare(tests)
+
+
+def _same_output(want: str, got: str) -> bool:
+    """The stdin/stdout form's comparison: line by line, trailing whitespace and trailing blank
+    lines ignored; token by token, numbers (both tokens read as floats) within STDIO_RTOL
+    relative, anything else exactly."""
+    def lines(text):
+        out = [line.rstrip() for line in text.split("\n")]
+        while out and not out[-1]:
+            out.pop()
+        return [line.split() for line in out]
+    want_lines, got_lines = lines(want), lines(got)
+    if len(want_lines) != len(got_lines):
+        return False
+    for w_line, g_line in zip(want_lines, got_lines):
+        if len(w_line) != len(g_line):
+            return False
+        for w, g in zip(w_line, g_line):
+            if w == g:
+                continue
+            try:
+                if not math.isclose(float(w), float(g), rel_tol=STDIO_RTOL):
+                    return False
+            except ValueError:
+                return False
+    return True
+
+
+def check_tests(tests: str | list) -> None:
+    """Raise ValueError (naming the line or case) unless `tests` is usable: a loader's check of a
+    row. (Tests that cannot run with the program behind proxies show only when run:
+    TestsUnsupported.)"""
+    if isinstance(tests, str) and not tests.strip():
+        raise ValueError("tests are empty")
+    _prepared(tests)
 
 
 # -----------------------------------------------------------------------------
+# The tester: where the tests run and the verdict is computed
+#
+# A trusted process of its own (started by _run: rlimits, the run's deadline, a fresh interpreter
+# that holds nothing of the trainer's), joined to the sandboxed program by two pipes. On them
+# travel only JSON lines of plain data:
+#   tester -> program   the harness's job (first), then ["call", name, [arg tags], {kw: tag}]
+#                       (or, in the stdin/stdout form, ["run", stdin text]); a call's name is a
+#                       function of the program's, or `Class().method` (LeetCode's
+#                       `Solution().twoSum(...)`: the method of a fresh instance)
+#   program -> tester   ["ready", {name: ["function"] | ["class"] | ["data", tag] | ["object", type]}]
+#                       once the program has run (or ["crashed", why]), then per call
+#                       ["return", tag, {arg index: new tag}, {kw: new tag}] (the arguments it
+#                       changed, so an in-place sort tests right), ["raise", type, message] or
+#                       ["notdata", why] (its result is not plain data); per run
+#                       ["ran", stdout, "ok" | "timeout" | "exit N" | "killed by signal N"]
+# Whatever the program writes on its pipe can only be an answer to a call: the verdict is the
+# tests' own, run here on plain values, and its report goes to the worker on the tester's stdout,
+# which the program cannot reach.
+
+class _Broken(BaseException):
+    """The program broke the protocol: a malformed or oversized answer, a result that is not plain
+    data, or it ended. A BaseException, so that no `except Exception` in the tests swallows it."""
+
+
+class _Unsupported(BaseException):
+    """Raised in the tester when the tests hand the program something it cannot receive."""
+
+
+def _exceptions() -> dict:
+    """A program's exception of one of these types is raised in the tests as that type; any other
+    (StopIteration would silently end a map() over the tests' inputs) as ProgramError."""
+    return {name: cls for name, cls in vars(builtins).items() if isinstance(cls, type)
+            and issubclass(cls, Exception) and not issubclass(cls, (StopIteration,
+                                                                     StopAsyncIteration))}
+
+
+_EXCEPTIONS = _exceptions()
+
+
+class _Channel:
+    """The tester's end of the pipes to the sandboxed program."""
+
+    def __init__(self, to_program: int, from_program: int, limit: int):
+        self.out = os.fdopen(to_program, "wb")
+        self.inp = os.fdopen(from_program, "rb")
+        self.limit = limit
+        self.broken = self.unsupported = None  # kept, so a bare `except:` in the tests cannot hide it
+
+    def send(self, message):
+        try:
+            self.out.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            self.out.flush()
+        except OSError:
+            raise self.broke("the program's process ended") from None
+
+    def receive(self) -> list:
+        line = self.inp.readline(self.limit + 1)
+        if not line.endswith(b"\n"):
+            raise self.broke("the program's process ended" if len(line) <= self.limit else
+                             f"an answer longer than {self.limit:,} bytes")
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError, MemoryError):
+            raise self.broke("a malformed answer") from None
+        if type(message) is not list or not message or type(message[0]) is not str:
+            raise self.broke("a malformed answer")
+        return message
+
+    def broke(self, why: str) -> _Broken:
+        self.broken = self.broken or why
+        return _Broken(why)
+
+    def refuse(self, why: str) -> _Unsupported:
+        self.unsupported = self.unsupported or why
+        return _Unsupported(why)
+
+    def call(self, name: str, args: tuple, kwargs: dict):
+        """Run the program's `name` on `args` in the sandbox: its result, or its exception."""
+        try:
+            tags = [_tag(a) for a in args], {k: _tag(v) for k, v in kwargs.items()}
+        except (TypeError, RecursionError) as e:
+            raise self.refuse(f"the tests hand the program's {name}() something that is not "
+                              f"plain data ({e})") from None
+        self.send(["call", name, *tags])
+        answer = self.receive()
+        try:
+            if answer[0] == "return" and len(answer) == 4:
+                result = _value(answer[1])
+                for where, new in ((args, answer[2]), (kwargs, answer[3])):
+                    for key, tag in new.items():
+                        _update(where[int(key) if where is args else key], _value(tag))
+                return result
+            if answer[0] == "raise" and len(answer) == 3:
+                kind, message = str(answer[1])[:100], str(answer[2])[:300]
+                error = _EXCEPTIONS.get(kind)
+                try:
+                    exc = error(message) if error else ProgramError(f"{kind}: {message}")
+                except Exception:  # noqa: BLE001 - a builtin that takes other arguments
+                    exc = ProgramError(f"{kind}: {message}")
+            else:
+                raise ValueError
+        except Exception:  # noqa: BLE001 - anything malformed from the program
+            if answer[0] == "notdata":
+                raise self.broke(f"{name}() gave a result that is not plain data: "
+                                 f"{str(answer[1:])[:200]}") from None
+            raise self.broke(f"a malformed answer from {name}()") from None
+        raise exc
+
+
+def _update(arg, new):
+    """Give an argument (a list, dict or set of the tests') the value the program left it with."""
+    if type(arg) is not type(new) or type(arg) not in (list, dict, set):
+        raise ValueError("only a list, dict or set argument can change, and keep its type")
+    if type(arg) is list:
+        arg[:] = new
+    else:
+        arg.clear()
+        arg.update(new)
+
+
+class _Function:
+    """A function of the program, in the tester: calling it runs it in the sandbox."""
+
+    def __init__(self, chan: _Channel, name: str):
+        self._chan, self.__name__ = chan, name
+
+    def __call__(self, *args, **kwargs):
+        return self._chan.call(self.__name__, args, kwargs)
+
+    def __getattr__(self, attr):
+        raise self._chan.refuse(f"the tests read `{self.__name__}.{attr}`, an attribute of the "
+                                f"program's function")
+
+    def __repr__(self):
+        return f"<the program's {self.__name__}>"
+
+
+class _Class:
+    """A class of the program, in the tester, as LeetCode's tests use one: `Solution().method(...)`
+    calls `method` on a fresh instance made in the sandbox. Nothing else of the class can be used."""
+
+    def __init__(self, chan: _Channel, name: str):
+        self._chan, self.__name__ = chan, name
+
+    def __call__(self, *args, **kwargs):
+        if args or kwargs:
+            raise self._chan.refuse(f"the tests construct the program's {self.__name__} with arguments")
+        chan, name = self._chan, self.__name__
+
+        class Instance:
+            def __getattr__(self, attr):
+                return _Function(chan, f"{name}().{attr}")
+        return Instance()
+
+    def __getattr__(self, attr):
+        raise self._chan.refuse(f"the tests read `{self.__name__}.{attr}`, an attribute of the "
+                                f"program's class")
+
+    def __instancecheck__(self, obj):
+        raise self._chan.refuse(f"the tests use the program's class `{self.__name__}` other than "
+                                f"as `{self.__name__}().method(...)`")
+
+
+def _test(job: dict, chan: _Channel) -> tuple[bool, str]:
+    """Run the tests against the program behind `chan`: (passed, why not)."""
+    chan.send(job["harness"])
+    ready = chan.receive()
+    if ready[0] == "crashed":
+        return False, f"the program raised before the tests: {str(ready[1:])[:300]}"
+    if ready[0] != "ready" or len(ready) != 2 or type(ready[1]) is not dict:
+        raise chan.broke("a malformed answer")
+    ns, objects = {"__name__": "__main__", "__builtins__": builtins}, {}
+    for name, what in ready[1].items():
+        if name not in job["names"] or type(what) is not list or not what:
+            raise chan.broke("a malformed answer")
+        if what[0] == "function":
+            ns[name] = _Function(chan, name)
+        elif what[0] == "class":
+            ns[name] = _Class(chan, name)
+        elif what[0] == "data":
+            try:
+                ns[name] = _value(what[1])
+            except Exception:  # noqa: BLE001
+                raise chan.broke(f"a malformed value of {name}") from None
+        else:  # a class, a module...: not bound, and a NameError on it says why
+            objects[name] = str(what[-1])[:40]
+    try:
+        if isinstance(job["code"], tuple):  # the stdin/stdout form: ("stdio", [(input, output)])
+            return _run_stdio(job["code"][1], chan)
+        if isinstance(job["code"], list):  # the case form
+            for i, (code, call, want) in enumerate(job["code"], start=1):
+                try:
+                    got = _tag(eval(code, ns))
+                except Exception as e:  # noqa: BLE001 - this case fails
+                    return False, f"case {i}: {call} raised {type(e).__name__}: {str(e)[:300]}"
+                if not _same(want, got):
+                    return False, f"case {i}: {call} gave {_untag(got)}, expected {_untag(want)}"
+        else:
+            linecache.cache["tests.py"] = (len(job["source"]), None,
+                                           job["source"].splitlines(True), "tests.py")
+            exec(job["code"], ns)
+    except (_Broken, _Unsupported):
+        pass  # recorded on the channel, read below
+    except NameError as e:
+        if e.name in objects:
+            chan.refuse(f"the tests use the program's `{e.name}` ({objects[e.name]}), which is "
+                        f"neither a function nor plain data")
+        else:
+            return False, _failure(e)
+    except BaseException as e:  # noqa: BLE001 - an assert, or anything the tests raised
+        return False, _failure(e)
+    if chan.unsupported or chan.broken:
+        return False, chan.unsupported or chan.broken
+    return True, ""
+
+
+def _run_stdio(cases: list, chan: _Channel) -> tuple[bool, str]:
+    """Run the program once per case, its stdin the case's input; all must pass. The fraction that
+    passed is part of the reason, for the logs. A case that times out ends the run: the others are
+    not run (counted as not passed), so a program that hangs costs one deadline, not one a case."""
+    passed, first = 0, ""
+    for i, (stdin_text, want) in enumerate(cases, start=1):
+        chan.send(["run", stdin_text])
+        answer = chan.receive()
+        if len(answer) != 3 or answer[0] != "ran" or type(answer[1]) is not str:
+            raise chan.broke("a malformed answer")
+        ok = answer[2] == "ok" and _same_output(want, answer[1])
+        passed += ok
+        if not ok and not first:
+            first = f"case {i}: " + ("wrong output" if answer[2] == "ok" else str(answer[2])[:100])
+        if answer[2] == "timeout" and i < len(cases):
+            first += f"; cases {i + 1}-{len(cases)} not run"
+            break
+    return passed == len(cases), f"{passed}/{len(cases)} cases passed" + (f"; {first}" if first else "")
+
+
+def _failure(e: BaseException) -> str:
+    """Where and how the tests failed: the last line of tests.py in the traceback."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == "tests.py"]
+    where = f"tests.py line {frames[-1].lineno}: {frames[-1].line} " if frames else ""
+    return f"{where}-> {type(e).__name__}" + (f": {str(e)[:300]}" if str(e) else "")
+
+
+def _die_with_parent(parent: int):
+    """The first lines of a child process: Linux SIGKILLs it when the process that started it
+    (`parent`) dies, so a killed worker cannot leave its sandbox (nor a dead trainer its workers)
+    running. If the parent died before this call, the signal will never come: exit now. (Its
+    source is copied into the harness and the tester too: no import there.)"""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _tester_main():
+    """Entry point of the tester process: its job (marshal, from the worker) on stdin, its verdict
+    (JSON) on stdout."""
+    job = marshal.loads(sys.stdin.buffer.read())
+    _die_with_parent(job["parent"])
+    for limit, value in job["rlimits"]:
+        resource.setrlimit(limit, (value, value))
+    sys.path.extend(job["site"])
+    report = os.dup(1)
+    os.dup2(2, 1)  # what the tests print goes to stderr, so it cannot garble the verdict
+    chan = _Channel(job["to_program"], job["from_program"], job["limit"])
+    try:
+        passed, why = _test(job, chan)
+    except _Broken as e:
+        passed, why = False, str(e)
+    verdict = {"passed": passed, "why": why, "unsupported": chan.unsupported}
+    os.write(report, json.dumps(verdict).encode())
+
+
+# The tester's source: these functions, copied, so that it starts as a bare interpreter with a
+# few imports rather than importing this module (ast, ctypes, subprocess...): it starts every run.
+_TESTER = "\n\n".join(
+    ["import builtins, json, linecache, marshal, math, os, resource, sys, traceback",
+     f"FLOAT_RTOL, FLOAT_ATOL, STDIO_RTOL = {FLOAT_RTOL!r}, {FLOAT_ATOL!r}, {STDIO_RTOL!r}"]
+    + [inspect.getsource(part) for part in (
+        _die_with_parent, ProgramError, _tag, _value, _close, _same, _untag, _Broken, _Unsupported,
+        _exceptions, _Channel, _update, _Function, _Class, _same_output, _test, _run_stdio, _failure,
+        _tester_main)]
+    + ["_EXCEPTIONS = _exceptions()", "_tester_main()"])
+# -----------------------------------------------------------------------------
 # The code sandbox
 #
-# A run: the worker starts the harness (below) and writes it a job on stdin: the program, the
-# case calls or the hardened tests, a random marker. The harness builds the sandbox from the
-# inside, runs the program and reports; stdout and stderr go to an anonymous in-memory file
-# (memfd) that the worker reads afterwards, capped by RLIMIT_FSIZE. Per mode:
+# A run: the worker starts the harness (below) and the tester (above), joined by two pipes; the
+# tester sends the harness its job first: the program, the names the tests read, the seccomp
+# filter. The harness builds the sandbox from the inside, runs the program, then answers the
+# tester's calls; the program's stdout and stderr go to an anonymous in-memory file (memfd) that
+# the worker reads afterwards, capped by RLIMIT_FSIZE. Per mode:
 #   full, namespaces: `unshare --pid --fork --kill-child --net --mount --ipc` starts the harness in
 #     fresh PID, network (a loopback that is down), mount and System V IPC namespaces (not root:
 #     `--user --map-root-user` first, so that they belong to a user namespace of the run's own,
@@ -351,10 +670,10 @@ def _untag(tag, limit: int = 200) -> str:
 #     Python installation into it read-only, and pivots into it: the program sees /usr, /etc, the
 #     interpreter, five devices and its own /proc, and can write only into that tmpfs (/tmp,
 #     /var/tmp, /dev/shm and its home /sandbox). The program runs in a child that drops to the
-#     run's own uid (not root: to the user's uid, in a nested user namespace, see drop). When the
-#     run ends its namespaces end, the tmpfs with them, however the run was killed (or its worker:
-#     init watches a pipe only the worker writes to): nothing of the program's files ever reaches
-#     the host's disk.
+#     run's own uid (not root: to the user's uid, in a nested user namespace, see drop) and
+#     installs the seccomp filter (below). When the run ends its namespaces end, the tmpfs with
+#     them, however the run was killed (or its worker: init watches a pipe only the worker writes
+#     to): nothing of the program's files ever reaches the host's disk.
 #   full: the harness also joins a memory and a pids cgroup of its own (its first lines, before
 #     the program runs), so the whole program, every child included, is capped.
 #   rlimits: none of the above; the harness runs in a host folder, as the run's uid when we are
@@ -362,26 +681,13 @@ def _untag(tag, limit: int = 200) -> str:
 # All modes: rlimits (CPU, address space, file size, no core dumps; processes where they bind),
 # a scrubbed environment, stdin closed, a wall-clock deadline that kills the whole run.
 
-def _die_with_parent(parent: int):
-    """The first lines of a child process: Linux SIGKILLs it when the process that started it
-    (`parent`) dies, so a killed worker cannot leave its sandbox (nor a dead trainer its workers)
-    running. If the parent died before this call, the signal will never come: exit now. (Its
-    source is copied into the sandbox's harness too: no import there.)"""
-    import ctypes
-    ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 _HARNESS_SOURCE = r'''
-import builtins, json, linecache, os, resource, sys, threading, types
+import json, os, resource, signal, sys, threading, time, traceback, types
 
 SETUP_FAILED = 121  # exit code: the sandbox could not be built, and the program did not run
-PRISTINE = dict(builtins.__dict__)  # the builtins before the program could rebind any
-# Captured before the program runs: it can rebind these names, not change the functions.
-HOOK_RESETS = (sys.settrace, sys.setprofile, threading.settrace, threading.setprofile)
 
 #<_tag>
+#<_value>
 
 #<_die_with_parent>
 
@@ -397,12 +703,6 @@ def enter(job):
             f.write("0")
     for limit, value in job["rlimits"]:
         resource.setrlimit(limit, (value, value))
-
-
-def plain(value):
-    """__srpo_plain__ in hardened assert-form tests: plain data passes, anything else fails."""
-    _tag(value)
-    return value
 
 
 def new_root(plan):
@@ -522,61 +822,157 @@ def drop(job):
         resource.setrlimit(resource.RLIMIT_NPROC, (job["nproc"], job["nproc"]))
 
 
-def make_finish(marker):
-    """The report writer. The marker lives only in this closure, and main() holds the closure on
-    its evaluation stack rather than in a variable: no frame's locals or globals lead to it."""
-    line = "\n" + marker
+def deny_syscalls(program_hex):
+    """Install the seccomp filter (sandbox._seccomp_filter): from here on the denied system calls
+    fail with EPERM in this process and everything it starts. Raises if it cannot."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    code = ctypes.create_string_buffer(bytes.fromhex(program_hex))
 
-    def finish(report):
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    prog = SockFprog(len(code.raw) // 8, ctypes.addressof(code))
+    for args, what in (((38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS"),  # needed without CAP_SYS_ADMIN
+                       ((22, 2, ctypes.addressof(prog), 0, 0), "PR_SET_SECCOMP")):  # MODE_FILTER
+        if libc.prctl(*(ctypes.c_ulong(a) for a in args)):
+            raise OSError(ctypes.get_errno(), f"prctl({what})")
+
+
+def send(chan, message):
+    chan.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    chan.flush()
+    for f in (sys.stdout, sys.stderr):  # the program's output so far, for the logs
+        try:
+            f.flush()
+        except BaseException:
+            pass
+
+
+def describe(value):
+    """What the tester gets of a global the tests read: a proxy, a copy, or nothing."""
+    if isinstance(value, type) and value.__module__ == "__main__":
+        return ["class"]
+    if callable(value) and not isinstance(value, type):
+        return ["function"]
+    try:
+        return ["data", _tag(value)]
+    except BaseException:
+        return ["object", type(value).__name__]
+
+
+def call(ns, name, arg_tags, kw_tags):
+    """One call of the program's function `name` (or `Class().method`): the answer the tester gets."""
+    args = [_value(t) for t in arg_tags]
+    kwargs = {k: _value(t) for k, t in kw_tags.items()}
+    mutable = (list, dict, set)
+    before = [_tag(a) if type(a) in mutable else None for a in args]
+    kw_before = {k: _tag(v) for k, v in kwargs.items() if type(v) in mutable}
+    try:
+        owner, _, method = name.partition("().")
+        function = getattr(ns[owner](), method) if method else ns[name]
+        result = function(*args, **kwargs)
+    except BaseException as e:
+        try:
+            return ["raise", type(e).__name__, str(e)[:300]]
+        except BaseException:
+            return ["raise", "Exception", "an exception that cannot be shown"]
+    try:
+        return ["return", _tag(result),
+                {str(i): t for i, (a, b) in enumerate(zip(args, before))
+                 if b is not None and (t := _tag(a)) != b},
+                {k: t for k, b in kw_before.items() if (t := _tag(kwargs[k])) != b}]
+    except BaseException as e:
+        return ["notdata", str(e)[:200]]
+
+
+def run_as_main(program):
+    """Run the program as __main__; its namespace."""
+    main = types.ModuleType("__main__")
+    main.__file__ = os.path.abspath("main.py")
+    sys.modules["__main__"] = main
+    exec(compile(program, "main.py", "exec"), main.__dict__)
+    return main.__dict__
+
+
+def run_case(job, stdin_text, channel):
+    """The stdin/stdout form: one run of the program, in a child, with `stdin_text` on its stdin,
+    under the run's deadline; its stdout (capped by RLIMIT_FSIZE) and how it ended."""
+    inp, out = os.memfd_create("stdin"), os.memfd_create("stdout")
+    data = stdin_text.encode("utf-8", "surrogateescape")
+    while data:
+        data = data[os.write(inp, data):]
+    os.lseek(inp, 0, 0)
+    for f in (sys.stdout, sys.stderr):
+        f.flush()  # nothing of ours may reach the child's buffers
+    pid = os.fork()
+    if pid == 0:
+        os.setpgid(0, 0)  # its own group: whatever it starts is killed with it
+        os.dup2(inp, 0)
+        os.dup2(out, 1)
+        for fd in (inp, out, *channel):  # it gets no end of the channel
+            os.close(fd)
+        code = 0
+        try:
+            run_as_main(job["program"])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
         for f in (sys.stdout, sys.stderr):
             try:
                 f.flush()
             except BaseException:
-                pass
-        data = (line + report + "\n").encode()
-        while data:
-            data = data[os.write(1, data):]
-        os._exit(0)
-    return finish
-
-
-def case(src, i, ns):
+                code = code or 1  # output over the cap: EFBIG
+        os._exit(code)
+    deadline = time.monotonic() + job["case_timeout"]
+    done, status = os.waitpid(pid, os.WNOHANG)
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.002)
+        done, status = os.waitpid(pid, os.WNOHANG)
     try:
-        return _tag(eval(compile(src, f"<case {i}>", "eval"), ns))
-    except BaseException as e:  # this case fails; the others still run
+        os.killpg(pid, signal.SIGKILL)  # what it left running, or itself past the deadline
+    except ProcessLookupError:
+        pass
+    if not done:
+        os.waitpid(pid, 0)
+        how = "timeout"
+    else:
+        code = os.waitstatus_to_exitcode(status)
+        how = "ok" if code == 0 else f"exit {code}" if code > 0 else f"killed by signal {-code}"
+    stdout = os.pread(out, os.fstat(out).st_size, 0).decode("utf-8", "replace")
+    os.close(inp)
+    os.close(out)
+    return ["ran", stdout, how]
+
+
+def serve(job, chan_in, chan_out):
+    """Answer the tester until it hangs up. Function forms: run the program as __main__ first,
+    then its calls; the stdin/stdout form: one run per case."""
+    ns = {}
+    if job["kind"] == "functions":
         try:
-            return ("error", f"{type(e).__name__}: {e}"[:300])
-        except BaseException:
-            return ("error", "an exception that cannot be shown")
-
-
-def execute(job):
-    """Run the program as __main__, then the cases or the tests; return the report."""
-    main = types.ModuleType("__main__")
-    main.__file__ = os.path.abspath("main.py")
-    sys.modules["__main__"] = main
-    ns = main.__dict__
-    exec(compile(job["program"], "main.py", "exec"), ns)
-    for reset in HOOK_RESETS:  # a trace hook left by the program could skip the tests' lines
-        reset(None)
-    if "calls" in job:
-        return repr([case(src, i, ns) for i, src in enumerate(job["calls"], start=1)])
-    # The tests see the builtins as they were before the program ran: a global of the program
-    # that shadows a builtin (abs = lambda x: 0) is left out of their namespace.
-    names = {k: v for k, v in ns.items() if k.startswith("__") or PRISTINE.get(k, v) is v}
-    names["__builtins__"] = dict(PRISTINE)
-    names["__srpo_plain__"] = plain
-    tests = job["tests"]
-    linecache.cache["tests.py"] = (len(tests), None, tests.splitlines(True), "tests.py")
-    exec(compile(tests, "tests.py", "exec"), names)
-    return "passed"
+            ns = run_as_main(job["program"])
+        except BaseException as e:
+            traceback.print_exc()
+            send(chan_out, ["crashed", f"{type(e).__name__}: {e}"[:300]])
+            return
+    send(chan_out, ["ready", {n: describe(ns[n]) for n in job["names"] if n in ns}])
+    channel = (chan_in.fileno(), chan_out.fileno())
+    for line in chan_in:  # ["call", name, args, kwargs] or ["run", stdin text]
+        kind, *request = json.loads(line)
+        send(chan_out, call(ns, *request) if kind == "call" else run_case(job, *request, channel))
 
 
 def main():
-    job = json.loads(sys.stdin.buffer.read())
+    # The channel to the tester arrives as stdin and stdout; the program's own stdin is closed
+    # and its stdout joins its stderr in the captured output.
+    chan_in, chan_out = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
+    job = json.loads(chan_in.readline())
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    os.dup2(2, 1)
     try:
         enter(job)
         if job["root"]:
@@ -593,22 +989,95 @@ def main():
             become_init(job["lifeline"])
         if job["uid"] >= 0:
             drop(job)
+        if job["seccomp"]:
+            deny_syscalls(job["seccomp"])
     except Exception as e:
         os.write(2, f"sandbox setup failed: {e!r}\n".encode())
         os._exit(SETUP_FAILED)
     sys.path.extend(job["site"])
-    # make_finish(...) is evaluated, and held on this frame's stack, before execute() runs.
-    make_finish(job.pop("marker"))(execute(job))
+    serve(job, chan_in, chan_out)
+    os._exit(0)  # the tester hung up: done, whatever threads the program left running
 
 
 main()
 '''
 _HARNESS = (_HARNESS_SOURCE.replace("#<_tag>\n", inspect.getsource(_tag))
+            .replace("#<_value>\n", inspect.getsource(_value))
             .replace("#<_die_with_parent>\n", inspect.getsource(_die_with_parent)))
+
+
+# -----------------------------------------------------------------------------
+# The seccomp filter (full and namespaces modes)
+#
+# A classic-BPF program the harness installs (PR_SET_SECCOMP) in the program's process after its
+# own setup, just before the program runs; it holds for everything the program starts. It denies,
+# with EPERM, what a test program never needs and what the known ways out of a container use:
+# new namespaces (unshare, setns, clone with a CLONE_NEW* flag), mounts, ptrace and reading other
+# processes' memory, bpf, the kernel keyring, perf events, userfaultfd, io_uring, kernel modules,
+# kexec, reboot, personality, file handles (open_by_handle_at), swap, accounting, the clock,
+# quotas, the kernel log, host names. clone3 fails with ENOSYS: its flags sit in memory a filter
+# cannot read, and libc then falls back to clone, whose flags it can. A system call of another
+# architecture (x86_64's 32-bit and x32 entry points) kills the process. No dependency: the
+# filter is built here, as bytes.
+
+_SECCOMP_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # AUDIT_ARCH_*: what the filter checks
+# System call numbers: x86_64's own table; aarch64 uses the kernel's generic one.
+_DENIED_SYSCALLS = {  # name: (x86_64, aarch64)
+    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39),
+    "pivot_root": (155, 41), "fsopen": (430, 430), "fsconfig": (431, 431),
+    "fsmount": (432, 432), "fspick": (433, 433), "move_mount": (429, 429),
+    "open_tree": (428, 428), "mount_setattr": (442, 442), "chroot": (161, 51),
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
+    "kcmp": (312, 272), "bpf": (321, 280), "keyctl": (250, 219), "add_key": (248, 217),
+    "request_key": (249, 218), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106),
+    "kexec_load": (246, 104), "kexec_file_load": (320, 294), "reboot": (169, 142),
+    "personality": (135, 92), "open_by_handle_at": (304, 265),
+    "name_to_handle_at": (303, 264), "swapon": (167, 224), "swapoff": (168, 225),
+    "acct": (163, 89), "quotactl": (179, 60), "syslog": (103, 116),
+    "settimeofday": (164, 170), "clock_settime": (227, 112), "clock_adjtime": (305, 266),
+    "adjtimex": (159, 171), "sethostname": (170, 161), "setdomainname": (171, 162),
+    "vhangup": (153, 58), "fanotify_init": (300, 262), "lookup_dcookie": (212, 18),
+    "iopl": (172, None), "ioperm": (173, None), "uselib": (134, None),  # x86 only
+}
+_CLONE, _CLONE3 = {"x86_64": 56, "aarch64": 220}, 435
+_CLONE_NEW_FLAGS = 0x7E020000  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
+_X32_SYSCALL_BIT = 0x40000000
+
+
+def _seccomp_filter(machine: str) -> bytes:
+    """The filter for this machine's architecture, as the kernel reads it (struct sock_filter[]).
+    Raises SandboxUnavailable for an architecture it does not know: no filter, no run."""
+    if machine not in _SECCOMP_ARCH:
+        raise SandboxUnavailable(f"no seccomp filter for this architecture ({machine}); the "
+                                 f"namespace modes need one")
+    column = 0 if machine == "x86_64" else 1
+    denied = sorted(nrs[column] for nrs in _DENIED_SYSCALLS.values() if nrs[column] is not None)
+    # Classic BPF over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]} (little endian)
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|K ..., BPF_RET|K
+    ALLOW, ERRNO, KILL = 0x7FFF0000, 0x00050000, 0x80000000  # SECCOMP_RET_*
+    DENY = "deny"  # a jump target, resolved below: the last instruction
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, _SECCOMP_ARCH[machine]), (RET, 0, 0, KILL),
+            (LD, 0, 0, 0)]
+    if machine == "x86_64":
+        prog.append((JGE, DENY, 0, _X32_SYSCALL_BIT))  # x32 calls share x86_64's arch value
+    prog += [(JEQ, DENY, 0, nr) for nr in denied]
+    prog += [(JEQ, 0, 1, _CLONE3), (RET, 0, 0, ERRNO | errno.ENOSYS),
+             (JEQ, 0, 2, _CLONE[machine]), (LD, 0, 0, 16),  # clone's flags: args[0], low word
+             (JSET, DENY, 0, _CLONE_NEW_FLAGS),
+             (RET, 0, 0, ALLOW), (RET, 0, 0, ERRNO | errno.EPERM)]
+    last = len(prog) - 1
+    return b"".join(struct.pack("=HBBI", code, last - i - 1 if jt == DENY else jt, jf, k)
+                    for i, (code, jt, jf, k) in enumerate(prog))
 _SETUP_FAILED = 121
-_PROBE_PROGRAM = ("import collections, decimal, hashlib, json, math\n\n"
-                  "def probe():\n    return json.dumps([1])\n")
-_PROBE_TESTS = "probe() == '[1]'"
+# check_sandbox's program: it imports, computes, and asks for a system call that the seccomp
+# filter denies (personality's query, harmless when allowed): EPERM proves the filter is on.
+_PROBE_PROGRAM = ("import collections, ctypes, decimal, hashlib, json, math\n\n"
+                  "def probe():\n    libc = ctypes.CDLL(None, use_errno=True)\n"
+                  "    denied = libc.personality(0xFFFFFFFF) == -1\n"
+                  "    return json.dumps([1]), ctypes.get_errno() if denied else 0\n")
+_TESTER_MEMORY = 4 << 30  # bytes of address space for the tester: it decodes answers of 100+ MiB
 
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}  # syscall numbers: glibc has no wrapper
 _run_ids = itertools.count()
@@ -878,16 +1347,27 @@ def _stop(proc: subprocess.Popen, namespaced: bool, uid: int):
         _kill_uid(uid)
 
 
-def _run(mode: str, program: str, tests: str, cases,
+def _start_tester(to_program: int, from_program: int) -> subprocess.Popen:
+    """The tester process (_TESTER): a fresh interpreter in a process group of its own, with a
+    scrubbed environment; its rlimits and parent-death signal are its first lines (_tester_main)."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _TESTER], cwd="/", env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True,
+                            pass_fds=(to_program, from_program))
+
+
+def _run(mode: str, program: str, tests: str,
          timeout: float) -> tuple[bool, str | None, str]:
     """One run of `program` and its tests in sandbox `mode` (already checked). See run_program."""
-    marker = "SRPO-REPORT-" + secrets.token_hex(16)
-    job = {"program": program, "marker": marker, "home": "/sandbox", "uid": -1, "gid": -1, "root": None,
-           "site": [os.path.realpath(d) for d in site.getsitepackages() if os.path.isdir(d)]}
-    if cases is None:
-        job["tests"] = _harden_asserts(tests)
-    else:
-        job["calls"] = [call for call, _ in cases]
+    prepared = _prepared(tests)
+    stdio = isinstance(prepared["code"], tuple)
+    site_dirs = [os.path.realpath(d) for d in site.getsitepackages() if os.path.isdir(d)]
+    job = {"program": program, "names": prepared["names"], "home": "/sandbox", "uid": -1, "gid": -1,
+           "root": None, "seccomp": "", "site": site_dirs,
+           "kind": "stdio" if stdio else "functions", "case_timeout": timeout}
+    if stdio:  # each case has the whole deadline (the harness enforces it), the run one per case
+        timeout *= len(prepared["code"][1]) + 1  # + 1: the sandbox's start-up
     namespaced = mode != "rlimits"
     root = os.geteuid() == 0
     # Not root: the namespaces are made inside a user namespace of the run's own, where the harness
@@ -898,8 +1378,10 @@ def _run(mode: str, program: str, tests: str, cases,
     job["rlimits"] = [(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, SANDBOX_MEMORY),
                       (resource.RLIMIT_FSIZE, SANDBOX_FSIZE), (resource.RLIMIT_CORE, 0)]
     job["parent"] = os.getpid()
-    proc, cgroup, run_dir, error, output = None, None, None, None, ""
+    proc, tester, cgroup, run_dir, error, output = None, None, None, None, None, ""
+    verdict, tester_err = b"", b""
     out = os.memfd_create("srpo-sandbox-output")
+    to_program, from_program = os.pipe(), os.pipe()  # (read, write) each: the tester's channel
     # The harness's init sees EOF on the pipe's read end when this process (the write end) dies.
     job["lifeline"], lifeline = os.pipe()
     try:
@@ -908,6 +1390,7 @@ def _run(mode: str, program: str, tests: str, cases,
             prefix = [shutil.which("unshare") or "unshare", *userns, "--pid", "--fork",
                       "--kill-child", "--net", "--mount", "--ipc"]
             job["root"] = _root_plan()
+            job["seccomp"] = _seccomp_filter(os.uname().machine).hex()
             if mode == "full":
                 cgroup = _Cgroup(_cgroup_layout())
         else:
@@ -927,23 +1410,46 @@ def _run(mode: str, program: str, tests: str, cases,
         # site-packages folders go on sys.path directly, so installed packages still import.
         cmd = [*prefix, sys.executable, "-I", "-S", "-c", _HARNESS]
         # start_new_session: the run is its own process group, so one killpg reaches all of it.
+        # Its stdin and stdout are the channel to the tester; the harness moves them aside.
         # No preexec_fn: the rlimits, the cgroup and the parent-death signal are the harness's
-        # first lines (enter), as Python code between fork and exec is unsafe in a process with
-        # threads (the trainer, when it checks the sandbox or scores inline).
-        proc = subprocess.Popen(cmd, cwd="/", env=env, stdin=subprocess.PIPE, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+        # first lines (enter), and the tester's (_tester_main), as Python code between fork and
+        # exec is unsafe in a process with threads (the trainer, when it checks the sandbox or
+        # scores inline).
+        proc = subprocess.Popen(cmd, cwd="/", env=env, stdin=to_program[0], stdout=from_program[1],
+                                stderr=out, start_new_session=True, close_fds=True,
                                 pass_fds=[job["lifeline"]])
         if job["rootless"]:  # the user's own ids, as the program will see them
             job["uid"], job["gid"] = os.getuid(), os.getgid()
         elif drop:
             job["uid"] = job["gid"] = SANDBOX_UID_BASE + proc.pid  # unique while the run lives
+        tester = _start_tester(to_program[1], from_program[0])
+        tester_job = {"harness": job, "code": prepared["code"], "source": prepared["source"],
+                      "names": prepared["names"], "limit": prepared["limit"], "site": site_dirs,
+                      "to_program": to_program[1], "from_program": from_program[0],
+                      "parent": job["parent"], "rlimits": [(resource.RLIMIT_CPU, cpu),
+                      (resource.RLIMIT_AS, _TESTER_MEMORY), (resource.RLIMIT_CORE, 0)]}
+        for fd in (*to_program, *from_program):  # theirs now: EOF reaches each side when one ends
+            os.close(fd)
+        to_program = from_program = ()
         try:
-            proc.communicate(json.dumps(job).encode(), timeout=timeout)
+            verdict, tester_err = tester.communicate(marshal.dumps(tester_job), timeout=timeout)
         except subprocess.TimeoutExpired:
             error = "timeout"
+        else:  # the tester hung up, so the harness is on its way out: a normal exit is quieter
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
     except (OSError, subprocess.SubprocessError) as e:
         error, output = "sandbox_error", f"sandbox setup failed: {e}\n"
     finally:
+        for fd in (*to_program, *from_program):
+            os.close(fd)
+        if tester is not None:
+            _kill(-tester.pid)
+            tester.wait()
+            for pipe in (tester.stdin, tester.stdout, tester.stderr):  # a worker lives long:
+                pipe.close()                                          # no descriptor may leak
         if proc is not None:
             _stop(proc, namespaced, job["uid"] if not namespaced else -1)
         size = os.fstat(out).st_size
@@ -958,9 +1464,19 @@ def _run(mode: str, program: str, tests: str, cases,
             _remove_tree(run_dir)
     if error is None and proc.returncode == _SETUP_FAILED:
         error = "sandbox_error"
-    passed, why = _verdict(output, marker, cases) if error is None else (False, error)
-    note = "" if passed else f"\n[srpo] not passed: {why}\n"
-    output = output.replace(marker, "<marker>")[-(SANDBOX_FSIZE - len(note)):] + note
+    passed, why = False, error
+    if error is None:
+        try:
+            result = json.loads(verdict)
+            passed, why = result["passed"] is True, str(result["why"])
+        except (ValueError, TypeError, KeyError):
+            error = why = "sandbox_error"  # the tester died: the tests' fault or ours, never the program's
+            output += f"\n[srpo] the tester failed: {tester_err.decode('utf-8', 'replace')[-2000:]}"
+        else:
+            if result.get("unsupported"):
+                raise TestsUnsupported(result["unsupported"])
+    note = f"\n[srpo] {'passed' if passed else 'not passed'}: {why}\n" if why else ""
+    output = output[-(SANDBOX_FSIZE - len(note)):] + note
     return passed, error, output
 
 
@@ -1051,8 +1567,9 @@ def check_sandbox(mode: str | None = None) -> str:
     why = _requirement_missing(mode)
     for attempt in range(3 if why is None else 0):
         time.sleep(0.25 * attempt)
-        passed, error, output = _run(mode, _PROBE_PROGRAM, _PROBE_TESTS,
-                                     parse_cases(_PROBE_TESTS), timeout=5.0)
+        denied = errno.EPERM if mode != "rlimits" else 0  # the seccomp filter is on
+        passed, error, output = _run(mode, _PROBE_PROGRAM, f"probe() == ('[1]', {denied})",
+                                     timeout=5.0)
         if passed:
             break
         why = f"its check program failed ({error or 'wrong result'}): {output[-400:].strip()!r}"
@@ -1072,15 +1589,17 @@ def check_sandbox(mode: str | None = None) -> str:
     return mode
 
 
-def run_program(program: str, tests: str, timeout: float = CODE_TIMEOUT,
+def run_program(program: str, tests: str | list, timeout: float = CODE_TIMEOUT,
                 sandbox: str | None = None) -> tuple[bool, str | None, str]:
-    """Run `program` and then its tests (either form, see parse_cases) in the code sandbox, mode
-    `sandbox` (see check_sandbox). Returns (passed, error, output): error is "timeout" when the
-    wall-clock deadline killed the run, "sandbox_error" when the sandbox could not be built (the
-    program did not run), else None; output is the last SANDBOX_FSIZE characters of what it
-    printed, ending with why it did not pass. Raises ValueError for malformed tests and
-    SandboxUnavailable when the mode cannot run here."""
+    """Run `program` and then its tests in the code sandbox, mode `sandbox` (see check_sandbox).
+    `tests` is a str (the case or assert form, see parse_cases) or a list of {"input", "output"}
+    (the stdin/stdout form: each case has the deadline `timeout`). Returns (passed, error,
+    output): error is "timeout" when the wall-clock deadline killed the run, "sandbox_error" when
+    the sandbox could not be built (the program did not run) or the tester died, else None;
+    output is the last SANDBOX_FSIZE characters of what it printed, ending with why it did not
+    pass (the stdin/stdout form: how many cases passed, always). Raises ValueError for
+    malformed tests, TestsUnsupported (a ValueError) for tests that cannot run with the program
+    behind proxies, and SandboxUnavailable when the mode cannot run here."""
     _check_str(program, "program")
-    _check_str(tests, "tests")
-    cases = parse_cases(tests)
-    return _run(check_sandbox(sandbox), program, tests, cases, timeout)
+    _prepared(tests)  # malformed tests raise here, before any sandbox starts
+    return _run(check_sandbox(sandbox), program, tests, timeout)

@@ -13,7 +13,9 @@ Two levels, because they cost very different amounts:
           a row with a reference solution passes with it, and no trivial program passes: a
           function with the tests' entry-point name (derived from the names the tests use but
           never define) returning 0, 1, -1, None, "", [], {}, its first argument, that
-          argument's length or its sum. A trivial program that errors simply does not pass.
+          argument's length or its sum; for the stdin/stdout form, a program that prints
+          nothing, 0, 1, -1, YES, NO, Yes, No or its input back (TRIVIAL_STDIN). A trivial
+          program that errors simply does not pass.
 
 Where the full check runs, and why there: it costs 11 sandbox starts a row (~0.1 s each); the 700
 shipped rows took 8.6 minutes on 2 shared cores. So the shipped rows are checked where that is paid
@@ -25,8 +27,9 @@ the log: never silently.
 
 Public API:
     TRIVIAL                                      (label, return expression) of each trivial program
+    TRIVIAL_STDIN                                (label, program) of each trivial stdin/stdout program
     entry_points(tests) -> list[str]             the program's names the tests use
-    check_static(tests)                          ValueError naming the line unless the tests test
+    check_static(tests)                          ValueError naming the line (or case) unless the tests test
     trivial_programs(tests) -> list[(label, program)]
     row_problems(rows, sandbox, workers) -> list[str | None]   the full check of many rows
     check_rows(rows, full, sandbox, workers)     ValueError naming file:line, field and reason
@@ -47,6 +50,13 @@ from sandbox import check_tests
 TRIVIAL = (("0", "0"), ("1", "1"), ("-1", "-1"), ("None", "None"), ('""', '""'), ("[]", "[]"),
            ("{}", "{}"), ("its first argument", "args[0]"), ("its length", "len(args[0])"),
            ("its sum", "sum(args[0])"))
+# The stdin/stdout form's trivial programs: the answers a judge's problems most often have, and
+# the input echoed back.
+TRIVIAL_STDIN = (("prints nothing", "pass\n"), ("prints 0", "print(0)\n"),
+                 ("prints 1", "print(1)\n"), ("prints -1", "print(-1)\n"),
+                 ("prints YES", "print('YES')\n"), ("prints NO", "print('NO')\n"),
+                 ("prints Yes", "print('Yes')\n"), ("prints No", "print('No')\n"),
+                 ("prints its input back", "import sys\nsys.stdout.write(sys.stdin.read())\n"))
 
 
 def _names(node: ast.AST) -> set[str]:
@@ -108,10 +118,13 @@ def _program_values(tree: ast.AST, entries: list[str]) -> set[str]:
             return tainted
 
 
-def check_static(tests: str) -> None:
+def check_static(tests: str | list) -> None:
     """Raise ValueError, naming the line, unless `tests` parse and every case or assert compares a
-    value computed by the program with one that is not (see the module docstring)."""
+    value computed by the program with one that is not (see the module docstring). The stdin/stdout
+    form (a list) compares the program's output with each case's by construction: its shape only."""
     check_tests(tests)  # parses; empty tests and malformed cases are refused there
+    if isinstance(tests, list):
+        return
     tree = ast.parse(tests)
     entries = _entry_points(tree)
     if not entries:
@@ -157,9 +170,11 @@ def _static_problem(tests: str) -> str | None:
     return None
 
 
-def trivial_programs(tests: str) -> list[tuple[str, str]]:
+def trivial_programs(tests: str | list) -> list[tuple[str, str]]:
     """(label, source) of each trivial program for these tests: every entry point defined as a
-    function that returns the same trivial value."""
+    function that returns the same trivial value (the stdin/stdout form: TRIVIAL_STDIN)."""
+    if isinstance(tests, list):
+        return [(f"the program {label}", program) for label, program in TRIVIAL_STDIN]
     names = entry_points(tests)
     return [(f"every function returns {label}",
              "".join(f"def {n}(*args, **kwargs):\n    return {expr}\n" for n in names))
@@ -171,7 +186,7 @@ def _fenced(program: str) -> str:
     return f"<answer>```python\n{program}```</answer>"
 
 
-def row_problems(rows: list[tuple[str, str | None]], sandbox: str | None = None,
+def row_problems(rows: list[tuple[str | list, str | None]], sandbox: str | None = None,
                  workers: int | None = None) -> list[str | None]:
     """The full check of each (tests, reference solution or None): why it fails, or None. All
     programs of all rows go through one rewards.score_batch, so they are scored exactly as a
@@ -201,7 +216,7 @@ def row_problems(rows: list[tuple[str, str | None]], sandbox: str | None = None,
     return problems
 
 
-def check_rows(rows: list[tuple[str, str | None, str]], full: bool = True, sandbox: str | None = None,
+def check_rows(rows: list[tuple[str | list, str | None, str]], full: bool = True, sandbox: str | None = None,
                workers: int | None = None) -> None:
     """The loader's check of (tests, reference solution or None, "file:line") rows: ValueError
     naming the first bad row's file, line, field and reason. `full` runs the programs too."""

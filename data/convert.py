@@ -28,8 +28,8 @@ The formats and the fields their public releases use:
 
 The readers are the standard library (json, gzip) and pyarrow for parquet, imported only for a
 parquet file: the trainer imports this script only for --eval_humaneval (humaneval_benchmark), never
-pyarrow (README, "A public data set"). --no_stdin leaves out the problems with stdin/stdout tests,
-which the trainer refuses until its sandbox runs that form.
+pyarrow (README, "A public data set"). --no_stdin leaves out the problems with stdin/stdout tests
+(for a set of function problems only, say).
 """
 import argparse
 import ast
@@ -580,17 +580,12 @@ def detect(first: dict, path: str) -> str:
 
 
 def validate_row(row: dict) -> None:
-    """Raise Skip unless the row's tests are usable. String tests: sandbox.check_tests (they parse;
-    a case expects a literal). stdin/stdout tests: the loader's shape check (datafile's, imported
-    here only: it brings torch with it)."""
+    """Raise Skip unless the row's tests are usable (sandbox.check_tests: string tests parse and each
+    case expects a literal; stdin/stdout tests are a list of {"input", "output"} strings)."""
     if row["domain"] == "math":
         return  # every math converter has already required a non-empty answer
     try:
-        if isinstance(row["tests"], str):
-            sandbox.check_tests(row["tests"])
-        else:
-            from datafile import check_stdin_cases
-            check_stdin_cases(row["tests"])
+        sandbox.check_tests(row["tests"])
     except ValueError as e:
         raise Skip(f"unusable tests: {e}") from None
 
@@ -684,7 +679,7 @@ def main(argv=None) -> int:
     ap.add_argument("--format", choices=list(FORMATS),
                     help="the input's format (default: detected from its fields)")
     ap.add_argument("--no_stdin", action="store_true",
-                    help="skip problems with stdin/stdout tests (for a sandbox that lacks that form)")
+                    help="skip problems with stdin/stdout tests")
     ap.add_argument("input", help=".jsonl, .json, .jsonl.gz or .parquet file")
     ap.add_argument("output", help="the JSONL file to write")
     args = ap.parse_args(argv)

