@@ -12,7 +12,7 @@ from errors import UserError
 from kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
 from kernels.utils import chunk_rows
 from model import _packed_attention
-from rollout import KVCache, free_memory, inference_copy, longest_slot, share_of_free_memory, slot_bytes
+from rollout import KVCache, free_memory, inference_copy, share_of_free_memory, slot_bytes
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,12 @@ def kv_budget(plan: MemoryPlan, device, gen_mem: float) -> tuple[int | None, str
     if budget is None:
         return None, "no limit known"
     return budget, f"--gen_mem {gen_mem} of {budget / gen_mem / 2**20:.0f} MiB free"
+
+
+def longest_slot(cfg, mem_bytes: int, dtype) -> int:
+    """The largest max_len for which one slot fits in mem_bytes (0 if none does)."""
+    fixed = slot_bytes(cfg, 0, dtype)
+    return max(0, (mem_bytes - fixed) // (slot_bytes(cfg, 1, dtype) - fixed))
 
 
 def make_cache(sampler, problems: list, prompt_ids: dict, max_new_tokens: int, max_slots: int,
