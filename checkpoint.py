@@ -31,7 +31,8 @@ CKPT_FILE, CKPT_DIR = "checkpoint.pt", "checkpoint"
 # Options that may change between a run and its resumption; any other change makes it another run.
 RESUMABLE = {"total_steps", "max_steps_this_run", "eval_every", "eval_prompts", "eval_k", "save_every",
              "resume", "reward_workers", "eval_domains", "eval_humaneval", "sandbox", "gen_slots", "gen_mem",
-             "out_dir", "grad_ckpt", "micro_tokens",  # memory knobs: the memory plan may pick others on another GPU
+             # memory knobs: the memory plan may pick others on another GPU
+             "out_dir", "grad_ckpt", "micro_tokens",
              "accept_changed_data", "cuda_graphs"}  # cuda_graphs off: to get past a graph capture failure
 
 
@@ -39,7 +40,8 @@ def save_checkpoint(out_dir: str, model, opt, sched, position: dict, rank: int, 
     """Weights, AdamW's state, the scheduler, the run's position (a dict: the step, the curriculum's
     state_dict), the options (cfg, a dataclass) and every rank's RNG: out_dir/checkpoint.pt from one
     process, out_dir/checkpoint/ (DCP shards) from several."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
     world = dist.get_world_size() if dist.is_initialized() else 1
     # One process saves whole tensors, on the CPU; several save each rank's shards, as they are.
     options = StateDictOptions(full_state_dict=world == 1, cpu_offload=world == 1)
@@ -129,16 +131,17 @@ def _save_failed(path: str, error: str) -> OSError:
     while not os.path.exists(disk):  # (a folder the failed save was to make)
         disk = os.path.dirname(disk)
     free = shutil.disk_usage(disk).free
-    return OSError(f"could not save the checkpoint {path} ({error}); {free / 2**20:.1f} MiB are free on its disk. "
-                   f"The partial checkpoint was removed and the previous one, if any, is kept: make room, then "
-                   f"rerun the same command to resume from it")
+    return OSError(f"could not save the checkpoint {path} ({error}); {free / 2**20:.1f} MiB are free on its "
+                   f"disk. The partial checkpoint was removed and the previous one, if any, is kept: "
+                   f"make room, then rerun the same command to resume from it")
 
 
 def _describe(e: BaseException) -> str:
     # DCP gathers every rank's error into one exception whose text is their full tracebacks
     failures = getattr(e, "failures", None)
     if failures:
-        return "; ".join(f"rank {r}: {_describe(f[0] if isinstance(f, tuple) else f)}" for r, f in failures.items())
+        return "; ".join(f"rank {r}: {_describe(f[0] if isinstance(f, tuple) else f)}"
+                         for r, f in failures.items())
     return f"{type(e).__name__}: {e}"
 
 
@@ -157,7 +160,8 @@ def _sha256_share(folder: str, names: list[str], rank: int, world: int) -> dict:
 def find_checkpoint(out_dir: str) -> str | None:
     """The checkpoint to resume from, if any. Both kinds are there only if a save that changed the
     number of processes was cut off before it removed the older kind: the newer one is the run's."""
-    found = [p for p in (os.path.join(out_dir, CKPT_FILE), os.path.join(out_dir, CKPT_DIR)) if os.path.exists(p)]
+    found = [p for p in (os.path.join(out_dir, CKPT_FILE), os.path.join(out_dir, CKPT_DIR))
+             if os.path.exists(p)]
     return max(found, key=os.path.getmtime, default=None)
 
 
@@ -179,8 +183,8 @@ def verify_checkpoint(path: str, rank: int, world: int):
             damage = None if bad is None else f"its record {bad} fails its CRC-32 check"
         else:
             damage = None
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:  # absent, empty or not a checkpoint
-        damage = f"{type(e).__name__}: {e}"
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        damage = f"{type(e).__name__}: {e}"  # absent, empty or not a checkpoint
     raise_together(None if damage is None else UserError(
         f"the checkpoint {path} is damaged ({damage}), so the run cannot resume from it. Start afresh with "
         f"--no_resume or another --out_dir (move the checkpoint away first if you want to keep it)"))
@@ -195,8 +199,9 @@ def open_checkpoint(path: str, cfg, rank: int, world: int) -> dict:
     changed = {k: (v, getattr(cfg, k)) for k, v in ck["config"].items()
                if k not in RESUMABLE and getattr(cfg, k, None) != v}
     if changed:
-        raise UserError(f"{path} belongs to a run with other options ({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in changed.items())}); "
-                         f"continue it with its options, or start afresh with --no_resume or another --out_dir")
+        was = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        raise UserError(f"{path} belongs to a run with other options ({was}); continue it with its options, "
+                        f"or start afresh with --no_resume or another --out_dir")
     # Copied off the mapping (the RNG states are tensors): a tensor kept from it would keep the file,
     # and its disk space, after the next save replaced it.
     small = copy.deepcopy({k: ck[k] for k in ("config", "state", "scheduler", "rng")})
@@ -207,8 +212,9 @@ def load_checkpoint(path: str, small: dict, model, opt, sched, rank: int) -> dic
     """Fill model and optimizer from the checkpoint at path, whatever number of processes wrote it,
     and return the run's position as saved (the step, the curriculum's state_dict). `small` is what
     open_checkpoint returned."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     world = dist.get_world_size() if dist.is_initialized() else 1
     with_opt = small["has_optimizer_state"]  # else AdamW stays as it is: without state, as it was at the save
     if os.path.isdir(path):
@@ -228,7 +234,8 @@ def load_checkpoint(path: str, small: dict, model, opt, sched, rank: int) -> dic
         # One file: rank 0 reads it and hands each rank its shards; the others read nothing. Not
         # memory-mapped: AdamW would keep the mapped tensors as its state, and with them the file's disk
         # space after the next save replaced it.
-        ck = torch.load(path, map_location="cpu", weights_only=False) if rank == 0 else {"model": {}, "optimizer": {}}
+        ck = (torch.load(path, map_location="cpu", weights_only=False) if rank == 0
+              else {"model": {}, "optimizer": {}})
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
         set_model_state_dict(model, ck["model"], options=options)
         if with_opt:
@@ -245,14 +252,16 @@ def check_resumed_ids(path: str, ids: set, by_id: dict, data_files: list[str]):
     regenerated since, say so now, not as a KeyError on a prompt id some steps later."""
     missing = sorted(ids - by_id.keys())
     if missing:
+        shown = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
         raise UserError(f"{path} names {len(missing)} prompt ids that are not in the data files "
-                         f"({', '.join(data_files)}): {', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}; "
+                         f"({', '.join(data_files)}): {shown}; "
                          f"were the files regenerated since? Restore the ones the run began with, or start "
                          f"afresh with --no_resume or another --out_dir")
 
 
 def row_digest(p) -> str:
-    """The sha256 of what the run reads from a data row (datafile.Problem): its domain, question and reference."""
+    """The sha256 of what the run reads from a data row (datafile.Problem): its domain, question and
+    reference."""
     return hashlib.sha256(json.dumps([p.domain, p.question, p.reference]).encode()).hexdigest()
 
 
@@ -282,7 +291,8 @@ def truncate_metrics(path: str, step: int):
     epoch records at `step` were logged *after* it was saved, and are logged again on resume."""
     if not os.path.exists(path):
         return
-    keep = [r for r in read_metrics(path) if r["step"] < step or (r["step"] == step and r["type"] in ("step", "eval"))]
+    keep = [r for r in read_metrics(path)
+            if r["step"] < step or (r["step"] == step and r["type"] in ("step", "eval"))]
     with open(path + ".tmp", "w") as f:  # then renamed: a crash while rewriting must not lose the log
         f.writelines(json.dumps(r) + "\n" for r in keep)
     os.replace(path + ".tmp", path)
@@ -300,8 +310,9 @@ def read_metrics(path: str) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
             if lineno < len(lines):
-                raise UserError(f"{path}:{lineno}: not a JSON record ({e.msg}), and only the last line can be "
-                                 f"cut off by a crash; repair or delete that line, or start afresh with --no_resume "
-                                 f"or another --out_dir") from None
-            print0(f"{path}:{lineno}: dropping the last line, cut off mid-write ({len(line)} bytes: {line[:40]!r}...)")
+                raise UserError(f"{path}:{lineno}: not a JSON record ({e.msg}), and only the last line can "
+                                f"be cut off by a crash; repair or delete that line, or start afresh with "
+                                f"--no_resume or another --out_dir") from None
+            print0(f"{path}:{lineno}: dropping the last line, cut off mid-write "
+                   f"({len(line)} bytes: {line[:40]!r}...)")
     return records

@@ -79,7 +79,8 @@ def build_policy(path: str, device, rank: int, world: int, param_dtype) -> Trans
         except (OSError, ValueError, ImportError) as e:  # unreadable weights: every rank must stop, not wait
             error = e
     raise_together(error)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
     return model
 
 

@@ -24,13 +24,15 @@ class Problem:
     source: str = ""  # "file:line" of its row, for errors that must point at it
 
 
-def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level: int = 0) -> list[tuple[dict, str]]:
+def read_rows(path: str, domain: str, required: tuple, limit: int = 0,
+              max_level: int = 0) -> list[tuple[dict, str]]:
     """The rows of a JSONL prompt file, each with its "file:line", validated: UTF-8, JSON objects without
     a repeated key or a number that is not finite, the required fields non-empty strings, ids unique,
     the domain (if given) this file's, the level (when max_level filters on it) a number. Any other
     row stops the run with an error naming file, line and field."""
     if not os.path.exists(path):
-        raise MissingFile(f"{domain} data file {path!r} does not exist (make it with: python data/make_data.py)")
+        raise MissingFile(f"{domain} data file {path!r} does not exist "
+                          f"(make it with: python data/make_data.py)")
     if os.path.isdir(path):
         raise UserError(f"{domain} data file {path!r} is a folder, not a JSONL file")
     problems, seen = [], {}  # seen: id -> its line
@@ -45,8 +47,8 @@ def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                f"JSONL files must be UTF-8") from None
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} "
+                                f"at column {e.start + 1}); JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -72,22 +74,25 @@ def read_rows(path: str, domain: str, required: tuple, limit: int = 0, max_level
                 if not isinstance(row.get(key), str) or not row[key].strip():
                     raise UserError(f"{path}:{lineno}: field {key!r} is missing or not a non-empty string")
             if row.get("domain", domain) != domain:
-                raise UserError(f"{path}:{lineno}: field 'domain' is {row['domain']!r}, this file holds {domain!r}")
+                raise UserError(f"{path}:{lineno}: field 'domain' is {row['domain']!r}, "
+                                f"this file holds {domain!r}")
             if row["id"] in seen:
-                raise UserError(f"{path}:{lineno}: field 'id' {row['id']!r} repeats an earlier row (line {seen[row['id']]})")
+                raise UserError(f"{path}:{lineno}: field 'id' {row['id']!r} repeats an earlier row "
+                                f"(line {seen[row['id']]})")
             seen[row["id"]] = lineno
             if max_level:  # 'level' is only read (so only checked) when --max_level filters on it
                 level = row.get("level", 0)
                 if isinstance(level, bool) or not isinstance(level, (int, float)):
-                    raise UserError(f"{path}:{lineno}: field 'level' is {level!r}: --max_level needs a number "
-                                     f"(or no 'level', to keep the row at every level)")
+                    raise UserError(f"{path}:{lineno}: field 'level' is {level!r}: --max_level needs a "
+                                    f"number (or no 'level', to keep the row at every level)")
                 if level > max_level:
                     continue
             problems.append((row, f"{path}:{lineno}"))
             if limit and len(problems) == limit:
                 break
     if not problems:
-        raise UserError(f"{domain} data file {path!r} is empty" + (f" at levels <= {max_level}" if max_level else ""))
+        raise UserError(f"{domain} data file {path!r} is empty"
+                        + (f" at levels <= {max_level}" if max_level else ""))
     return problems
 
 

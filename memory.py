@@ -12,7 +12,7 @@ from errors import UserError
 from kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
 from kernels.utils import chunk_rows
 from model import _packed_attention
-from rollout import KVCache, free_memory, inference_copy, longest_slot, share_of_free_memory, slot_bytes
+from rollout import KVCache, free_memory, inference_copy, share_of_free_memory, slot_bytes
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class Precision:
     device_type: str       # "cuda" or "cpu"
     compute: torch.dtype   # matmuls and attention: the update, trainer_logp and generation
     autocast: bool         # the update casts the fp32 weights with torch.autocast (one unsharded process);
-                           # a sharded model is cast by FSDP2's policy instead, shard_model(param_dtype=compute)
+                           # a sharded model is cast by FSDP2's policy instead,
+                           # shard_model(param_dtype=compute)
     tf32: bool             # the fp32 matmuls that remain run on TF32 tensor cores
 
     def cast(self):
@@ -34,7 +35,8 @@ def decide_precision(device_type: str, world: int, sharded: bool, dtype: str = "
     not on whether torch.distributed is up: torchrun on one GPU makes a process group of one and
     does not shard, and must still get bf16 (it once trained in fp32, and sent fp32 to flash-attn)."""
     if world > 1 and not sharded:
-        raise ValueError(f"{world} processes that each hold the whole model: training shards it whenever world > 1")
+        raise ValueError(f"{world} processes that each hold the whole model: "
+                         f"training shards it whenever world > 1")
     compute = {"auto": torch.bfloat16 if device_type == "cuda" else torch.float32,
                "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     return Precision(device_type, compute, autocast=compute != torch.float32 and not sharded,
@@ -72,7 +74,8 @@ class MemoryPlan:
     def __str__(self):
         g = lambda b: f"{b / 2**30:.1f}"
         room = f"of {g(self.capacity)} GiB usable" if self.capacity else "(a CPU: not checked)"
-        return (f"memory plan per {'GPU' if self.capacity else 'process'}, GiB: weights {g(self.weights)} | grads {g(self.grads)} | AdamW {g(self.optimizer)} | "
+        return (f"memory plan per {'GPU' if self.capacity else 'process'}, GiB: weights {g(self.weights)} | "
+                f"grads {g(self.grads)} | AdamW {g(self.optimizer)} | "
                 f"casts {g(self.casts)} | sampler {g(self.sampler)} | reference {g(self.reference)} | "
                 f"KV cache {g(self.kv_cache)} ({self.kv_slots} slots) | "
                 f"activations {g(self.activations)} at {self.micro_tokens} tokens "
@@ -103,11 +106,13 @@ def plan_memory(mc, n_params: int, prec: Precision, world: int, max_len: int, ca
         casts = c * N if prec.autocast else 0
     sampler = c * N if (sharded or prec.compute != torch.float32) else 0   # main's `infer`
     reference = c * N if kl_coef > 0 else 0
-    static = (16 * N) // world + casts + sampler + reference   # weights 4 + grads 4 + AdamW 8 bytes a parameter
+    # weights 4 + grads 4 + AdamW 8 bytes a parameter
+    static = (16 * N) // world + casts + sampler + reference
     if capacity is not None and static > capacity:
-        raise MemoryError(f"the weights, gradients, AdamW state and their copies alone take {static / 2**30:.1f} GiB "
-                          f"per GPU, more than the {capacity / 2**30:.1f} GiB usable: use more GPUs (FSDP2 divides the "
-                          f"first three by their number) or a smaller model")
+        raise MemoryError(f"the weights, gradients, AdamW state and their copies alone take "
+                          f"{static / 2**30:.1f} GiB per GPU, more than the {capacity / 2**30:.1f} GiB "
+                          f"usable: use more GPUs (FSDP2 divides the first three by their number) "
+                          f"or a smaller model")
     # One KV-cache slot holds the longest prompt and a whole response. The cache lives through the
     # step (its CUDA graphs are reused), beside everything else here at the update's peak.
     per_slot = slot_bytes(mc, max_len, prec.compute)
@@ -131,8 +136,9 @@ def plan_memory(mc, n_params: int, prec: Precision, world: int, max_len: int, ca
         if fused:   # logits chunk, dh and dW in the forward; dh and dW scaled in the backward
             buf = min(chunk_rows(T, V, c, CHUNK_BYTES), T) * V * c
             head = max(buf + c * (T * H + V * H) * (2 if prec.autocast else 1), 2 * c * (T * H + V * H))
-        else:       # the torch reference: a chunk's fp32 log-softmax, in the forward and again in the backward;
-            # of z, log_softmax, its exp and their product (or their gradients) three are live at once
+        else:       # the torch reference: a chunk's fp32 log-softmax, in the forward and again in
+            # the backward; of z, log_softmax, its exp and their product (or their gradients) three
+            # are live at once
             head = 3 * 4 * min(chunk_rows(T, V, 4, REFERENCE_CHUNK_BYTES), T) * V
         block = T * (grad_tmp + (layer if ckpt else 0))
         return T * per_token + mask + max(head, block)   # the loss's or a block's backward on top
@@ -197,6 +203,12 @@ def kv_budget(plan: MemoryPlan, device, gen_mem: float) -> tuple[int | None, str
     return budget, f"--gen_mem {gen_mem} of {budget / gen_mem / 2**20:.0f} MiB free"
 
 
+def longest_slot(cfg, mem_bytes: int, dtype) -> int:
+    """The largest max_len for which one slot fits in mem_bytes (0 if none does)."""
+    fixed = slot_bytes(cfg, 0, dtype)
+    return max(0, (mem_bytes - fixed) // (slot_bytes(cfg, 1, dtype) - fixed))
+
+
 def make_cache(sampler, problems: list, prompt_ids: dict, max_new_tokens: int, max_slots: int,
                budget: int | None, source: str, cuda_graphs: bool = True) -> KVCache:
     """The run's one KV cache, in `budget` bytes (kv_budget: `source` says where they come from).
@@ -221,8 +233,9 @@ def make_cache(sampler, problems: list, prompt_ids: dict, max_new_tokens: int, m
             raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in {what}")
         if max_len > limit:
             more = sum(len(prompt_ids[q.id]) + max_new_tokens > limit for q in by_len) - 1
-            raise UserError(f"{longest.source} (id {longest.id!r}): the prompt is {n_prompt} tokens; with --max_new_tokens "
-                             f"{max_new_tokens} it needs {max_len} positions, more than {what}"
+            raise UserError(f"{longest.source} (id {longest.id!r}): the prompt is {n_prompt} tokens; "
+                             f"with --max_new_tokens {max_new_tokens} it needs {max_len} positions, "
+                             f"more than {what}"
                              + (f"; {more} more rows are too long too" if more else "")
                              + "; shorten or drop it, or lower --max_new_tokens")
     cache = KVCache.for_model(sampler, max_len=max_len, max_slots=max_slots, mem_bytes=budget,

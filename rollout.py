@@ -171,12 +171,6 @@ def slot_bytes(cfg, max_len: int, dtype) -> int:
     return kv + sampler + 12 * (max_len + 1)    # + out_tok, out_logp
 
 
-def longest_slot(cfg, mem_bytes: int, dtype) -> int:
-    """The largest max_len for which one slot fits in mem_bytes (0 if none does)."""
-    fixed = slot_bytes(cfg, 0, dtype)
-    return max(0, (mem_bytes - fixed) // (slot_bytes(cfg, 1, dtype) - fixed))
-
-
 def share_of_free_memory(device, fraction: float) -> int | None:
     """The sampler's memory budget where no memory plan sets one: `fraction` of the bytes free now
     on device (free_memory), or None where that cannot be known."""

@@ -23,8 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from checkpoint import (CKPT_DIR, CKPT_FILE, check_resumed_ids, check_resumed_rows, find_checkpoint, load_checkpoint,
-                        open_checkpoint, row_digest, save_checkpoint, truncate_metrics)
+from checkpoint import (CKPT_DIR, CKPT_FILE, check_resumed_ids, check_resumed_rows, find_checkpoint,
+                        load_checkpoint, open_checkpoint, row_digest, save_checkpoint, truncate_metrics)
 from common import all_max, build_policy, close_dist, print0, setup_dist, together
 from errors import UserError
 from memory import decide_precision, generation_plan, kv_budget, make_cache, plan_memory, sampler_weights
@@ -38,7 +38,8 @@ import rewards
 def option(default, help: str, rule: str | tuple = ""):
     """A Config field: its default, one line of help, and its rule: a range in interval notation
     ("[0, 1)") or a tuple of choices, checked by parse_options."""
-    meta = {"help": help} | ({"choices": tuple(rule)} if isinstance(rule, tuple) else {"range": rule} if rule else {})
+    meta = {"help": help} | ({"choices": tuple(rule)} if isinstance(rule, tuple)
+                             else {"range": rule} if rule else {})
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -48,7 +49,8 @@ def parse_options(cls, argv=None, description: str = ""):
     for f in dataclasses.fields(cls):
         if f.type is bool or isinstance(f.default, bool):
             # --hr / --no_hr style switches
-            p.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=f.default, help=f.metadata["help"])
+            p.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=f.default,
+                           help=f.metadata["help"])
             p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false")
         else:
             rule = f"range {f.metadata['range']}" if "range" in f.metadata else \
@@ -62,7 +64,8 @@ def parse_options(cls, argv=None, description: str = ""):
     for f in dataclasses.fields(cls):
         value = getattr(cfg, f.name)
         if "range" in f.metadata and not in_range(value, f.metadata["range"]):
-            raise UserError(f"--{f.name}={value!r} is outside its range {f.metadata['range']} ({f.metadata['help']})")
+            raise UserError(f"--{f.name}={value!r} is outside its range {f.metadata['range']} "
+                            f"({f.metadata['help']})")
         if "choices" in f.metadata and value not in f.metadata["choices"]:
             raise UserError(f"--{f.name}={value!r}: choose one of {', '.join(f.metadata['choices'])}")
     return cfg
@@ -91,7 +94,8 @@ class StopSignals:
         self.previous = {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # the only thread Python lets handle signals
+        # the main thread is the only one Python lets handle signals
+        if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._stop) for s in self.SIGNALS}
         return self
 
@@ -103,9 +107,9 @@ class StopSignals:
         if not self.signum:
             self.signum, self.since = signum, time.monotonic()
             if not dist.is_initialized() or dist.get_rank() == 0:
-                # os.write, not print: the handler may have interrupted a print, and sys.stdout is not re-entrant
-                os.write(2, f"\n{signal.Signals(signum).name}: stopping at the end of this step, with a checkpoint; "
-                            f"send a second signal to stop at once, without one\n".encode())
+                # os.write, not print: the handler may have interrupted a print; sys.stdout is not re-entrant
+                os.write(2, f"\n{signal.Signals(signum).name}: stopping at the end of this step, with a "
+                            f"checkpoint; send a second signal to stop at once, without one\n".encode())
         elif time.monotonic() - self.since > 1.0:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)  # the default action now: the process ends, by that signal
@@ -162,7 +166,8 @@ class Run:
         # Precision, decided once: bf16 compute over fp32 master weights on a GPU (cast by FSDP2 when
         # sharded, by autocast when not), fp32 on a CPU; generation runs in the same compute dtype.
         self.prec = decide_precision(self.device.type, world, sharded=world > 1, dtype=cfg.dtype)
-        torch.set_float32_matmul_precision("high" if self.prec.tf32 else "highest")  # TF32 for what stays fp32
+        # TF32 for what stays fp32
+        torch.set_float32_matmul_precision("high" if self.prec.tf32 else "highest")
         print0("config:\n" + "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(cfg).items()))
         # A checkpoint to resume from is verified and checked against these options before the weights load.
         self.ckpt = find_checkpoint(cfg.out_dir) if cfg.resume else None
@@ -185,16 +190,19 @@ class Run:
         `sandbox` that main checked, "" when no code runs)."""
         cfg, model, gen_dtype = self.cfg, self.model, self.prec.compute
         # 10% of the GPU left for CUDA, NCCL and fragmentation
-        usable = int(0.9 * torch.cuda.get_device_properties(self.device).total_memory) if self.device.type == "cuda" else None
+        usable = (int(0.9 * torch.cuda.get_device_properties(self.device).total_memory)
+                  if self.device.type == "cuda" else None)
         rollouts = -(-cfg.prompts_per_step // self.world) * cfg.G   # a step's rollouts on the busiest rank
         self.plan = plan_memory(model.config, num_params(model), self.prec, self.world,
-                                max_len=max(map(len, prompt_ids.values())) + cfg.max_new_tokens, capacity=usable,
-                                micro_tokens=cfg.micro_tokens, grad_ckpt=cfg.grad_ckpt, gen_slots=cfg.gen_slots,
-                                rollouts=rollouts, kl_coef=cfg.kl_coef, reference_loss=cfg.reference_loss)
+                                max_len=max(map(len, prompt_ids.values())) + cfg.max_new_tokens,
+                                capacity=usable, micro_tokens=cfg.micro_tokens, grad_ckpt=cfg.grad_ckpt,
+                                gen_slots=cfg.gen_slots, rollouts=rollouts, kl_coef=cfg.kl_coef,
+                                reference_loss=cfg.reference_loss)
         print0(self.plan)
         model.grad_ckpt = self.plan.grad_ckpt
         if self.plan.micro_tokens != cfg.micro_tokens:
-            print0(f"memory plan: --micro_tokens {cfg.micro_tokens} lowered to {self.plan.micro_tokens} to fit")
+            print0(f"memory plan: --micro_tokens {cfg.micro_tokens} "
+                   f"lowered to {self.plan.micro_tokens} to fit")
         # The sampler's copy: none in one fp32 process (it samples from the training model itself).
         self.infer = None
         if self.world > 1 or gen_dtype != torch.float32:
@@ -207,8 +215,10 @@ class Run:
         print0(f"sampler: {self.cache.n_slots} slots of {self.cache.max_len} positions, {gen_dtype}")
         print0(generation_plan(self.cache, rollouts, cfg.gen_slots, source))
         # As srpo.score_responses starts them: --reward_workers, 0 = this rank's share of the node's CPUs
-        checked = f"{sandbox} (--sandbox {cfg.sandbox}, checked at start-up)" if sandbox else "none, no code runs"
-        print0(f"rewards: {cfg.reward_workers or rewards.default_workers()} worker processes per rank | code sandbox: {checked}")
+        checked = (f"{sandbox} (--sandbox {cfg.sandbox}, checked at start-up)" if sandbox
+                   else "none, no code runs")
+        print0(f"rewards: {cfg.reward_workers or rewards.default_workers()} worker processes per rank | "
+               f"code sandbox: {checked}")
 
     def extra_cache(self, problems: list, prompt_ids: dict) -> KVCache:
         """A KV cache of its own for a set whose prompts are longer than the run's (HumanEval): the run's
@@ -219,9 +229,10 @@ class Run:
 
     def resume(self, curriculum, by_id: dict, data_files: list[str], opt, sched) -> int:
         """Fresh (step 0, an empty metrics log), or where the last checkpoint left the weights, the
-        optimizer opt, its schedule sched (both saved with every checkpoint from now on), the RNG and the curriculum (the metrics logged after it are forgotten: those
-        steps run again), on the same data: the same ids, each row's content unchanged (or, with
-        --accept_changed_data, changed and said so). Returns the step."""
+        optimizer opt, its schedule sched (both saved with every checkpoint from now on), the RNG and
+        the curriculum (the metrics logged after it are forgotten: those steps run again), on the same
+        data: the same ids, each row's content unchanged (or, with --accept_changed_data, changed and
+        said so). Returns the step."""
         step, self.opt, self.sched = 0, opt, sched
         self.digests = {pid: row_digest(p) for pid, p in by_id.items()}  # saved with each checkpoint
         if self.resumed:
@@ -230,7 +241,8 @@ class Run:
             check_resumed_ids(self.ckpt, curriculum.prompt_ids(), by_id, data_files)
             check_resumed_rows(self.ckpt, position["rows"], self.digests, by_id, self.cfg.accept_changed_data)
             step = position["step"]
-            print0(f"resumed from {self.ckpt} at step {step} (stage {curriculum.stage}, epoch {curriculum.epoch})")
+            print0(f"resumed from {self.ckpt} at step {step} "
+                   f"(stage {curriculum.stage}, epoch {curriculum.epoch})")
             if self.rank == 0:
                 truncate_metrics(self.metrics_path, step)
         elif self.rank == 0:  # afresh: an earlier run's log and checkpoint go (a crash before the first
@@ -263,8 +275,8 @@ class Run:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if self.wandb:
-                self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items() if k not in ("type", "step")},
-                               step=record["step"])
+                self.wandb.log({f"{record['type']}/{k}": v for k, v in record.items()
+                                if k not in ("type", "step")}, step=record["step"])
 
     def log_events(self, events: list):
         """The curriculum's (line to print, record to log or None) events."""
@@ -300,13 +312,15 @@ class Run:
         self.steps_this_run += 1
         signalled = self.stop.agreed(self.device)
         stop_early = cfg.max_steps_this_run and self.steps_this_run >= cfg.max_steps_this_run
-        if signalled or stop_early or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_steps):
+        due = cfg.save_every and step % cfg.save_every == 0 and step < cfg.total_steps
+        if signalled or stop_early or due:
             self.save(step, curriculum)
         if not (signalled or stop_early):
             return None
         if self.bar is not None:
             self.bar.close()
-        why = signal.Signals(signalled).name if signalled else f"--max_steps_this_run {cfg.max_steps_this_run}"
+        why = (signal.Signals(signalled).name if signalled
+               else f"--max_steps_this_run {cfg.max_steps_this_run}")
         print0(f"stopped by {why} after step {step} ({self.steps_this_run} steps of this run); "
                f"checkpoint saved in {find_checkpoint(cfg.out_dir)}")
         if signalled:
@@ -359,16 +373,18 @@ def plot_run(metrics_path: str, png_path: str):
     ax[0, 0].plot(x, [r["zero_adv"] for r in steps], label="zero-advantage groups", alpha=0.7)
     for dom in ("math", "code"):
         ev = [r for r in recs if r["type"] == "eval" and f"pass1_{dom}" in r]
-        ax[0, 0].plot([r["step"] for r in ev], [r[f"pass1_{dom}"] for r in ev], "o-", label=f"held-out pass@1 {dom}")
+        ax[0, 0].plot([r["step"] for r in ev], [r[f"pass1_{dom}"] for r in ev], "o-",
+                      label=f"held-out pass@1 {dom}")
         pts = [(r["step"], r[f"acc_{dom}"]) for r in steps if dom == "math" or r["n_code"]]
         if pts:
             ax[0, 1].plot(*zip(*pts), label=f"train accuracy {dom}")
     ax[1, 0].plot(x, [r["resp_len"] for r in steps])
     hr = [r for r in recs if r["type"] == "epoch" and "dropped" in r]
     if hr:
-        ax[1, 1].bar([r["step"] for r in hr], [r["dropped"] for r in hr], label="all correct: dropped (or, HR off, would be)")
-        ax[1, 1].bar([r["step"] for r in hr], [r["kept_all_wrong"] for r in hr], bottom=[r["dropped"] for r in hr],
-                     label="kept, all wrong")
+        ax[1, 1].bar([r["step"] for r in hr], [r["dropped"] for r in hr],
+                     label="all correct: dropped (or, HR off, would be)")
+        ax[1, 1].bar([r["step"] for r in hr], [r["kept_all_wrong"] for r in hr],
+                     bottom=[r["dropped"] for r in hr], label="kept, all wrong")
         ax[1, 1].bar([r["step"] for r in hr], [r["kept_mixed"] for r in hr],
                      bottom=[r["dropped"] + r["kept_all_wrong"] for r in hr], label="kept, mixed")
     for r in recs:

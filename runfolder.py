@@ -39,10 +39,10 @@ def check_out_dir(out_dir: str, model_path: str, resume: bool) -> str:
     common = os.path.commonpath([out, model])
     if common in (out, model):
         relation = "is" if out == model else "is inside" if common == model else "holds"
-        raise UserError(f"--out_dir {out_dir} {relation} the model {model_path}"
-                        + (f" (resolved: {out} and {model})" if (out, model) != (out_dir, model_path) else "")
-                        + ": the run writes config.json, checkpoints and policy/ into --out_dir, and must not write "
-                          "into the model's folder. Choose an --out_dir outside it")
+        resolved = f" (resolved: {out} and {model})" if (out, model) != (out_dir, model_path) else ""
+        raise UserError(f"--out_dir {out_dir} {relation} the model {model_path}" + resolved
+                        + ": the run writes config.json, checkpoints and policy/ into --out_dir, and must "
+                          "not write into the model's folder. Choose an --out_dir outside it")
     if os.path.islink(out_dir) and not os.path.exists(out_dir):
         raise UserError(f"--out_dir {out_dir} is a symbolic link that leads nowhere (a loop, or its target "
                         f"is gone)")
@@ -156,8 +156,8 @@ def lock_out_dir(out_dir: str):
         holder = f.read().strip() or "its process has not written its name yet"
         f.close()
         raise UserError(f"--out_dir {out_dir} is in use by another run ({holder}); two runs in one folder "
-                           f"would mix their metrics and overwrite each other's checkpoints. Wait for it to end "
-                           f"(or stop it), or choose another --out_dir") from None
+                        f"would mix their metrics and overwrite each other's checkpoints. Wait for it to "
+                        f"end (or stop it), or choose another --out_dir") from None
     f.truncate(0)  # writes in "a+" mode go to the end, which is now the start
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
             f"{shlex.join(sys.argv)}\n")

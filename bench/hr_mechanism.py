@@ -42,7 +42,7 @@ def estimate_rates(argv: list[str], n: int, reward_fn=srpo.score_responses) -> l
 
     import memory
     from weights import load_model, load_tokenizer, resolve_model_path
-    from rollout import inference_copy, free_memory
+    from rollout import inference_copy, share_of_free_memory
     cfg = srpo.parse_config(argv)
     path = resolve_model_path(cfg.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,8 +54,7 @@ def estimate_rates(argv: list[str], n: int, reward_fn=srpo.score_responses) -> l
         sampler = inference_copy(sampler, dtype=prec.compute, device=device)
     pool = datafile.load_problems(cfg.math_train, "math", cfg.max_prompts, cfg.max_level)
     prompt_ids = {p.id: srpo.encode_prompt(tok, p, cfg.one_shot) for p in pool}
-    free = free_memory(device)  # no memory plan here (no update): --gen_mem of what is free, as on a CPU
-    budget = None if free is None else int(cfg.gen_mem * free)
+    budget = share_of_free_memory(device, cfg.gen_mem)  # no memory plan here (no update): as on a CPU
     cache = memory.make_cache(sampler, pool, prompt_ids, cfg.max_new_tokens, cfg.gen_slots, budget,
                                 f"--gen_mem {cfg.gen_mem} of what is free")
     rolls = srpo.sample_responses(sampler, cache, tok, pool, prompt_ids, n, cfg.temperature, cfg.seed,

@@ -162,8 +162,7 @@ def time_update(model, samples, cfg: srpo.Config, device, cuda: bool, warmup: in
     out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     out["first_s"] = first_s
     out["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None
-    del opt
-    return out
+    return out                        # AdamW's state goes with this frame (opt and the closure one)
 
 
 def host_prep_ms(samples, cfg: srpo.Config, device) -> float:
