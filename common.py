@@ -2,6 +2,8 @@
 Processes and collectives: the torch this code needs, one process or torchrun's (one per GPU with
 FSDP2, or CPU processes over gloo), the policy built and sharded, and the few collectives the trainer
 uses (sums, maxima, lists, an error raised on every rank at once). In one process each is a no-op.
+Also what a process has to work with: the memory free on its device, and a whole (unsharded) copy of
+a sharded policy for the sampler and the KL reference.
 """
 
 import os
@@ -158,3 +160,80 @@ def all_max(x: int, device) -> int:
 def all_gather_lists(items: list) -> list:
     """Every rank's list, concatenated in rank order; the list itself in one process."""
     return [x for part in _gather(items) for x in part]
+
+
+# -----------------------------------------------------------------------------
+# Memory free on a device
+
+def share_of_free_memory(device, fraction: float) -> int | None:
+    """The sampler's memory budget where no memory plan sets one: `fraction` of the bytes free now
+    on device (free_memory), or None where that cannot be known."""
+    free = free_memory(device)
+    return None if free is None else int(fraction * free)
+
+
+def free_memory(device) -> int | None:
+    """Bytes free now on device: the GPU's free memory, or on a CPU what the OS reports available
+    (Linux's MemAvailable: free RAM plus caches it can drop; psutil elsewhere, if installed), and no
+    more than a container's memory limit leaves. None where it cannot be known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024  # the file says kB and means KiB
+    except OSError:
+        try:
+            import psutil
+            free = psutil.virtual_memory().available
+        except ImportError:
+            pass
+    # In a container the OOM killer acts at the cgroup's limit, which MemAvailable (the host's) ignores.
+    v1 = "/sys/fs/cgroup/memory/memory."
+    cgroup_files = [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),   # cgroup v2
+                    (v1 + "limit_in_bytes", v1 + "usage_in_bytes")]
+    for limit_file, usage_file in cgroup_files:
+        try:
+            with open(limit_file) as f, open(usage_file) as g:
+                limit, usage = f.read().strip(), int(g.read())
+        except (OSError, ValueError):
+            continue
+        if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number
+            left = max(0, int(limit) - usage)
+            free = left if free is None else min(free, left)
+        break
+    return free
+
+
+# -----------------------------------------------------------------------------
+# Whole weights for generation and the KL reference (FSDP2)
+
+
+@torch.no_grad()
+def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16, device=None) -> Transformer:
+    """A plain, unsharded, no-grad copy of `model` for generation, or `into` refreshed in place.
+    `model` may be a plain Transformer or one wrapped by FSDP2's fully_shard, whose parameters are
+    DTensor shards: each is cast to the copy's dtype and all-gathered with full_tensor(), one at a
+    time (so at most one whole parameter is in flight), and copied into the copy. Under FSDP every
+    rank must call this."""
+    if into is None:
+        p = next(model.parameters())
+        device = device or (p.device_mesh.device_type if hasattr(p, "device_mesh") else p.device)
+        with torch.device("meta"):  # no random initialisation: every weight is copied in below
+            into = Transformer(model.hf_config)
+        into = into.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
+    ours = into.state_dict()
+    for name, t in model.state_dict().items():
+        # Cast this rank's shard first, then gather: rounding each element commutes with putting the
+        # shards together, so the result is the same as gathering fp32 and casting, for half the bytes
+        # over the interconnect and no fp32 copy of the whole matrix.
+        t = t.to(ours[name].dtype)
+        if hasattr(t, "full_tensor"):   # a DTensor: gather the shards
+            t = t.full_tensor()
+        ours[name].copy_(t)
+    return into

@@ -7,12 +7,12 @@ weights, AdamW and the KV cache), and the sampler's weights and KV cache.
 from dataclasses import dataclass
 import torch
 
-from common import print0
+from common import free_memory, inference_copy, print0, share_of_free_memory
 from errors import UserError
 from kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
 from kernels.utils import chunk_rows
 from model import _packed_attention
-from rollout import KVCache, free_memory, inference_copy, share_of_free_memory, slot_bytes
+from rollout import KVCache, slot_bytes
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ def sampler_weights(model, infer):
     """The model the sampler should run, holding the policy's current weights. In one fp32 process
     that is the training model itself (infer is None). Otherwise `infer` is a plain, unsharded copy
     in the generation dtype, refreshed in place: under FSDP2 every parameter is all-gathered
-    (rollout.inference_copy), so all ranks must call this together."""
+    (common.inference_copy), so all ranks must call this together."""
     if infer is None:
         return model
     return inference_copy(model, into=infer)

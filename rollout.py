@@ -20,8 +20,9 @@ logp_old. The uniform number that picks token t of request r is a hash of (seed,
 run reproduces, and a request's tokens do not depend on its slot or on when it was admitted.
 
 After a training step, call generate() with the same model: graphs recorded on its weights stay valid
-while they are updated in place. An FSDP2-sharded model first needs whole weights: inference_copy()
-builds (or refreshes) a plain bf16 copy by gathering one parameter at a time; every rank must call it.
+while they are updated in place. An FSDP2-sharded model first needs whole weights:
+common.inference_copy() builds (or refreshes) a plain bf16 copy by gathering one parameter at a time;
+every rank must call it.
 We prefer this to FSDPModule.unshard(): FSDP's hooks free unsharded parameters again on the next
 forward, which would leave recorded graphs pointing at freed memory.
 """
@@ -35,7 +36,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from model import Transformer
+from common import share_of_free_memory
 
 
 def optional_flash_attn(name: str, fallback: str):
@@ -147,7 +148,7 @@ class KVCache:
                   mem_bytes: int | None = None, dtype=None, device=None, compile=None,
                   graphs=None) -> "KVCache":
         """As many slots (up to max_slots) as fit in mem_bytes, by default mem_fraction of the memory
-        free now (free_memory), on a CPU too: max_slots long slots can exceed the RAM. Each slot
+        free now (common.free_memory), on a CPU too: max_slots long slots can exceed the RAM. Each slot
         costs slot_bytes(): keys/values for max_len positions plus the sampler's work buffers."""
         if max_slots < 1:
             raise ValueError(f"max_slots={max_slots}: the cache needs at least one slot")
@@ -169,51 +170,6 @@ def slot_bytes(cfg, max_len: int, dtype) -> int:
     kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * max_len * torch.finfo(dtype).bits // 8
     sampler = 6 * 4 * cfg.vocab_size            # logits, probs, cdf, sorted values + int64 ids
     return kv + sampler + 12 * (max_len + 1)    # + out_tok, out_logp
-
-
-def share_of_free_memory(device, fraction: float) -> int | None:
-    """The sampler's memory budget where no memory plan sets one: `fraction` of the bytes free now
-    on device (free_memory), or None where that cannot be known."""
-    free = free_memory(device)
-    return None if free is None else int(fraction * free)
-
-
-def free_memory(device) -> int | None:
-    """Bytes free now on device: the GPU's free memory, or on a CPU what the OS reports available
-    (Linux's MemAvailable: free RAM plus caches it can drop; psutil elsewhere, if installed), and no
-    more than a container's memory limit leaves. None where it cannot be known."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    free = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024  # the file says kB and means KiB
-    except OSError:
-        try:
-            import psutil
-            free = psutil.virtual_memory().available
-        except ImportError:
-            pass
-    # In a container the OOM killer acts at the cgroup's limit, which MemAvailable (the host's) ignores.
-    v1 = "/sys/fs/cgroup/memory/memory."
-    cgroup_files = [("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),   # cgroup v2
-                    (v1 + "limit_in_bytes", v1 + "usage_in_bytes")]
-    for limit_file, usage_file in cgroup_files:
-        try:
-            with open(limit_file) as f, open(usage_file) as g:
-                limit, usage = f.read().strip(), int(g.read())
-        except (OSError, ValueError):
-            continue
-        if limit != "max" and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number
-            left = max(0, int(limit) - usage)
-            free = left if free is None else min(free, left)
-        break
-    return free
 
 
 # -----------------------------------------------------------------------------
@@ -702,32 +658,3 @@ def _find_stop(tokenizer, tokens, start, stop_strings):
         if any(s in tokenizer.decode(tokens[lo:m]) for s in stop_strings):
             return m
     return None
-
-
-# -----------------------------------------------------------------------------
-# Whole weights for generation (FSDP2)
-
-
-@torch.no_grad()
-def inference_copy(model, into: Transformer | None = None, dtype=torch.bfloat16, device=None) -> Transformer:
-    """A plain, unsharded, no-grad copy of `model` for generation, or `into` refreshed in place.
-    `model` may be a plain Transformer or one wrapped by FSDP2's fully_shard, whose parameters are
-    DTensor shards: each is cast to the copy's dtype and all-gathered with full_tensor(), one at a
-    time (so at most one whole parameter is in flight), and copied into the copy. Under FSDP every
-    rank must call this."""
-    if into is None:
-        p = next(model.parameters())
-        device = device or (p.device_mesh.device_type if hasattr(p, "device_mesh") else p.device)
-        with torch.device("meta"):  # no random initialisation: every weight is copied in below
-            into = Transformer(model.hf_config)
-        into = into.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
-    ours = into.state_dict()
-    for name, t in model.state_dict().items():
-        # Cast this rank's shard first, then gather: rounding each element commutes with putting the
-        # shards together, so the result is the same as gathering fp32 and casting, for half the bytes
-        # over the interconnect and no fp32 copy of the whole matrix.
-        t = t.to(ours[name].dtype)
-        if hasattr(t, "full_tensor"):   # a DTensor: gather the shards
-            t = t.full_tensor()
-        ours[name].copy_(t)
-    return into

@@ -25,11 +25,11 @@ import torch.distributed as dist
 
 from checkpoint import (CKPT_DIR, CKPT_FILE, check_resumed_ids, check_resumed_rows, find_checkpoint,
                         load_checkpoint, open_checkpoint, row_digest, save_checkpoint, truncate_metrics)
-from common import all_max, build_policy, close_dist, print0, setup_dist, together
+from common import all_max, build_policy, close_dist, inference_copy, print0, setup_dist, together
 from errors import UserError
 from memory import decide_precision, generation_plan, kv_budget, make_cache, plan_memory, sampler_weights
 from model import _packed_attention, num_params, require_compiled_flex
-from rollout import KVCache, inference_copy
+from rollout import KVCache
 from runfolder import RunFolder, check_out_dir
 from weights import load_hf_config, load_tokenizer, resolve_model_path, save_model
 import rewards

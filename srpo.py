@@ -50,7 +50,7 @@ from datafile import Problem, load_data
 from errors import exit_on_user_error
 from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
 from memory import Precision
-from rollout import eos_token_ids, generate, inference_copy
+from rollout import eos_token_ids, generate
 from run import Run, option, parse_options
 
 # -----------------------------------------------------------------------------
@@ -562,7 +562,7 @@ def main(argv=None, reward_fn=score_responses) -> int:
             opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
         ref_model = None
         if cfg.kl_coef > 0:
-            ref_model = inference_copy(run.model, dtype=run.prec.compute, device=device)
+            ref_model = common.inference_copy(run.model, dtype=run.prec.compute, device=device)
         cur = Curriculum({s: [p.id for p in ps] for s, ps in stages.items()}, cfg.prompts_per_step, cfg.seed,
                          cfg.hr, cfg.hr_return_after, cfg.stage1_steps, cfg.stage1_epochs,
                          DropRule(cfg.hr_rule, cfg.hr_tau, cfg.hr_q))

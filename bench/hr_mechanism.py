@@ -42,7 +42,7 @@ def estimate_rates(argv: list[str], n: int, reward_fn=srpo.score_responses) -> l
 
     import memory
     from weights import load_model, load_tokenizer, resolve_model_path
-    from rollout import inference_copy, share_of_free_memory
+    from common import inference_copy, share_of_free_memory
     cfg = srpo.parse_config(argv)
     path = resolve_model_path(cfg.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,4 @@
-"""The sampler's copy of an FSDP2-sharded policy (rollout.inference_copy), on 2 CPU processes over
+"""The sampler's copy of an FSDP2-sharded policy (common.inference_copy), on 2 CPU processes over
 gloo: which dtype its all-gathers move, and whether its weights equal the fp32 gather cast after.
 tests/test_rollout.py runs it and reads the result.
 
@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from model import Transformer  # noqa: E402
-from rollout import inference_copy  # noqa: E402
+from common import inference_copy  # noqa: E402
 
 
 class GatherDtypes(TorchDispatchMode):

@@ -12,7 +12,7 @@ import harness
 import datafile
 import srpo
 from weights import load_model, load_tokenizer
-import rollout
+import common
 from rollout import KVCache
 
 
@@ -38,7 +38,7 @@ def write_rows(path, rows_) -> str:
 
 def mem_available() -> int:
     """The free memory the sampler's CPU budget is a fraction of (--gen_mem of it)."""
-    free = rollout.free_memory("cpu")
+    free = common.free_memory("cpu")
     if free is None:
         pytest.skip("this machine does not say how much memory is available")
     return free

@@ -324,7 +324,8 @@ def sampler_vs_trainer(model, prompts, n, max_new_tokens):
     Returns {trainer: (mean, max) |sampler logp - trainer logp|} over the response tokens."""
     import memory
     import srpo
-    from rollout import generate, inference_copy
+    from common import inference_copy
+    from rollout import generate
     sampler = inference_copy(model, dtype=torch.bfloat16, device="cpu")
     rolls = generate(sampler, prompts, n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=0)
     samples = [srpo.Sample(prompts[r.prompt_idx] + r.tokens, len(prompts[r.prompt_idx]), r.logprobs, 1.0)

@@ -20,7 +20,7 @@ import curriculum
 import srpo
 from errors import UserError
 from weights import load_model
-from rollout import inference_copy
+from common import inference_copy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "tests", "harness.py")

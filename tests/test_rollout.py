@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import rollout
 from model import Transformer
-from rollout import KVCache, generate, inference_copy
+from common import inference_copy
+from rollout import KVCache, generate
 from weights import load_hf_state_dict
 
 V = 97
