@@ -20,7 +20,7 @@ ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$what" = "demo" ] || [ "$what" = "grpo" ]; then
     hr=$([ "$what" = "grpo" ] && echo --no_hr || echo --hr)
     if [ "$ngpu" -eq 0 ]; then
-        # One CPU process, a configuration small enough for 2 cores and about 4 minutes (bench/RESULTS.md):
+        # One CPU process, a configuration small enough for 2 cores and about 7 minutes (bench/RESULTS.md):
         # the easiest problems (levels 1-2, which the model solves about half the time: mixed groups),
         # 12 prompts per domain so an epoch is 3 steps and history resampling acts several times,
         # short answers, and a larger learning rate than the paper's (tuned for 32B models and

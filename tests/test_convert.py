@@ -415,22 +415,28 @@ def world(tmp_path_factory):
 
 
 def test_training_runs_on_converted_data(world, tmp_path):
-    """Two steps of a tiny model on converted files, math (GSM8K) then code (APPS: call-based and
-    stdin/stdout), evaluated on AIME and CodeContests (stdin/stdout), with the default rule-based reward
-    and the real sandbox: the run finishes and logs both stages."""
-    gsm = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i}\n#### {2 * i:,}"} for i in range(4)]
-    write(str(tmp_path / "gsm8k-train.jsonl"), gsm)
-    math_train = str(tmp_path / "math.jsonl")
-    convert.convert(str(tmp_path / "gsm8k-train.jsonl"), math_train, log=lambda *a: None)
-    code_train = converted(tmp_path, "apps")
+    """Two steps of a tiny model on the converted rows of every format, math (GSM8K, MATH, DeepScaleR, AIME,
+    verl) then code (HumanEval, MBPP, APPS, CodeContests, LiveCodeBench: case, assert and stdin/stdout
+    tests), with the default rule-based reward and the real sandbox: every converted row enters the
+    training pool, and the run finishes and logs both stages."""
+    pools = {}
+    for domain, formats in (("math", ("gsm8k", "math", "deepscaler", "aime", "verl")),
+                            ("code", ("humaneval", "mbpp", "apps", "codecontests", "livecodebench"))):
+        pools[domain] = str(tmp_path / f"{domain}_train.jsonl")
+        with open(pools[domain], "w") as f:
+            for fmt in formats:
+                f.write(open(converted(tmp_path, fmt)).read())
+    n_rows = {d: len(read(path)) for d, path in pools.items()}
+    assert n_rows == {"math": 9, "code": 10}, n_rows
     out = tmp_path / "run"
-    srpo.main(harness.world_args(world, str(out), math_train=math_train, code_train=code_train,
-                                 math_test=converted(tmp_path, "aime"), code_test=converted(tmp_path, "codecontests"),
+    srpo.main(harness.world_args(world, str(out), math_train=pools["math"], code_train=pools["code"],
                                  total_steps=2, stage1_steps=1))
     recs = [json.loads(x) for x in open(out / "metrics.jsonl")]
     steps = [r for r in recs if r["type"] == "step"]
     assert [(r["step"], r["stage"]) for r in steps] == [(1, 1), (2, 2)], steps
     assert steps[1]["n_code"] > 0, "stage 2 trained on the converted code rows"
+    stage2 = next(r for r in recs if r["type"] == "stage")
+    assert stage2["prompts"] == n_rows["math"] + n_rows["code"], f"a converted row is not in the pool: {stage2}"
     assert {r["tag"] for r in recs if r["type"] == "eval"} == {"before", "after"}
 
 
