@@ -67,6 +67,13 @@ def test_identity_check_accepts_the_baseline_and_catches_a_change():
     step["new_field"] = 1
     step["loss"] *= 1 + 1e-6
     assert ci.compare(run, base) == [], "timings, new fields and 1e-6 float noise must pass"
+    # A loss that is zero up to fp32 rounding may come back with the other sign, but not as 1e-5.
+    near_zero = next(r for r in run if r["type"] == "step" and 0 < abs(r["loss"]) < 1e-6)
+    near_zero["loss"] = -near_zero["loss"]
+    assert ci.compare(run, base) == [], "a near-zero loss within fp32 rounding of zero must pass"
+    near_zero["loss"] = 1e-5
+    assert ci.compare(run, base), "a loss of 1e-5 where the baseline has zero must be caught"
+    near_zero["loss"] = base[run.index(near_zero)]["loss"]
     step["gen_tokens"] += 1
     step["loss"] *= 1.01
     problems = ci.compare(run[1:], base)
