@@ -51,7 +51,7 @@ from multiprocessing.connection import Connection, wait
 # helpers shared with it: the str check of inputs, and the parent-death signal the workers use too.
 from sandbox import (CODE_TIMEOUT, SANDBOX_ENV, SANDBOX_MODES, SandboxUnavailable,  # noqa: F401
                      _check_str, _die_with_parent, check_mode, check_sandbox, check_tests,
-                     describe_sandbox, parse_cases, run_program)
+                     describe_sandbox, parse_cases, run_deadline, run_program)
 
 log = logging.getLogger("srpo.rewards")
 
@@ -545,8 +545,8 @@ def score_batch(completions: list[str], domains: list[str], references: list[str
         # The pool's deadline for code adds slack for the sandbox's own start-up and clean-up:
         # the sandbox enforces the program's deadline itself and reports "timeout". The
         # stdin/stdout form runs the program once per case, each case under the deadline.
-        runs = [len(r) + 1 if isinstance(r, list) else 1 for r in references]
-        hard = [t if d == "math" else t * n + 5.0 for d, t, n in zip(domains, timeouts, runs)]
+        hard = [t if d == "math" else run_deadline(r, t) + 5.0
+                for d, t, r in zip(domains, timeouts, references)]
         results = _get_pool(workers).map(tasks, hard)
 
     scores = []

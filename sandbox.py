@@ -39,6 +39,7 @@ Public API (rewards.py re-exports most of it):
     parse_cases(tests) -> list | None             the cases of case-form tests (None: assert form)
     check_tests(tests)                            ValueError naming the line if tests are unusable
     run_program(program, tests, timeout, sandbox=None) -> (passed, error, output)
+    run_deadline(tests, timeout) -> float          a run's wall-clock deadline (per case in the stdin form)
     check_mode(mode) -> str                       ValueError unless `mode` is one of SANDBOX_MODES
     check_sandbox(mode=None) -> str               check that a sandbox mode works here, or raise
     describe_sandbox(mode=None) -> str            the checked mode, what a program gets in it here and why
@@ -1366,8 +1367,7 @@ def _run(mode: str, program: str, tests: str,
     job = {"program": program, "names": prepared["names"], "home": "/sandbox", "uid": -1, "gid": -1,
            "root": None, "seccomp": "", "site": site_dirs,
            "kind": "stdio" if stdio else "functions", "case_timeout": timeout}
-    if stdio:  # each case has the whole deadline (the harness enforces it), the run one per case
-        timeout *= len(prepared["code"][1]) + 1  # + 1: the sandbox's start-up
+    timeout = run_deadline(tests, timeout)
     namespaced = mode != "rlimits"
     root = os.geteuid() == 0
     # Not root: the namespaces are made inside a user namespace of the run's own, where the harness
@@ -1587,6 +1587,13 @@ def check_sandbox(mode: str | None = None) -> str:
     if mode != "full" or os.geteuid() != 0:
         log.warning("code sandbox %r: %s", mode, _describe(mode))
     return mode
+
+
+def run_deadline(tests: str | list, timeout: float) -> float:
+    """The wall-clock deadline of one run of a program against `tests`: `timeout`, or in the
+    stdin/stdout form (a list) `timeout` per case, each case a run of its own, plus one for the
+    sandbox's start-up (the harness holds each case to `timeout`)."""
+    return timeout * (len(tests) + 1) if isinstance(tests, list) else timeout
 
 
 def run_program(program: str, tests: str | list, timeout: float = CODE_TIMEOUT,
