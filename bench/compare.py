@@ -23,6 +23,13 @@ seeds, their difference, Welch's t test and an exact permutation test, both two-
 arms ran the same seeds (config.json), it adds the difference paired seed by seed, marked
 exploratory: the protocol registered the unpaired tests.
 
+With --differences the arguments come in pairs, one pair per experiment, labelled EXPERIMENT:ARM
+(e.g. "G4:SRPO=..." "G4:GRPO=..." "G16:SRPO=..." "G16:GRPO=..."): it prints, for every experiment,
+the first arm minus the second on both primary metrics with the difference's 95% Welch interval,
+Welch's p and the permutation p (and the seed-paired difference, exploratory), and --png plots those
+differences with their intervals, one row per experiment: the results of several experiments side
+by side.
+
 Evaluations are what the comparison rests on, so runs need several (srpo.py --eval_every N). The
 accuracy is `--metric`: pass1_math, pass1_code, or pass1_mean (their mean, the default).
 """
@@ -214,6 +221,13 @@ def paired_t(a: list[float], b: list[float]) -> tuple[float, float, float, float
     return m, lo, hi, float(stats.ttest_rel(a, b).pvalue)
 
 
+def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean(a) - mean(b), low, high): the difference's Welch interval, the t quantile at the
+    Welch-Satterthwaite degrees of freedom times the unpooled standard error."""
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return statistics.mean(a) - statistics.mean(b), float(ci.low), float(ci.high)
+
+
 PRIMARY = (("final pass@1", lambda r: r.evals[-1][2]), ("area under curve", auc))
 
 
@@ -252,6 +266,75 @@ def significance(groups: dict[str, list[Run]]) -> str:
         diff = statistics.mean(xs[0]) - statistics.mean(xs[1])
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {diff:+.3f} | {test[0]} | {test[1]} |")
     return "\n".join(lines)
+
+
+def experiment_pairs(groups: dict[str, list[Run]]) -> list[tuple[str, str, str]]:
+    """--differences: the labels in consecutive pairs, EXPERIMENT:ARM each, one experiment a pair:
+    [(experiment, first label, second label)]."""
+    labels = list(groups)
+    if len(labels) % 2:
+        raise ValueError(f"--differences takes the arms in pairs (EXPERIMENT:A, EXPERIMENT:B), got {len(labels)}")
+    pairs = []
+    for first, second in zip(labels[::2], labels[1::2]):
+        exp, sep, _ = first.partition(":")
+        if not sep or second.partition(":")[0] != exp or second.partition(":")[1] != ":":
+            raise ValueError(f"--differences: {first!r} and {second!r} must be labelled EXPERIMENT:ARM with the "
+                             f"same EXPERIMENT, e.g. G4:SRPO and G4:GRPO")
+        for label in (first, second):
+            if len(groups[label]) < 2:
+                raise ValueError(f"{label}: an interval needs at least two seeds, got {len(groups[label])}")
+        pairs.append((exp, first, second))
+    return pairs
+
+
+def differences(groups: dict[str, list[Run]]) -> tuple[str, list[dict]]:
+    """Each experiment's first arm minus its second on both primary metrics, with the pre-registered
+    two-sided tests, and the seed-paired difference where the seeds pair (exploratory)."""
+    lines = ["| experiment | metric | difference | A - B [95% Welch CI] | Welch t (df), p | permutation p "
+             "| seed-paired A - B [95% CI] (exploratory) |", "|---" * 7 + "|"]
+    rows = []
+    for exp, a, b in experiment_pairs(groups):
+        for name, value in PRIMARY:
+            xa, xb = ([value(r) for r in groups[l]] for l in (a, b))
+            d, lo, hi = welch_interval(xa, xb)
+            t, df, p = welch(xa, xb)
+            pp = permutation_p(xa, xb)
+            seeds = [{r.seed: value(r) for r in groups[l]} for l in (a, b)]
+            common = sorted(set(seeds[0]) & set(seeds[1]) - {None})
+            pair = "n/a (seeds do not pair)"
+            if len(common) >= 2:
+                m, plo, phi, _ = paired_t([seeds[0][s] for s in common], [seeds[1][s] for s in common])
+                pair = f"{m:+.3f} [{plo:+.3f}, {phi:+.3f}] over seeds {common}"
+            lines.append(f"| {exp} | {name} | {a.partition(':')[2]} - {b.partition(':')[2]} | {d:+.3f} "
+                         f"[{lo:+.3f}, {hi:+.3f}] | {t:.2f} ({df:.1f}), {p:.3f} | {pp:.3f} | {pair} |")
+            rows.append(dict(experiment=exp, metric=name, a=a, b=b, diff=d, low=lo, high=hi, p=p, p_perm=pp))
+    return "\n".join(lines), rows
+
+
+def plot_differences(rows: list[dict], metric: str, png: str):
+    """One panel per primary metric: each experiment's difference as a point with its 95% interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [name for name, _ in PRIMARY]
+    exps = list(dict.fromkeys(r["experiment"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 1.2 + 0.7 * len(exps)), sharey=True)
+    for ax, name in zip(axes, names):
+        for y, exp in enumerate(exps):
+            r = next(r for r in rows if r["experiment"] == exp and r["metric"] == name)
+            ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]], fmt="o", capsize=4)
+            ax.annotate(f"{r['diff']:+.3f}", (r["diff"], y), textcoords="offset points", xytext=(0, 7),
+                        ha="center", fontsize=8)
+        ax.axvline(0, color="gray", lw=0.8, ls="--")
+        ax.set_title(f"{name} ({metric}): A - B, 95% Welch interval", fontsize=9)
+    axes[0].set_yticks(range(len(exps)))
+    axes[0].set_yticklabels([f"{e}: {next(r['a'] for r in rows if r['experiment'] == e).partition(':')[2]} - "
+                             f"{next(r['b'] for r in rows if r['experiment'] == e).partition(':')[2]}" for e in exps],
+                            fontsize=8)
+    axes[0].set_ylim(len(exps) - 0.5, -0.8)  # the first experiment on top, room for its label
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -309,8 +392,19 @@ def main(argv=None) -> str:
     ap.add_argument("--metric", default="pass1_mean", help="pass1_math, pass1_code or pass1_mean")
     ap.add_argument("--target", type=float, default=None, help="accuracy to reach (default: the best all runs reach)")
     ap.add_argument("--png", default=None, help="write the plot here")
+    ap.add_argument("--differences", action="store_true",
+                    help="arms in pairs labelled EXPERIMENT:ARM: each experiment's difference with its interval")
     args = ap.parse_args(argv)
     groups = parse_groups(args.groups, args.metric)
+    if args.differences:
+        table, rows = differences(groups)
+        text = (f"{args.metric}: each experiment's first arm minus its second (intervals: Welch over seeds; "
+                f"tests two-sided)\n\n" + table)
+        print(text)
+        if args.png:
+            plot_differences(rows, args.metric, args.png)
+            print(f"\nplot: {args.png}")
+        return text
     runs = [r for rs in groups.values() for r in rs]
     target = default_target(runs) if args.target is None else args.target
     how = "given" if args.target is not None else "the best accuracy every run reached"

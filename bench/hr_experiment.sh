@@ -8,6 +8,8 @@
 #                                          #   and the mechanism's pass rates (issue 25, section "History
 #   bash bench/hr_experiment.sh g16        # SRPO against GRPO at G = 16      resampling in its own regime")
 #   SEEDS="1 2" bash bench/hr_experiment.sh g16   # a subset of seeds
+#   bash bench/hr_experiment.sh report     # every experiment side by side, once all have run: each one's
+#                                          #   difference with its 95% interval (compare.py --differences)
 #
 # Run it in a git worktree at one fixed commit (git worktree add ../srpo-exp COMMIT), niced; on the
 # 2-core machine, two instances side by side with one thread each, as the first experiment's seeds 2-5:
@@ -42,7 +44,8 @@ case $EXP in
     hr1) arms="srpo grpo"; size=("${g4[@]}"); RUNS=${RUNS:-runs/hr-exp}; KEEP=bench/hr-exp ;;
     g4)  arms="post"; size=("${g4[@]}"); RUNS=${RUNS:-runs/hr-exp2/g4}; KEEP=bench/hr-exp2/g4 ;;
     g16) arms="srpo grpo"; size=("${g16[@]}"); RUNS=${RUNS:-runs/hr-exp2/g16}; KEEP=bench/hr-exp2/g16 ;;
-    *) echo "unknown experiment '$EXP': hr1, g4 or g16" >&2; exit 2 ;;
+    report) ;;
+    *) echo "unknown experiment '$EXP': hr1, g4, g16 or report" >&2; exit 2 ;;
 esac
 
 arm_flags() {  # the one thing the arms differ in
@@ -82,6 +85,21 @@ run_one() {  # ARM SEED: run (or finish) it, then copy what it measured to $KEEP
 dirs() {  # ROOT ARM: the kept runs of ARM, one per seed, comma-separated
     for s in $SEEDS; do printf "%s/%s-s%s," "$1" "$2" "$s"; done | sed 's/,$//'
 }
+
+if [ "$EXP" = report ]; then
+    # The G = 4 controls of experiment (i): the first experiment's runs if they were reproduced.
+    c=$(cat bench/hr-exp2/g4/controls)
+    g4=(); [ "$c" = bench/hr-exp ] || g4=("G4 at the fixed commit:SRPO=$(dirs "$c" srpo)"
+                                         "G4 at the fixed commit:GRPO=$(dirs "$c" grpo)")
+    python3 bench/compare.py --differences --metric pass1_math --png bench/img/hr-differences.png \
+        "G4, first experiment:SRPO=$(dirs bench/hr-exp srpo)" "G4, first experiment:GRPO=$(dirs bench/hr-exp grpo)" \
+        "${g4[@]}" \
+        "G4 posterior rule:POST=$(dirs bench/hr-exp2/g4 post)" "G4 posterior rule:GRPO=$(dirs "$c" grpo)" \
+        "G4 posterior vs report's rule:POST=$(dirs bench/hr-exp2/g4 post)" \
+        "G4 posterior vs report's rule:SRPO=$(dirs "$c" srpo)" \
+        "G16:SRPO=$(dirs bench/hr-exp2/g16 srpo)" "G16:GRPO=$(dirs bench/hr-exp2/g16 grpo)"
+    exit 0
+fi
 
 mkdir -p "$RUNS" "$KEEP"
 if [ "$EXP" = g4 ] && [[ " $SEEDS " == *" 2 "* ]]; then

@@ -212,3 +212,45 @@ def test_paired_by_seed_is_exploratory_and_matches_scipy(tmp_path):
     text = compare.main([f"A={arm('c', finals_a, (4, 5, 6))}", f"B={arm('e', finals_b, (7, 8, 9))}",
                          "--metric", "pass1_math"])
     assert "paired" not in text, "no seeds in common: nothing to pair"
+
+
+def test_differences_of_several_experiments(tmp_path):
+    """--differences: one row per experiment and metric, the Welch interval equal to the textbook
+    formula, the tests equal to the two-arm report's, the plot written; bad pairings are named."""
+    def arm(name, finals, seeds=(1, 2, 3)):
+        dirs = []
+        for seed, f in zip(seeds, finals):
+            d = write_run(tmp_path / f"{name}{seed}", 10, {0: (0.2, 0.0), 4: (f, 0.0)})
+            with open(os.path.join(d, "config.json"), "w") as fh:
+                json.dump({"seed": seed}, fh)
+            dirs.append(d)
+        return ",".join(dirs)
+
+    a4, b4 = (0.30, 0.26, 0.28), (0.40, 0.37, 0.41)
+    a16, b16 = (0.45, 0.50, 0.41), (0.40, 0.44, 0.43)
+    groups = [f"G4:SRPO={arm('a4', a4)}", f"G4:GRPO={arm('b4', b4)}",
+              f"G16:SRPO={arm('a16', a16)}", f"G16:GRPO={arm('b16', b16)}"]
+    png = tmp_path / "d.png"
+    text = compare.main(groups + ["--differences", "--metric", "pass1_math", "--png", str(png)])
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| G")]
+    assert [(r[0], r[1]) for r in rows] == [("G4", "final pass@1"), ("G4", "area under curve"),
+                                           ("G16", "final pass@1"), ("G16", "area under curve")]
+    for row, (xa, xb) in zip(rows[::2], ((a4, b4), (a16, b16))):
+        va, vb = statistics.variance(xa) / 3, statistics.variance(xb) / 3
+        df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
+        d = statistics.mean(xa) - statistics.mean(xb)
+        half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+        assert row[2] == "SRPO - GRPO" and row[3] == f"{d:+.3f} [{d - half:+.3f}, {d + half:+.3f}]", row
+        assert row[4].endswith(f"{stats.ttest_ind(xa, xb, equal_var=False).pvalue:.3f}"), row
+        assert row[5] == f"{compare.permutation_p(list(xa), list(xb)):.3f}", row
+        m = statistics.mean([x - y for x, y in zip(xa, xb)])
+        assert row[6].startswith(f"{m:+.3f} [") and row[6].endswith("over seeds [1, 2, 3]"), row
+    assert rows[0][5] == "0.100", "G4's arms are fully separated: 2 of 20 relabellings"
+    assert png.stat().st_size > 5_000, "the plot was not written"
+
+    with pytest.raises(ValueError, match="in pairs"):
+        compare.main(groups[:3] + ["--differences"])
+    with pytest.raises(ValueError, match="same EXPERIMENT"):
+        compare.main([groups[0], groups[3], "--differences"])
+    with pytest.raises(ValueError, match="at least two seeds"):
+        compare.main([groups[0], f"G4:GRPO={arm('one', (0.4,), (9,))}", "--differences"])

@@ -389,3 +389,24 @@ def test_a_posterior_run_logs_what_the_mechanism_predicts(tmp_path):
     assert [r["kept_all_correct"] for r in recs if r["type"] == "epoch"] == [1, 0, 0], recs
     r = mech.compare_run({f"math-train-{i}": float(i == 0) for i in range(4)}, out, 0.9)
     assert r["predicted"] == [0.0, 1.0, 0.0] and r["observed"] == [0, 1, 0] and r["weak_dropped"] == (0, 1), r
+
+
+def test_experiment_report_puts_every_experiment_side_by_side(tmp_path):
+    """report: one compare.py --differences call, the G = 4 controls taken from the controls' decision."""
+    p, lines, runs, repo = experiment(tmp_path, "g4", "1 2", repro=1)  # the controls are rerun
+    assert p.returncode == 0, p.stderr
+    p, lines, runs, _ = experiment(tmp_path, "report", "1 2")
+    assert p.returncode == 0 and runs == [], (p.stderr, runs)
+    (call,) = [x for x in lines if x.startswith("bench/compare.py")]
+    g4 = "bench/hr-exp2/g4/"
+    for group in ("G4, first experiment:SRPO=bench/hr-exp/srpo-s1,bench/hr-exp/srpo-s2",
+                  f"G4 at the fixed commit:GRPO={g4}grpo-s1,{g4}grpo-s2",
+                  f"G4 posterior rule:POST={g4}post-s1,{g4}post-s2 G4 posterior rule:GRPO={g4}grpo-s1,{g4}grpo-s2",
+                  f"report's rule:SRPO={g4}srpo-s1,{g4}srpo-s2",
+                  "G16:SRPO=bench/hr-exp2/g16/srpo-s1,bench/hr-exp2/g16/srpo-s2 G16:GRPO="):
+        assert group in call, (group, call)
+    assert "--differences" in call and call.count(":SRPO=") + call.count(":GRPO=") + call.count(":POST=") == 10
+    (repo / "bench/hr-exp2/g4/controls").write_text("bench/hr-exp\n")  # reproduced: no second G4 pair
+    p, lines, _, _ = experiment(tmp_path, "report", "1 2")
+    (call,) = [x for x in lines if x.startswith("bench/compare.py")]
+    assert "fixed commit" not in call and "G4 posterior rule:GRPO=bench/hr-exp/grpo-s1" in call, call
