@@ -317,20 +317,18 @@ def plot_differences(rows: list[dict], metric: str, png: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [name for name, _ in PRIMARY]
-    exps = list(dict.fromkeys(r["experiment"] for r in rows))
+    exps = {r["experiment"]: f"{r['experiment']}: {r['a'].partition(':')[2]} - {r['b'].partition(':')[2]}"
+            for r in rows}  # experiment -> its y label, in order
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 1.2 + 0.7 * len(exps)), sharey=True)
     for ax, name in zip(axes, names):
-        for y, exp in enumerate(exps):
-            r = next(r for r in rows if r["experiment"] == exp and r["metric"] == name)
+        for y, r in enumerate([x for x in rows if x["metric"] == name]):
             ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["low"]], [r["high"] - r["diff"]]], fmt="o", capsize=4)
             ax.annotate(f"{r['diff']:+.3f}", (r["diff"], y), textcoords="offset points", xytext=(0, 7),
                         ha="center", fontsize=8)
         ax.axvline(0, color="gray", lw=0.8, ls="--")
         ax.set_title(f"{name} ({metric}): A - B, 95% Welch interval", fontsize=9)
     axes[0].set_yticks(range(len(exps)))
-    axes[0].set_yticklabels([f"{e}: {next(r['a'] for r in rows if r['experiment'] == e).partition(':')[2]} - "
-                             f"{next(r['b'] for r in rows if r['experiment'] == e).partition(':')[2]}" for e in exps],
-                            fontsize=8)
+    axes[0].set_yticklabels(list(exps.values()), fontsize=8)
     axes[0].set_ylim(len(exps) - 0.5, -0.8)  # the first experiment on top, room for its label
     fig.tight_layout()
     fig.savefig(png, dpi=100)
