@@ -174,6 +174,7 @@ case $EXP in
             f=bench/hr-exp2/mechanism/$pol.jsonl
             # shellcheck disable=SC2046
             if [ -f "$f" ]; then
+                python3 bench/hr_mechanism.py predict "$f" --first 16  # this experiment's pool
                 python3 bench/hr_mechanism.py observe "$f" \
                     $(dirs "$KEEP" srpo | tr , ' ') $(dirs "$KEEP" grpo | tr , ' ')
             fi

@@ -200,6 +200,9 @@ def main(argv=None, reward_fn=srpo.score_responses) -> str:
     b = sub.add_parser("predict", help="(b) each rule's drop probabilities from the rates")
     b.add_argument("rates")
     b.add_argument("--G", type=int, nargs="+", default=[4, 8, 16, 32])
+    b.add_argument("--first", type=int, default=0,
+                   help="only the first N prompts of the rates file, in the pool's order (0: all); the "
+                        "G = 16 experiment's pool is the first 16 of the 64")
     c = sub.add_parser("observe", help="(c) predicted against observed drops of runs")
     c.add_argument("rates")
     c.add_argument("runs", nargs="+", help="run folders (metrics.jsonl, config.json)")
@@ -220,6 +223,10 @@ def main(argv=None, reward_fn=srpo.score_responses) -> str:
         ap.error(f"unrecognized arguments: {' '.join(rest)}")
     rates = read_rates(args.rates)
     if args.part == "predict":
+        if args.first:
+            if not 0 < args.first <= len(rates):
+                raise ValueError(f"--first {args.first}: the rates file {args.rates} has {len(rates)} prompts")
+            rates = dict(list(rates.items())[:args.first])  # rates keeps the file's (the pool's) order
         rows = predict(rates, args.G, args.epochs, args.below)
         return predict_table(rows, len(rates), args.epochs, args.below)
     return observe_table([compare_run(rates, r, args.below) for r in args.runs], args.below)

@@ -70,6 +70,21 @@ def test_predict_on_synthetic_rates():
     assert (b["weak_first"], b["weak_within"]) == (0.0, 0.5 ** 8 / 2), b
 
 
+def test_predict_cli_on_the_first_prompts_of_a_rates_file(tmp_path):
+    """predict --first N describes the first N prompts of the file (a smaller pool), in file order."""
+    rates = {"a": 1.0, "b": 0.5, "c": 0.0, "d": 0.95}
+    f = tmp_path / "rates.jsonl"
+    f.write_text("".join(json.dumps({"id": k, "n": 32, "correct": round(32 * v), "rate": v}) + "\n"
+                         for k, v in rates.items()))
+    whole = mech.main(["predict", str(f), "--G", "4"])
+    assert whole.startswith("4 prompts") and whole == mech.predict_table(mech.predict(rates, [4], 4, 0.9), 4, 4, 0.9)
+    first = mech.main(["predict", str(f), "--G", "4", "--first", "2"])
+    assert first == mech.predict_table(mech.predict({"a": 1.0, "b": 0.5}, [4], 4, 0.9), 2, 4, 0.9), first
+    assert first != whole
+    with pytest.raises(ValueError, match="has 4 prompts"):
+        mech.main(["predict", str(f), "--first", "5"])
+
+
 def write_run(root, cfg: dict, epochs: list[dict]) -> str:
     os.makedirs(root, exist_ok=True)
     json.dump(cfg, open(os.path.join(root, "config.json"), "w"))
