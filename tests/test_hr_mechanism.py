@@ -354,8 +354,12 @@ def test_experiment_g16_flags_resume_and_commit_check(tmp_path):
                  "--eval_k 4"):
         assert flag in srpo_call, f"{flag} missing: {srpo_call}"
     assert "--no_hr" in next(x for x in lines if "grpo-s1" in x and x.startswith("srpo.py"))
+    (repo / "bench/hr-exp2/mechanism").mkdir(parents=True)
+    (repo / "bench/hr-exp2/mechanism/base.jsonl").write_text("")
     p, lines, runs, _ = experiment(tmp_path, "g16", "1")
     assert p.returncode == 0 and runs == [], f"finished runs must be skipped: {runs}"
+    assert "bench/hr_mechanism.py predict bench/hr-exp2/mechanism/base.jsonl --first 16" in lines, \
+        "the report predicts the drops of the G = 16 pool: the first 16 prompts"
     half = repo / "runs/hr-exp2/g16/srpo-s2"
     half.mkdir(parents=True)
     (half / ".srpo-run").touch()
