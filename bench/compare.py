@@ -231,18 +231,24 @@ def welch_interval(a: list[float], b: list[float], level: float = 0.95) -> tuple
 PRIMARY = (("final pass@1", lambda r: r.evals[-1][2]), ("area under curve", auc))
 
 
+def seed_pairs(a: list[Run], b: list[Run], value) -> tuple[list[int], list[float], list[float]]:
+    """The seeds both arms ran (config.json), in order, and each arm's value on them."""
+    by_seed = [{r.seed: value(r) for r in runs} for runs in (a, b)]
+    seeds = sorted(set(by_seed[0]) & set(by_seed[1]) - {None})
+    return seeds, [by_seed[0][s] for s in seeds], [by_seed[1][s] for s in seeds]
+
+
 def paired(groups: dict[str, list[Run]]) -> str | None:
     """Exploratory, not pre-registered: where both arms ran the same seeds, the difference seed by
     seed (same evaluation stream; HR only acts from the second epoch, so a seed's two runs agree
     until then), with its 95% t-interval and the paired t test. None where the seeds do not pair."""
     labels = list(groups)[:2]
-    by_seed = [{r.seed: r for r in groups[l]} for l in labels]
-    seeds = sorted(set(by_seed[0]) & set(by_seed[1]) - {None})
+    seeds, _, _ = seed_pairs(*(groups[l] for l in labels), PRIMARY[0][1])
     if len(seeds) < 2:
         return None
     lines = [f"| metric | {labels[0]} - {labels[1]}, paired over seeds {seeds} [95% CI] | paired t p |", "|---|---|---|"]
     for name, value in PRIMARY:
-        first, second = ([value(arm[s]) for s in seeds] for arm in by_seed)
+        _, first, second = seed_pairs(*(groups[l] for l in labels), value)
         m, lo, hi, p = paired_t(first, second)
         lines.append(f"| {name} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] | {p:.3f} |")
     return "\n".join(lines)
@@ -299,11 +305,10 @@ def differences(groups: dict[str, list[Run]]) -> tuple[str, list[dict]]:
             d, lo, hi = welch_interval(xa, xb)
             t, df, p = welch(xa, xb)
             pp = permutation_p(xa, xb)
-            seeds = [{r.seed: value(r) for r in groups[l]} for l in (a, b)]
-            common = sorted(set(seeds[0]) & set(seeds[1]) - {None})
+            common, pa, pb = seed_pairs(groups[a], groups[b], value)
             pair = "n/a (seeds do not pair)"
             if len(common) >= 2:
-                m, plo, phi, _ = paired_t([seeds[0][s] for s in common], [seeds[1][s] for s in common])
+                m, plo, phi, _ = paired_t(pa, pb)
                 pair = f"{m:+.3f} [{plo:+.3f}, {phi:+.3f}] over seeds {common}"
             lines.append(f"| {exp} | {name} | {a.partition(':')[2]} - {b.partition(':')[2]} | {d:+.3f} "
                          f"[{lo:+.3f}, {hi:+.3f}] | {t:.2f} ({df:.1f}), {p:.3f} | {pp:.3f} | {pair} |")
