@@ -9,8 +9,8 @@ import torch
 
 from common import free_memory, inference_copy, print0, share_of_free_memory
 from errors import UserError
-from kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
-from kernels.utils import chunk_rows
+from srpo_kernels.logprob import CHUNK_BYTES, REFERENCE_CHUNK_BYTES
+from srpo_kernels.utils import chunk_rows
 from model import _packed_attention
 from rollout import KVCache, slot_bytes
 

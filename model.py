@@ -9,7 +9,7 @@ The third is how rollout.py's sampler runs the model against its KV cache: fn(la
 each layer's rotated queries, keys and values and returns the attention output, and may read and
 write a cache on the way; everything else (norms, projections, rotary, MLP) is this forward's.
 Pass `return_hidden=True` to get the final hidden states (B, T, H) instead of logits: the RL loss
-fuses the lm_head into its kernel (kernels/) so the (T, V) logits never exist. Or pass `head=fn`
+fuses the lm_head into its kernel (srpo_kernels/) so the (T, V) logits never exist. Or pass `head=fn`
 to have fn(hidden, lm_head_weight) run inside forward: with FSDP2 that is where the sharded
 lm_head weight is whole.
 

@@ -48,7 +48,7 @@ import rewards
 from curriculum import Curriculum, DropRule
 from datafile import Problem, load_data
 from errors import exit_on_user_error
-from kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
+from srpo_kernels import fused_grpo_loss, token_logprobs, token_logprobs_reference
 from memory import Precision
 from rollout import eos_token_ids, generate
 from run import Run, option, parse_options

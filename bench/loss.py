@@ -4,7 +4,7 @@
     python bench/loss.py --cpu-smoke     # tiny shapes on CPU (Triton interpreter): code paths only
 
 Methods, all computing the same token-level-mean clipped surrogate with grads to h and W:
-  srpo kernels  kernels.fused_grpo_loss: cuBLAS token chunks + Triton epilogue, three matmuls
+  srpo kernels  srpo_kernels.fused_grpo_loss: cuBLAS token chunks + Triton epilogue, three matmuls
   naive torch   bf16 matmul -> fp32 log_softmax -> gather -> torch clipped loss, autograd
   liger         liger_kernel's LigerFusedLinearGRPOLoss (beta=0, token-level mean "bnpo")
 plus the matmul floor: three N x H x V products at the bf16 rate measured here on h @ W.T.
@@ -214,7 +214,7 @@ def main():
 
     import torch
     import triton
-    import kernels
+    import srpo_kernels as kernels
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:

@@ -150,7 +150,7 @@ def check_packed_attention():
 
 
 def check_triton_loss():
-    from kernels import fused_grpo_loss, fused_grpo_loss_reference
+    from srpo_kernels import fused_grpo_loss, fused_grpo_loss_reference
     torch.manual_seed(0)
     N, H, V = 1000, 576, 49152                                          # the default model's head
     notes = []

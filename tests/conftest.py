@@ -1,7 +1,7 @@
 """Shared test setup.
 
 Triton picks between compiling for a GPU and its CPU interpreter when a kernel is *defined*, so
-TRITON_INTERPRET must be set before anything imports `kernels`. Without a GPU we always interpret.
+TRITON_INTERPRET must be set before anything imports `srpo_kernels`. Without a GPU we always interpret.
 """
 import os
 import shutil

@@ -508,9 +508,9 @@ def compile_kernels():
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    import kernels
-    from kernels import fused, logprob
-    grpo = sys.modules["kernels.grpo_loss"]
+    import srpo_kernels as kernels
+    from srpo_kernels import fused, logprob
+    grpo = sys.modules["srpo_kernels.grpo_loss"]
     launches = []
 
     def record(kernel):

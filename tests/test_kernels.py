@@ -1,4 +1,4 @@
-"""kernels/: Triton (in the interpreter on CPU) vs plain torch, forward and backward.
+"""srpo_kernels/: Triton (in the interpreter on CPU) vs plain torch, forward and backward.
 
 Ground truth is an independent naive computation in float64: full logits, log_softmax, gather,
 and the clipped loss written with torch.minimum / torch.clamp, differentiated by autograd.
@@ -11,10 +11,10 @@ import dataclasses
 import pytest
 import torch
 
-import kernels
-from kernels import fused, logprob
-from kernels import grpo_loss as grpo
-from kernels.utils import chunk_rows
+import srpo_kernels as kernels
+from srpo_kernels import fused, logprob
+from srpo_kernels import grpo_loss as grpo
+from srpo_kernels.utils import chunk_rows
 
 
 @pytest.fixture(autouse=True)

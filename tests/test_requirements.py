@@ -1,5 +1,7 @@
 """What the project requires, and that CI notices when it is missing: scipy only outside the trainer,
-the torch version checked at start-up, and CI failing on a skip that a missing package caused."""
+the torch version checked at start-up, CI failing on a skip that a missing package caused, and no
+module of ours shadowing an installed package."""
+import importlib.metadata
 import os
 import re
 import subprocess
@@ -141,3 +143,29 @@ def test_requirements_txt_states_the_checked_minimum():
     need = ".".join(map(str, common.TORCH_MIN))
     lines = [s.strip() for s in open(os.path.join(ROOT, "requirements.txt")) if s.startswith("torch")]
     assert f"torch>={need}" in lines, f"requirements.txt's torch line {lines} is not torch>={need}"
+
+
+def shadowing(root: str, installed: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Our top-level modules (a .py file or a package folder in root) that are also the import name of
+    an installed distribution, with its distributions. The repository root comes first on sys.path, so
+    such a module of ours is what a library gets when it imports its dependency."""
+    ours = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+    ours |= {f for f in os.listdir(root) if os.path.isfile(os.path.join(root, f, "__init__.py"))}
+    return {name: installed[name] for name in sorted(ours) if name in installed}
+
+
+def test_no_module_of_ours_shadows_an_installed_package():
+    """transformers 5.25 requires Hugging Face's `kernels` and imports it while loading a tokenizer: a
+    top-level `kernels/` of ours (its name until then) made every run fail there, `cannot import name
+    'CUDAProperties' from 'kernels'`. The Triton kernels live in srpo_kernels/ since."""
+    assert shadowing(ROOT, importlib.metadata.packages_distributions()) == {}
+
+
+def test_shadowing_finds_a_package_folder_and_a_module(tmp_path):
+    """The check above can fail: a folder with __init__.py or a .py file named as an installed package."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "yaml.py").write_text("")
+    (tmp_path / "notes").mkdir()  # a folder without __init__.py is not a package
+    installed = {"kernels": ["kernels"], "yaml": ["PyYAML"], "notes": ["notes"], "numpy": ["numpy"]}
+    assert shadowing(str(tmp_path), installed) == {"kernels": ["kernels"], "yaml": ["PyYAML"]}
