@@ -10,6 +10,8 @@
 #   SEEDS="1 2" bash bench/hr_experiment.sh g16   # a subset of seeds
 #   bash bench/hr_experiment.sh report     # every experiment side by side, once all have run: each one's
 #                                          #   difference with its 95% interval (compare.py --differences)
+#   bash bench/hr_experiment.sh g16 report # one experiment's report from its kept runs (bench/hr-exp2/g16),
+#                                          #   running nothing: where the runs were made elsewhere
 #
 # Run it in a git worktree at one fixed commit (git worktree add ../srpo-exp COMMIT), niced; on the
 # 2-core machine, two instances side by side with one thread each, as the first experiment's seeds 2-5:
@@ -101,46 +103,66 @@ if [ "$EXP" = report ]; then
     exit 0
 fi
 
-mkdir -p "$RUNS" "$KEEP"
-if [ "$EXP" = g4 ] && [[ " $SEEDS " == *" 2 "* ]]; then
-    # The committed G = 4 runs (bench/hr-exp, commit 991c337) may serve as controls only if this commit
-    # reproduces them: seed 2 of each arm again (seed 2 ran with OMP_NUM_THREADS=1, as these will),
-    # every committed field compared (bench/hr_stats.py reproduces). Otherwise every control runs again.
-    # The instance whose SEEDS hold 2 decides; another waits for the decision before its first control.
-    run_one srpo 2
-    run_one grpo 2
-    if [ ! -f "$KEEP/controls" ]; then
-        log=$KEEP/reproduction.txt
-        if python3 bench/hr_stats.py reproduces "$KEEP/srpo-s2" bench/hr-exp/srpo-s2 > "$log" \
-           && python3 bench/hr_stats.py reproduces "$KEEP/grpo-s2" bench/hr-exp/grpo-s2 >> "$log"; then
-            echo bench/hr-exp > "$KEEP/controls"
-        else
-            echo "$KEEP" > "$KEEP/controls"
-        fi
-        cat "$log"
-    fi
-    # The mechanism: each pool prompt's pass rate under the base policy and under SRPO seed 2's final
-    # policy, 32 samples each, with the runs' sampling options (bench/hr_mechanism.py).
-    mkdir -p bench/hr-exp2/mechanism
-    for pol in base srpo-s2; do
-        f=bench/hr-exp2/mechanism/$pol.jsonl
-        if [ ! -f "$f" ]; then
-            model=$([ "$pol" = base ] && echo default || echo "$RUNS/$pol/policy")
-            python3 bench/hr_mechanism.py rates --n 32 --out "$f" -- --model "$model" --seed 1 \
-                "${common[@]}" "${g4[@]}"
-        fi
+check_kept() {  # the report of runs made elsewhere: every kept run must have finished
+    local c s arm missing=""
+    c=$(cat bench/hr-exp2/g4/controls 2>/dev/null || echo bench/hr-exp)
+    for s in $SEEDS; do
+        for arm in $arms $([ "$EXP" = g4 ] && echo srpo grpo); do
+            local root=$KEEP; [ "$EXP" = g4 ] && [ "$arm" != post ] && root=$c
+            finished "$root/$arm-s$s" || missing="$missing $root/$arm-s$s"
+        done
     done
-fi
+    [ -z "$missing" ] || { echo "no finished run in:$missing" >&2; exit 1; }
+}
 
-for s in $SEEDS; do
-    for arm in $arms $([ "$EXP" = g4 ] && echo srpo grpo); do
-        if [ "$EXP" = g4 ] && [ "$arm" != post ]; then
-            until [ -f "$KEEP/controls" ]; do sleep 60; done
-            [ "$(cat "$KEEP/controls")" = bench/hr-exp ] && continue  # the committed runs serve
+make_runs() {  # every run not finished yet; in g4, the instance with seed 2 first decides on the controls
+    mkdir -p "$RUNS" "$KEEP"
+    if [ "$EXP" = g4 ] && [[ " $SEEDS " == *" 2 "* ]]; then
+        # The committed G = 4 runs (bench/hr-exp, commit 991c337) may serve as controls only if this commit
+        # reproduces them: seed 2 of each arm again (seed 2 ran with OMP_NUM_THREADS=1, as these will),
+        # every committed field compared (bench/hr_stats.py reproduces). Otherwise every control runs again.
+        # The instance whose SEEDS hold 2 decides; another waits for the decision before its first control.
+        run_one srpo 2
+        run_one grpo 2
+        if [ ! -f "$KEEP/controls" ]; then
+            log=$KEEP/reproduction.txt
+            if python3 bench/hr_stats.py reproduces "$KEEP/srpo-s2" bench/hr-exp/srpo-s2 > "$log" \
+               && python3 bench/hr_stats.py reproduces "$KEEP/grpo-s2" bench/hr-exp/grpo-s2 >> "$log"; then
+                echo bench/hr-exp > "$KEEP/controls"
+            else
+                echo "$KEEP" > "$KEEP/controls"
+            fi
+            cat "$log"
         fi
-        run_one "$arm" "$s"
+        # The mechanism: each pool prompt's pass rate under the base policy and under SRPO seed 2's final
+        # policy, 32 samples each, with the runs' sampling options (bench/hr_mechanism.py).
+        mkdir -p bench/hr-exp2/mechanism
+        for pol in base srpo-s2; do
+            f=bench/hr-exp2/mechanism/$pol.jsonl
+            if [ ! -f "$f" ]; then
+                model=$([ "$pol" = base ] && echo default || echo "$RUNS/$pol/policy")
+                python3 bench/hr_mechanism.py rates --n 32 --out "$f" -- --model "$model" --seed 1 \
+                    "${common[@]}" "${g4[@]}"
+            fi
+        done
+    fi
+
+    for s in $SEEDS; do
+        for arm in $arms $([ "$EXP" = g4 ] && echo srpo grpo); do
+            if [ "$EXP" = g4 ] && [ "$arm" != post ]; then
+                until [ -f "$KEEP/controls" ]; do sleep 60; done
+                [ "$(cat "$KEEP/controls")" = bench/hr-exp ] && continue  # the committed runs serve
+            fi
+            run_one "$arm" "$s"
+        done
     done
-done
+}
+
+case ${2:-} in
+    report) check_kept ;;
+    "") make_runs ;;
+    *) echo "unknown second argument '$2': report or nothing" >&2; exit 2 ;;
+esac
 
 # The report: compare.py's intervals and two-sided tests for each pair, then the pre-registered
 # one-sided tests (hr_stats.py) and the mechanism (hr_mechanism.py).

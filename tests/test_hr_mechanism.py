@@ -293,7 +293,7 @@ fi
 """
 
 
-def experiment(tmp_path, exp: str, seeds: str, repro: int = 0):
+def experiment(tmp_path, exp: str, seeds: str, repro: int = 0, *more: str):
     """bench/hr_experiment.sh EXP in a scratch git repository with a fake python3: its calls and status."""
     import subprocess
     repo = tmp_path / "repo"
@@ -313,7 +313,7 @@ def experiment(tmp_path, exp: str, seeds: str, repro: int = 0):
     calls.write_text("")
     env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", CALLS=str(calls),
                REPRO=str(repro), SEEDS=seeds)
-    p = subprocess.run(["bash", "bench/hr_experiment.sh", exp], cwd=repo, env=env, capture_output=True,
+    p = subprocess.run(["bash", "bench/hr_experiment.sh", exp, *more], cwd=repo, env=env, capture_output=True,
                        text=True, timeout=120)
     lines = calls.read_text().splitlines()
     runs = [x.split("--out_dir ")[1].split()[0] for x in lines if x.startswith("srpo.py")]
@@ -429,3 +429,22 @@ def test_experiment_report_puts_every_experiment_side_by_side(tmp_path):
     p, lines, _, _ = experiment(tmp_path, "report", "1 2")
     (call,) = [x for x in lines if x.startswith("bench/compare.py")]
     assert "fixed commit" not in call and "G4 posterior rule:GRPO=bench/hr-exp/grpo-s1" in call, call
+
+
+def test_experiment_report_only_reads_the_kept_runs(tmp_path):
+    """EXP report: no run starts; a kept run that is missing or unfinished is named and nothing printed."""
+    p, lines, runs, repo = experiment(tmp_path, "g16", "1 2", 0, "report")
+    assert p.returncode == 1 and runs == [] and not any(x.startswith("bench/") for x in lines), (p.stderr, lines)
+    assert "bench/hr-exp2/g16/srpo-s1" in p.stderr and "bench/hr-exp2/g16/grpo-s2" in p.stderr, p.stderr
+    p, *_ = experiment(tmp_path, "g4", "1 2", 1)  # made here, kept in bench/hr-exp2/g4, controls rerun
+    assert p.returncode == 0, p.stderr
+    import shutil
+    shutil.rmtree(repo / "runs")  # as in a checkout of main: the kept runs only
+    p, lines, runs, _ = experiment(tmp_path, "g4", "1 2", 1, "report")
+    assert p.returncode == 0 and runs == [], (p.stderr, runs)
+    assert any(x.startswith("bench/hr_stats.py noninferior POST=bench/hr-exp2/g4/post-s1") for x in lines), lines
+    (repo / "bench/hr-exp2/g4/grpo-s2/metrics.jsonl").write_text('{"type": "step"}\n')  # cut off
+    p, lines, _, _ = experiment(tmp_path, "g4", "1 2", 1, "report")
+    assert p.returncode == 1 and "bench/hr-exp2/g4/grpo-s2" in p.stderr and lines == [], (p.stderr, lines)
+    p, *_ = experiment(tmp_path, "g4", "1", 0, "again")
+    assert p.returncode == 2 and "unknown second argument 'again'" in p.stderr, p.stderr
