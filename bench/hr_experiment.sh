@@ -60,6 +60,10 @@ arm_flags() {  # the one thing the arms differ in
 
 finished() { [ -f "$1/metrics.jsonl" ] && grep -q '"tag": "after"' "$1/metrics.jsonl"; }
 
+all_arms() {  # the arms a seed has: g4's controls SRPO and GRPO beside its new arm
+    echo $arms $([ "$EXP" = g4 ] && echo srpo grpo)
+}
+
 run_one() {  # ARM SEED: run (or finish) it, then copy what it measured to $KEEP
     local arm=$1 s=$2 out=$RUNS/$1-s$2 keep=$KEEP/$1-s$2 start
     if ! finished "$out"; then
@@ -107,7 +111,7 @@ check_kept() {  # the report of runs made elsewhere: every kept run must have fi
     local c s arm missing=""
     c=$(cat bench/hr-exp2/g4/controls 2>/dev/null || echo bench/hr-exp)
     for s in $SEEDS; do
-        for arm in $arms $([ "$EXP" = g4 ] && echo srpo grpo); do
+        for arm in $(all_arms); do
             local root=$KEEP; [ "$EXP" = g4 ] && [ "$arm" != post ] && root=$c
             finished "$root/$arm-s$s" || missing="$missing $root/$arm-s$s"
         done
@@ -148,7 +152,7 @@ make_runs() {  # every run not finished yet; in g4, the instance with seed 2 fir
     fi
 
     for s in $SEEDS; do
-        for arm in $arms $([ "$EXP" = g4 ] && echo srpo grpo); do
+        for arm in $(all_arms); do
             if [ "$EXP" = g4 ] && [ "$arm" != post ]; then
                 until [ -f "$KEEP/controls" ]; do sleep 60; done
                 [ "$(cat "$KEEP/controls")" = bench/hr-exp ] && continue  # the committed runs serve

@@ -272,7 +272,7 @@ def main():
         shape, budgets, mm_n = QWEN_1_5B, [int(x) for x in args.micro_tokens.split(",")], 8192
     variants = [v for v in args.variants.split(",") if v]
     if bad := set(variants) - {"kernels", "ckpt", "reference", "sdpa"}:
-        sys.exit(f"unknown variants {sorted(bad)}: choose from srpo_kernels, ckpt, reference, sdpa")
+        sys.exit(f"unknown variants {sorted(bad)}: choose from kernels, ckpt, reference, sdpa")
 
     rate = matmul_rate(device, cuda, mm_n)
     model = build_model(shape, device)

@@ -338,11 +338,11 @@ def sampler_vs_trainer(model, prompts, n, max_new_tokens):
         rolls = generate(sampler, prompts, n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=0)
         samples = [srpo.Sample(prompts[r.prompt_idx] + r.tokens, len(prompts[r.prompt_idx]), r.logprobs, 1.0)
                    for r in rolls]
+        groups = [list(range(i, i + n)) for i in range(0, len(samples), n)]
         out = {}
         for name, trainer, autocast in (("one GPU", model, True), ("FSDP2", sampler, False)):
             prec = memory.Precision("cpu", torch.bfloat16, autocast=autocast, tf32=False)
             for shared in (False, True):   # each rollout packed whole, or its prompt shared by its group
-                groups = [list(range(i, i + n)) for i in range(0, len(samples), n)]
                 mb = (srpo.make_shared_micro_batch(samples, groups, "cpu") if shared else
                       srpo.make_micro_batch(samples, list(range(len(samples))), "cpu"))
                 logp = srpo.trainer_logp(trainer, mb, 1.0, prec, reference_loss=True)     # (N,)
